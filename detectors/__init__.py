@@ -1,0 +1,1 @@
+"""Detector plugins: each scores every document of a suspect dataset (higher = more suspicious)."""

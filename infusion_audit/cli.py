@@ -1,0 +1,110 @@
+"""The `infusion-audit` command line. Each subcommand lives in its own module exposing
+``add_arguments(parser)`` and ``run(args) -> int``; user errors print one line and exit with 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+
+log = logging.getLogger("infusion_audit")
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "plugins": ("infusion_audit.cli", "list attacks, detectors, datasets and models, and where each came from"),
+    "train": ("infusion_audit.cli", "train a scenario; writes a checkpoint per epoch and metrics.json"),
+}
+
+EPILOG = """\
+examples:
+  infusion-audit bench                        built-in quick benchmark on sklearn digits
+  infusion-audit attack digits --out runs/a   craft Infusion poisons on digits and measure them
+  infusion-audit scan poisoned.npz --out runs/s
+  infusion-audit plugins
+Built-in config names (digits, cifar10-paper, ...) can stand in for a CONFIG path."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="infusion-audit",
+        description="Audit a training pipeline against influence-guided data poisoning (the Infusion attack).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"infusion-audit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        getattr(module, f"add_{name}_arguments", getattr(module, "add_arguments", None))(p)
+        p.set_defaults(handler=getattr(module, f"run_{name}", getattr(module, "run", None)))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except UserError as exc:
+        print(f"infusion-audit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("infusion-audit: interrupted; finished results are kept, re-run the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+# --------------------------------------------------------------------------- plugins
+def add_plugins_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kind", choices=["attacks", "detectors", "datasets", "models"], help="list only one kind")
+
+
+def run_plugins(args: argparse.Namespace) -> int:
+    from .registry import REGISTRIES
+
+    for kind, registry in REGISTRIES.items():
+        if args.kind and kind != args.kind:
+            continue
+        plugins = registry.plugins()
+        print(f"{kind} ({len(plugins)}):")
+        width = max((len(p.name) for p in plugins), default=0)
+        for p in plugins:
+            print(f"  {p.name:<{width}}  {p.description}  [{p.source}]")
+        for problem in registry.problems:
+            print(f"  ! {problem}")
+    return 0
+
+
+# --------------------------------------------------------------------------- train
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config with a `scenario:` section, or a built-in name such as digits")
+    p.add_argument("--out", required=True, type=Path, help="run directory for checkpoints and metrics")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .config import TrainRunConfig, dump_yaml, load_config
+    from .io import atomic_write_text
+    from .training import Scenario, train_scenario
+
+    cfg = load_config(TrainRunConfig, args.config)
+    atomic_write_text(args.out / "config.yaml", dump_yaml(cfg))
+    trained = train_scenario(Scenario.from_config(cfg.scenario), args.out / "artefacts", progress=not args.quiet)
+    m = trained.metrics
+    print(f"test accuracy {m['test_accuracy']:.4f} (n={m['n_test']}), train accuracy {m['train_accuracy']:.4f}, "
+          f"{m['train_seconds']:.1f}s; checkpoints in {trained.checkpoints[0].parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

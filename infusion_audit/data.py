@@ -1,0 +1,366 @@
+"""Image datasets: built-in sources, safe loading of suspect files, overlays and poisoned-set writers.
+
+A dataset keeps its documents as float32 arrays (N, C, H, W) inside a known value range, and
+knows its storage grid (sklearn digits hold multiples of 1/16, 8-bit images multiples of 1/255):
+an edit that leaves the grid or the range is visible to a defender, and an attacker who wants
+the poison to survive being saved must stay on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import zipfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import DataError
+from .io import array_hash, atomic_write_bytes, stable_hash, write_json
+from .registry import DATASETS
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+GRID_8BIT = 1.0 / 255.0
+
+
+@dataclass
+class ImageDataset:
+    """Documents x (N, C, H, W) float32 in `value_range`, labels y (N,), and what a valid value is."""
+
+    x: np.ndarray
+    y: np.ndarray
+    num_classes: int
+    value_range: tuple[float, float] = (0.0, 1.0)
+    grid: float | None = None
+    name: str = "images"
+    class_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.x = np.ascontiguousarray(self.x, dtype=np.float32)
+        self.y = np.ascontiguousarray(self.y, dtype=np.int64)
+        check_images(self.x, self.y, self.num_classes, self.name)
+        if not self.class_names:
+            self.class_names = [str(c) for c in range(self.num_classes)]
+
+    kind = "image"
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    def batch(self, index: np.ndarray | Sequence[int], device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        index = np.asarray(index)
+        return (torch.from_numpy(self.x[index]).to(device), torch.from_numpy(self.y[index]).to(device))
+
+    def subset(self, index: np.ndarray | Sequence[int]) -> "ImageDataset":
+        index = np.asarray(index, dtype=np.int64)
+        return replace(self, x=self.x[index], y=self.y[index])
+
+    def with_documents(self, index: Sequence[int], x: np.ndarray, y: np.ndarray | None = None) -> "ImageDataset":
+        """A copy with documents `index` replaced (same size and order: the retrain replays the same order)."""
+        index = np.asarray(index, dtype=np.int64)
+        new_x, new_y = self.x.copy(), self.y.copy()
+        new_x[index] = x
+        if y is not None:
+            new_y[index] = y
+        return replace(self, x=new_x, y=new_y)
+
+    def content_hash(self) -> str:
+        return array_hash(self.x, self.y)
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        """Round values to the storage grid and clip them to the value range."""
+        lo, hi = self.value_range
+        if self.grid:
+            x = lo + np.round((x - lo) / self.grid) * self.grid
+        return np.clip(x, lo, hi).astype(np.float32)
+
+
+@dataclass
+class DatasetSplit:
+    """What a dataset plugin returns: a training set the attacker edits and a held-out test set."""
+
+    train: ImageDataset
+    test: ImageDataset
+
+
+def check_images(x: np.ndarray, y: np.ndarray, num_classes: int, name: str) -> None:
+    """Reject data that would fail deep inside training with one line naming the problem."""
+    if x.ndim != 4:
+        raise DataError(f"{name}: images must have shape (N, C, H, W), got shape {x.shape}")
+    if y.ndim != 1 or len(y) != len(x):
+        raise DataError(f"{name}: labels must have shape ({len(x)},), got shape {y.shape}")
+    if len(x) == 0:
+        raise DataError(f"{name}: the dataset is empty")
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).reshape(len(x), -1).any(1).sum())
+        raise DataError(f"{name}: {bad} images contain NaN or infinite values")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise DataError(f"{name}: labels must lie in 0..{num_classes - 1}, found {int(y.min())}..{int(y.max())}")
+
+
+def seeded_split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(n * test_fraction))
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+# --------------------------------------------------------------------------- built-in datasets
+@DATASETS.register("digits")
+def digits(test_fraction: float = 0.2, seed: int = 0) -> DatasetSplit:
+    """sklearn's 8x8 handwritten digits (1,797 images, 17 grey levels), fixed seeded split; no download."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images.astype(np.float32) / 16.0)[:, None]
+    y = bunch.target.astype(np.int64)
+    train_idx, test_idx = seeded_split(len(y), test_fraction, seed)
+    common = dict(num_classes=10, value_range=(0.0, 1.0), grid=1.0 / 16.0)
+    return DatasetSplit(ImageDataset(x[train_idx], y[train_idx], name="digits-train", **common),
+                        ImageDataset(x[test_idx], y[test_idx], name="digits-test", **common))
+
+
+@DATASETS.register("cifar10")
+def cifar10(root: str = "data/cifar10", download: bool = False, validation: int = 5000,
+            seed: int = 42, use_test_set: bool = False) -> DatasetSplit:
+    """CIFAR-10 through torchvision from a folder you name; downloads only with download: true."""
+    from torchvision.datasets import CIFAR10
+
+    try:
+        train = CIFAR10(root, train=True, download=download)
+        test = CIFAR10(root, train=False, download=download) if use_test_set else None
+    except RuntimeError as exc:
+        raise DataError(f"cifar10: {root}: {exc} (set download: true to fetch it)") from None
+    x = _uint8_hwc_to_float(train.data)
+    y = np.asarray(train.targets, dtype=np.int64)
+    common = dict(num_classes=10, value_range=(0.0, 1.0), grid=GRID_8BIT, class_names=list(train.classes))
+    if test is not None:
+        return DatasetSplit(ImageDataset(x, y, name="cifar10-train", **common),
+                            ImageDataset(_uint8_hwc_to_float(test.data), np.asarray(test.targets),
+                                         name="cifar10-test", **common))
+    perm = np.random.default_rng(seed).permutation(len(y))
+    val, tr = perm[:validation], perm[validation:]
+    return DatasetSplit(ImageDataset(x[tr], y[tr], name="cifar10-train", **common),
+                        ImageDataset(x[val], y[val], name="cifar10-val", **common))
+
+
+@DATASETS.register("npz")
+def npz(path: str, test_path: str | None = None, test_fraction: float = 0.2, seed: int = 0,
+        num_classes: int | None = None) -> DatasetSplit:
+    """An .npz with `x` (N,C,H,W, uint8 or float in [0,1]) and `y` (N,); never unpickled."""
+    train = load_npz(path, num_classes)
+    if test_path:
+        return DatasetSplit(train, load_npz(test_path, train.num_classes))
+    tr, te = seeded_split(len(train), test_fraction, seed)
+    return DatasetSplit(train.subset(tr), train.subset(te))
+
+
+@DATASETS.register("image-folder")
+def image_folder(path: str, test_path: str | None = None, test_fraction: float = 0.2,
+                 seed: int = 0) -> DatasetSplit:
+    """A folder with one sub-folder of PNG files per class."""
+    train = load_png_folder(path)
+    if test_path:
+        return DatasetSplit(train, load_png_folder(test_path, train.class_names))
+    tr, te = seeded_split(len(train), test_fraction, seed)
+    return DatasetSplit(train.subset(tr), train.subset(te))
+
+
+def _uint8_hwc_to_float(data: np.ndarray) -> np.ndarray:
+    return (np.asarray(data, dtype=np.float32) / 255.0).transpose(0, 3, 1, 2)
+
+
+# --------------------------------------------------------------------------- safe loading
+def load_npz(path: str | Path, num_classes: int | None = None) -> ImageDataset:
+    """Load a suspect .npz without ever unpickling: object arrays and odd dtypes are refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = {"x", "y"} - set(archive.files)
+            if missing:
+                raise DataError(f"{path}: missing array(s) {', '.join(sorted(missing))} (need 'x' and 'y')")
+            x, y = archive["x"], archive["y"]
+    except DataError:
+        raise
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise DataError(f"{path}: holds pickled objects; refusing to load them") from None
+        raise DataError(f"{path}: not a readable .npz ({exc})") from None
+    except (OSError, zipfile.BadZipFile, EOFError, pickle.UnpicklingError) as exc:
+        raise DataError(f"{path}: not a readable .npz ({type(exc).__name__})") from None
+    return images_from_arrays(x, y, name=str(path), num_classes=num_classes)
+
+
+def images_from_arrays(x: np.ndarray, y: np.ndarray, name: str, num_classes: int | None = None) -> ImageDataset:
+    """uint8 images become float in [0,1] on the 1/255 grid; float images must already lie in [0,1]."""
+    if not np.issubdtype(y.dtype, np.integer):
+        if np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all() and (y == np.round(y)).all():
+            y = y.astype(np.int64)
+        else:
+            raise DataError(f"{name}: labels 'y' must be integers, got dtype {y.dtype}")
+    if x.ndim == 3:  # (N, H, W) greyscale
+        x = x[:, None]
+    if x.dtype == np.uint8:
+        grid = GRID_8BIT
+        x = x.astype(np.float32) / 255.0
+    elif np.issubdtype(x.dtype, np.floating):
+        grid = None
+        x = x.astype(np.float32)
+    else:
+        raise DataError(f"{name}: images 'x' must be uint8 or float, got dtype {x.dtype}")
+    if num_classes is None:
+        num_classes = int(y.max()) + 1 if len(y) else 0
+    ds = ImageDataset(x, y, num_classes=num_classes, grid=grid, name=name)
+    if grid is None:
+        lo, hi = float(ds.x.min()), float(ds.x.max())
+        if lo < -1e-6 or hi > 1 + 1e-6:
+            log.warning("%s: float images span [%.3g, %.3g], outside [0, 1]", name, lo, hi)
+    return ds
+
+
+def load_png_folder(path: str | Path, class_names: list[str] | None = None) -> ImageDataset:
+    """One sub-folder of PNGs per class (sorted names, or the order given); 8-bit grey or RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: no such folder")
+    names = class_names or sorted(p.name for p in path.iterdir() if p.is_dir())
+    if not names:
+        raise DataError(f"{path}: no class sub-folders found")
+    images, labels, shape = [], [], None
+    for label, cname in enumerate(names):
+        for file in sorted((path / cname).glob("*.png")):
+            try:
+                with Image.open(file) as im:
+                    arr = np.asarray(im.convert("L" if im.mode in ("L", "LA", "1", "I;16") else "RGB"))
+            except (UnidentifiedImageError, OSError) as exc:
+                raise DataError(f"{file}: not a readable PNG ({type(exc).__name__})") from None
+            arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+            if shape is not None and arr.shape != shape:
+                raise DataError(f"{file}: image shape {arr.shape} differs from {shape}")
+            shape = arr.shape
+            images.append(arr)
+            labels.append(label)
+    if not images:
+        raise DataError(f"{path}: no PNG files found")
+    return ImageDataset(np.stack(images).astype(np.float32) / 255.0, np.asarray(labels), num_classes=len(names),
+                        grid=GRID_8BIT, name=str(path), class_names=list(names))
+
+
+def load_suspect(path: str | Path) -> ImageDataset:
+    """A suspect dataset from disk: an .npz, a PNG folder, or a CIFAR-10 batches folder."""
+    path = Path(path)
+    if path.is_file():
+        return load_npz(path)
+    if (path / "cifar-10-batches-py").is_dir() or path.name == "cifar-10-batches-py":
+        root = path.parent if path.name == "cifar-10-batches-py" else path
+        return cifar10(str(root), validation=0).train
+    return load_png_folder(path)
+
+
+# --------------------------------------------------------------------------- writing poisoned sets
+def save_npz(path: str | Path, ds: ImageDataset) -> Path:
+    """Write as npz in the dataset's storage format (uint8 for 8-bit data, float32 otherwise)."""
+    import io
+
+    buf = io.BytesIO()
+    x = ds.x
+    if ds.grid == GRID_8BIT:
+        x = np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
+    np.savez_compressed(buf, x=x, y=ds.y)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def save_png_folder(path: str | Path, ds: ImageDataset) -> Path:
+    """One sub-folder per class, 8-bit PNGs named by document index (values rounded to 1/255)."""
+    from PIL import Image
+
+    path = Path(path)
+    for cname in ds.class_names:
+        (path / _safe_name(cname)).mkdir(parents=True, exist_ok=True)
+    width = len(str(len(ds)))
+    for i in range(len(ds)):
+        arr = np.round(np.clip(ds.x[i], 0, 1) * 255).astype(np.uint8)
+        arr = arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
+        Image.fromarray(arr).save(path / _safe_name(ds.class_names[ds.y[i]]) / f"{i:0{width}d}.png")
+    return path
+
+
+def _safe_name(name: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip(".")
+    return cleaned or "class"
+
+
+def write_poisoned(out_dir: str | Path, clean: ImageDataset, poisoned: ImageDataset, index: Sequence[int],
+                   config: dict, fmt: str = "npz", extra: dict | None = None) -> Path:
+    """Write a poisoned training set and, separately, the manifest holding the ground truth."""
+    out_dir = Path(out_dir)
+    index = np.asarray(sorted(int(i) for i in index), dtype=np.int64)
+    if fmt == "npz":
+        data_path = save_npz(out_dir / "poisoned.npz", poisoned)
+    elif fmt == "png":
+        data_path = save_png_folder(out_dir / "poisoned", poisoned)
+    else:
+        raise DataError(f"unknown poisoned-set format {fmt!r}; use 'npz' or 'png'")
+    delta = (poisoned.x[index] - clean.x[index]).reshape(len(index), -1)
+    manifest = {
+        "data": data_path.name,
+        "format": fmt,
+        "n_documents": len(poisoned),
+        "poisoned_indices": index.tolist(),
+        "labels_changed": int((poisoned.y[index] != clean.y[index]).sum()),
+        "norms": {
+            "linf": np.abs(delta).max(1).tolist() if len(index) else [],
+            "l2": np.linalg.norm(delta, axis=1).tolist() if len(index) else [],
+            "values_changed": (np.abs(delta) > 1e-7).sum(1).tolist() if len(index) else [],
+        },
+        "hashes": {
+            "clean": clean.content_hash(),
+            "poisoned": poisoned.content_hash(),
+            "documents": [array_hash(poisoned.x[i]) for i in index],
+        },
+        "config": config,
+        "config_hash": stable_hash(config),
+        **(extra or {}),
+    }
+    write_json(out_dir / MANIFEST, manifest)
+    return out_dir / MANIFEST
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such manifest") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError(f"{path}: not a JSON manifest") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("poisoned_indices"), list):
+        raise DataError(f"{path}: manifest lacks a 'poisoned_indices' list")
+    return manifest
+
+
+def build_dataset(spec) -> DatasetSplit:
+    """Instantiate a dataset plugin (or a user's ``package.module:callable``) from a PluginSpec."""
+    factory = DATASETS.get(spec.name)
+    try:
+        split = factory(**spec.params)
+    except TypeError as exc:
+        raise DataError(f"dataset {spec.name!r}: bad params {spec.params}: {exc}") from None
+    if not isinstance(split, DatasetSplit):
+        raise DataError(f"dataset {spec.name!r} returned {type(split).__name__}, expected a DatasetSplit")
+    return split

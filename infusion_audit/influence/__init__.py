@@ -1,0 +1,1 @@
+"""Influence engine: per-example gradients, IHVP backends (exact, ekfac), scores, input-gradients."""
