@@ -26,6 +26,7 @@ from .registry import DATASETS
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+DOCUMENTS = "documents.npz"  # the edited documents only, before and after: what a report's gallery shows
 GRID_8BIT = 1.0 / 255.0
 
 
@@ -298,6 +299,15 @@ def save_png_folder(path: str | Path, ds: ImageDataset) -> Path:
     return path
 
 
+def save_documents(path: str | Path, index: np.ndarray, original: np.ndarray, poisoned: np.ndarray) -> Path:
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, index=np.asarray(index, dtype=np.int64), original=original.astype(np.float32),
+                        poisoned=poisoned.astype(np.float32))
+    return atomic_write_bytes(path, buf.getvalue())
+
+
 def _safe_name(name: str) -> str:
     cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip(".")
     return cleaned or "class"
@@ -314,6 +324,7 @@ def write_poisoned(out_dir: str | Path, clean: ImageDataset, poisoned: ImageData
         data_path = save_png_folder(out_dir / "poisoned", poisoned)
     else:
         raise DataError(f"unknown poisoned-set format {fmt!r}; use 'npz' or 'png'")
+    save_documents(out_dir / DOCUMENTS, index, clean.x[index], poisoned.x[index])
     delta = (poisoned.x[index] - clean.x[index]).reshape(len(index), -1)
     manifest = {
         "data": data_path.name,
