@@ -1,0 +1,107 @@
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from infusion_audit.config import PluginSpec, ScenarioConfig, TrainConfig
+from infusion_audit.data import digits
+from infusion_audit.errors import DataError
+from infusion_audit.models import DigitsCNN, SimpleCNN, TinyResNet, build_model, num_parameters
+from infusion_audit.training import (Checkpoint, Scenario, accuracy, continue_training, data_order,
+                                     retrain_from_scratch, train_scenario)
+
+
+def test_paper_architectures():
+    assert num_parameters(TinyResNet()) == 308_650
+    assert 280_000 < num_parameters(SimpleCNN()) < 300_000
+    x = torch.zeros(2, 3, 32, 32)
+    for model in (TinyResNet(), SimpleCNN()):
+        assert model(x).shape == (2, 10) and model.features(x).shape == (2, 128)
+    assert DigitsCNN()(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_data_order_fixed_or_reshuffled():
+    fixed = TrainConfig(order="fixed", seed=3)
+    np.testing.assert_array_equal(data_order(50, fixed, 0), data_order(50, fixed, 7))
+    shuffled = TrainConfig(order="reshuffle", seed=3)
+    assert not np.array_equal(data_order(50, shuffled, 0), data_order(50, shuffled, 1))
+    np.testing.assert_array_equal(data_order(50, shuffled, 1), data_order(50, shuffled, 1))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    scenario = Scenario.from_config(ScenarioConfig())
+    return train_scenario(scenario, tmp_path_factory.mktemp("train"), progress=False)
+
+
+def test_digits_cnn_reaches_95_percent(trained):
+    assert trained.metrics["test_accuracy"] >= 0.95
+    assert len(trained.checkpoints) == 11 and all(p.exists() for p in trained.checkpoints)
+    assert trained.metrics["train_seconds"] < 60
+
+
+def test_training_is_deterministic_and_continue_replays_the_same_epoch(trained):
+    scenario = trained.scenario
+    again = continue_training(scenario, trained.checkpoint(9), scenario.data.train, epochs=1)
+    ref = trained.checkpoint(10).model
+    for name, value in again.state_dict().items():
+        torch.testing.assert_close(value, ref[name], rtol=0, atol=0)
+
+
+def test_resume_from_a_middle_checkpoint_matches(tmp_path, trained):
+    scenario = trained.scenario
+    out = tmp_path / "resume"
+    first = train_scenario(scenario, out, progress=False)
+    # simulate an interrupted run: drop the last epochs and the metrics, then resume
+    for path in first.checkpoints[6:]:
+        path.unlink()
+    (first.checkpoints[0].parent / "metrics.json").unlink()
+    resumed = train_scenario(scenario, out, progress=False)
+    assert resumed.metrics["resumed_from_epoch"] == 5
+    for name, value in resumed.checkpoint(10).model.items():
+        torch.testing.assert_close(value, trained.checkpoint(10).model[name], rtol=0, atol=0)
+
+
+def test_retrain_from_scratch_on_a_subset(trained):
+    scenario = trained.scenario
+    keep = np.arange(len(scenario.data.train))[10:]
+    model = retrain_from_scratch(scenario, scenario.data.train.subset(keep))
+    assert accuracy(model, scenario.data.test) > 0.9
+
+
+def test_checkpoint_loading_refuses_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"model": Evil()}))
+    with pytest.raises(DataError, match="not a loadable checkpoint"):
+        Checkpoint.load(path)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(DataError, match="no 'model' entry"):
+        Checkpoint.load(tmp_path / "other.pt")
+
+
+def test_user_model_factory(tmp_path, monkeypatch):
+    (tmp_path / "teammodel.py").write_text(
+        "import torch\n"
+        "def make(in_channels, num_classes, hidden=8):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_channels * 64, hidden),\n"
+        "                               torch.nn.ReLU(), torch.nn.Linear(hidden, num_classes))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = build_model(PluginSpec("teammodel:make", {"hidden": 5}), 1, 10)
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_train_command(tmp_path):
+    (tmp_path / "c.yaml").write_text("scenario: {train: {epochs: 2}}\n")
+    proc = subprocess.run([sys.executable, "-m", "infusion_audit", "-q", "train", "c.yaml", "--out", "run"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "test accuracy" in proc.stdout
+    assert (tmp_path / "run" / "config.yaml").exists()
+    assert len(list((tmp_path / "run" / "artefacts").glob("train-*/epoch-*.pt"))) == 3
