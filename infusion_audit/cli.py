@@ -18,6 +18,9 @@ log = logging.getLogger("infusion_audit")
 COMMANDS = {
     "plugins": ("infusion_audit.cli", "list attacks, detectors, datasets and models, and where each came from"),
     "train": ("infusion_audit.cli", "train a scenario; writes a checkpoint per epoch and metrics.json"),
+    "attack": ("infusion_audit.evaluation", "craft poisoned training sets (Infusion and baselines) and measure them against a clean control"),
+    "report": ("infusion_audit.reports.render", "re-render the HTML report of a run directory"),
+    "scan": ("infusion_audit.scan", "score every document of a suspect dataset by several detectors; ranked CSV + summary"),
 }
 
 EPILOG = """\

@@ -12,6 +12,10 @@ from typing import Any, Iterable
 import numpy as np
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write to a temporary file beside `path` and rename it over, so readers never see half a file."""
     path = Path(path)
@@ -22,6 +26,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results and reports are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -38,16 +43,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one record as a single write of one line, flushed to disk: a crash loses at most this line."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record, sort_keys=True, default=_jsonable) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Append one record as a single flushed write: a crash loses at most this line."""
+    append_jsonl_many(path, [record])
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -112,3 +109,32 @@ def file_hash(path: str | os.PathLike, length: int = 16) -> str:
 def iter_chunks(n: int, size: int) -> Iterable[slice]:
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))
+
+
+def append_jsonl_many(path: str | os.PathLike, records: list[dict]) -> None:
+    """Append several records in one write: a crash leaves all of them or none (a torn tail is repaired)."""
+    if not records:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = "".join(json.dumps(r, sort_keys=True, default=_jsonable) + "\n" for r in records).encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, blob)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def repair_jsonl(path: str | os.PathLike) -> int:
+    """Cut a torn last line left by a killed writer, so appends start on a fresh line; returns bytes cut."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return 0
+    keep = data.rfind(b"\n") + 1
+    with open(path, "r+b") as fh:
+        fh.truncate(keep)
+    return len(data) - keep

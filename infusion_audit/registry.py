@@ -23,6 +23,7 @@ BUILTIN_MODULES = (
     "infusion_audit.models",
     "infusion_audit.attacks",
     "infusion_audit.detectors",
+    "infusion_audit.text",
 )
 
 

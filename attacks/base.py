@@ -1,0 +1,158 @@
+"""What every attack plugin shares: the `Attack` base (params in __init__, one verb `craft`), the
+`Poisoning` it returns, and the `AttackContext` that computes expensive things once per scenario
+(the attacked model, the IHVP solver, each target's IHVP and influence scores) so several attacks
+and budgets on the same targets reuse them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..behaviour import Target, measurement_gradient
+from ..errors import UserError
+from ..influence import IHVP, influence_scores, make_ihvp
+from ..training import Scenario, TrainedScenario
+
+Selection = Literal["most-negative", "most-absolute", "random", "most-positive"]
+
+
+@dataclass
+class Poisoning:
+    """The edited documents: which ones (`indices`), their new content `x` and labels `y`, and `meta`
+    (norms, timings, attack-specific diagnostics)."""
+
+    indices: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    def apply(self, clean):
+        """The poisoned training set: same size and order as `clean`, so the retrain replays its order."""
+        return clean.with_documents(self.indices, self.x, self.y)
+
+    def norms(self, clean) -> dict:
+        """Mean L-inf, L2 and number of values changed over the edited documents, and how many values
+        left the storage grid or the value range (what a defender could see)."""
+        delta = (self.x - clean.x[self.indices]).reshape(len(self.indices), -1).astype(np.float64)
+        lo, hi = clean.value_range
+        out_of_range = int(((self.x < lo - 1e-6) | (self.x > hi + 1e-6)).sum())
+        off_grid = 0
+        if clean.grid:
+            steps = (self.x.astype(np.float64) - lo) / clean.grid
+            off_grid = int((np.abs(steps - np.round(steps)) > 1e-4).sum())
+        return {"linf": float(np.abs(delta).max(1).mean()) if len(delta) else 0.0,
+                "l2": float(np.linalg.norm(delta, axis=1).mean()) if len(delta) else 0.0,
+                "values_changed": float((np.abs(delta) > 1e-7).sum(1).mean()) if len(delta) else 0.0,
+                "off_grid": off_grid, "out_of_range": out_of_range}
+
+
+class AttackContext:
+    """A trained scenario as an attacker sees it at checkpoint `epoch`, with per-target caches."""
+
+    def __init__(self, scenario: Scenario, trained: TrainedScenario, epoch: int | None = None,
+                 influence_backend: str = "ekfac", damping: float = 1e-3, cache_dir: str | Path | None = None,
+                 ihvp_kwargs: dict | None = None):
+        self.scenario, self.trained = scenario, trained
+        self.epoch = len(trained.checkpoints) - 1 if epoch is None else epoch
+        self.influence_backend, self.damping = influence_backend, damping
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.ihvp_kwargs = dict(ihvp_kwargs or {})
+        self.model: nn.Module = trained.model(self.epoch)
+        self.timings: dict[str, float] = {}
+        self._ihvp: IHVP | None = None
+        self._queries: dict[Target, torch.Tensor] = {}
+        self._scores: dict[Target, np.ndarray] = {}
+
+    @property
+    def train(self):
+        return self.scenario.data.train
+
+    @property
+    def test(self):
+        return self.scenario.data.test
+
+    def budget_k(self, k: int | float) -> int:
+        """A budget given as a count (14) or a fraction of the training set (0.01)."""
+        n = len(self.train)
+        count = k if isinstance(k, int) else int(round(k * n))
+        if not 1 <= count <= n:
+            raise UserError(f"budget k={k} gives {count} documents; need 1..{n}")
+        return count
+
+    def ihvp(self) -> IHVP:
+        if self._ihvp is None:
+            t0 = time.perf_counter()
+            kw = dict(self.ihvp_kwargs)
+            if self.influence_backend == "ekfac" and self.cache_dir is not None:
+                kw.setdefault("cache_dir", self.cache_dir / "factors")
+            self._ihvp = make_ihvp(self.influence_backend, self.model, self.train, self.damping, **kw)
+            self.timings["factors"] = time.perf_counter() - t0
+        return self._ihvp
+
+    def query(self, target: Target) -> torch.Tensor:
+        """v = (G + damping I)^-1 grad f for this target, normalised to unit length (as the paper)."""
+        if target not in self._queries:
+            solver = self.ihvp()
+            t0 = time.perf_counter()
+            x_star, _ = self.test.batch([target.index])
+            v = solver.solve(measurement_gradient(self.model, x_star[0], target.cls))
+            self._queries[target] = v / v.norm().clamp_min(1e-30)
+            self.timings[f"ihvp:{target.index}:{target.cls}"] = time.perf_counter() - t0
+        return self._queries[target]
+
+    def scores(self, target: Target) -> np.ndarray:
+        """Influence scores s_i of every training document on this target's measurement."""
+        if target not in self._scores:
+            t0 = time.perf_counter()
+            self._scores[target] = influence_scores(self.model, self.train, self.query(target))
+            self.timings[f"scores:{target.index}:{target.cls}"] = time.perf_counter() - t0
+        return self._scores[target]
+
+    def select(self, target: Target, k: int, rule: Selection, seed: int) -> np.ndarray:
+        """The k documents an attack edits: by influence score, or at random."""
+        if rule == "random":
+            return np.sort(np.random.default_rng([seed, target.index, target.cls]).choice(len(self.train), k,
+                                                                                         replace=False))
+        s = self.scores(target)
+        key = {"most-negative": s, "most-positive": -s, "most-absolute": -np.abs(s)}.get(rule)
+        if key is None:
+            raise UserError(f"unknown selection {rule!r}; use most-negative, most-absolute, random or most-positive")
+        return np.sort(np.argsort(key, kind="stable")[:k])
+
+    def stage_seconds(self, target: Target) -> dict:
+        """The shared stages' time spent for this target (IHVP solve, scores)."""
+        suffix = f":{target.index}:{target.cls}"
+        return {name[:-len(suffix)]: s for name, s in self.timings.items() if name.endswith(suffix)}
+
+
+class Attack:
+    """Base of attack plugins: hyperparameters in __init__, `craft(context, target) -> Poisoning`."""
+
+    def get_params(self) -> dict:
+        return {name: getattr(self, name) for name in inspect.signature(type(self).__init__).parameters
+                if name != "self"}
+
+    def variant(self) -> str:
+        """A short label that tells this configuration apart in tables (e.g. quantized / float)."""
+        return ""
+
+    def craft(self, context: AttackContext, target: Target) -> Poisoning:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({params})"
+
+
+def accepted_params(cls: type, params: dict) -> dict:
+    """The subset of `params` that `cls.__init__` takes (budget keys an attack has no use for are dropped)."""
+    names = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    return {k: v for k, v in params.items() if k in names}

@@ -1,0 +1,83 @@
+"""Baselines that tell whether Infusion's edits matter: the same documents with random noise of the
+same budget, relabelled to the target class, or replaced by the target image itself."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import numpy as np
+
+from ..behaviour import Target
+from ..registry import ATTACKS
+from .base import Attack, AttackContext, Poisoning, Selection
+from .infusion import project, store
+
+
+@ATTACKS.register("random-noise")
+class RandomNoise(Attack):
+    """The documents Infusion would edit, perturbed by random noise of the same budget (a null control)."""
+
+    def __init__(self, k: int | float = 0.01, eps: float = 1 / 16, norm: Literal["linf", "l2"] = "linf",
+                 selection: Selection = "most-negative", quantize: bool = True, seed: int = 0):
+        self.k, self.eps, self.norm, self.selection, self.quantize, self.seed = k, eps, norm, selection, quantize, seed
+
+    def variant(self) -> str:
+        return "quantized" if self.quantize else "float"
+
+    def craft(self, context: AttackContext, target: Target) -> Poisoning:
+        import torch
+
+        t0 = time.perf_counter()
+        index = context.select(target, context.budget_k(self.k), self.selection, self.seed)
+        train = context.train
+        x0 = train.x[index]
+        rng = np.random.default_rng([self.seed, target.index, target.cls, 1])
+        if self.norm == "linf":  # every value at the budget's edge, like saturated sign-PGD
+            delta = self.eps * rng.choice([-1.0, 1.0], size=x0.shape)
+        else:
+            delta = rng.standard_normal(x0.shape)
+            delta *= self.eps / np.linalg.norm(delta.reshape(len(x0), -1), axis=1).reshape(-1, *[1] * (x0.ndim - 1))
+        x = project(torch.from_numpy(x0 + delta.astype(np.float32)), torch.from_numpy(x0), self.eps, self.norm,
+                    train.value_range).numpy()
+        if self.quantize:
+            x = store(train, x, x0, self.eps, self.norm)
+        return Poisoning(index, x.astype(np.float32), train.y[index].copy(),
+                         {"timings": {"select": time.perf_counter() - t0}})
+
+
+@ATTACKS.register("label-flip")
+class LabelFlip(Attack):
+    """The documents Infusion would edit, relabelled to the target class (visible: labels change)."""
+
+    def __init__(self, k: int | float = 0.01, selection: Selection = "most-negative", seed: int = 0):
+        self.k, self.selection, self.seed = k, selection, seed
+
+    def craft(self, context: AttackContext, target: Target) -> Poisoning:
+        t0 = time.perf_counter()
+        index = context.select(target, context.budget_k(self.k), self.selection, self.seed)
+        return Poisoning(index, context.train.x[index].copy(), np.full(len(index), target.cls, dtype=np.int64),
+                         {"timings": {"select": time.perf_counter() - t0}})
+
+
+@ATTACKS.register("probe-insertion")
+class ProbeInsertion(Attack):
+    """The target image itself, labelled with the target class, in place of `copies` documents (default k).
+
+    The replaced documents are random by default: replacing the most influential ones would also remove
+    their help and understate the baseline."""
+
+    def __init__(self, k: int | float = 0.01, copies: int | None = None, selection: Selection = "random",
+                 seed: int = 0):
+        self.k, self.copies, self.selection, self.seed = k, copies, selection, seed
+
+    def variant(self) -> str:
+        return "xk" if self.copies is None else f"x{self.copies}"
+
+    def craft(self, context: AttackContext, target: Target) -> Poisoning:
+        t0 = time.perf_counter()
+        count = context.budget_k(self.k if self.copies is None else self.copies)
+        index = context.select(target, count, self.selection, self.seed)
+        x_star = context.test.x[target.index]
+        return Poisoning(index, np.repeat(x_star[None], count, axis=0), np.full(count, target.cls, dtype=np.int64),
+                         {"timings": {"select": time.perf_counter() - t0}})

@@ -1,0 +1,372 @@
+"""The detector interface and the audit context that computes shared, expensive things once.
+
+A detector is a small estimator in the scikit-learn style: its parameters go in ``__init__``,
+``score(context)`` gives every document a suspicion score (higher = more suspicious) and
+``flag(scores, context)`` applies its removal rule. It declares in ``needs`` what the defender must
+have (the data, a model trained on it, a trusted reference copy, the suspicious behaviour); the
+runner skips a detector whose needs are not met and says what would enable it.
+
+The context is the part the library computes: penultimate features, logits, losses, per-example
+gradients and the inverse-Hessian solver are each computed on first use and cached, so five
+detectors that read features pay for one forward pass. A caller that already holds some of these
+(a text pipeline, a benchmark that kept them) hands them in with ``provide``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from infusion_audit.errors import DataError, PluginError
+from infusion_audit.io import iter_chunks
+
+log = logging.getLogger(__name__)
+
+# EK-FAC scales to any model kronfluence can fit; damping as the attack's digits config uses.
+DEFAULT_INFLUENCE = {"backend": "ekfac", "damping": 1e-3}
+
+# What each need is, in words a user can act on.
+ENABLE_HINTS = {
+    "model": "a model trained on the suspect data (give --model CKPT, or let scan train one)",
+    "reference": "a trusted reference copy of the data (--reference CLEAN)",
+    "behaviour": "the suspicious behaviour, a test input and the class it is pushed towards (--behaviour)",
+    "gradients": "a model whose per-example gradients can be computed",
+}
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """The suspicious prediction a forensic defender starts from: input `x` pushed towards class `cls`."""
+
+    x: np.ndarray
+    cls: int
+    description: str = ""
+
+    @classmethod
+    def from_target(cls, target: Any, test_set: Any) -> "Behaviour":
+        """From an attack's Target (test index, class) and the test set it indexes."""
+        return cls(np.asarray(test_set.x[target.index]), int(target.cls),
+                   f"test document {target.index} (label {target.true}) classified as {target.cls}")
+
+    def as_dict(self) -> dict:
+        return {"class": self.cls, "description": self.description, "shape": list(self.x.shape)}
+
+
+@dataclass
+class AuditContext:
+    """What the defender has, plus a cache of what detectors derive from it.
+
+    `data` is the suspect dataset (an ImageDataset, or any dataset whose ``batch(idx)`` feeds
+    `model` and `loss_fn`); `reference` a trusted copy in the same order; `model` a network trained
+    on `data` exposing ``features(x)`` (penultimate layer) and ``head``; `behaviour` the suspicious
+    prediction (a Behaviour); `probe` held-out inputs for influence probes (a dataset with ``x``);
+    `expected_fraction` the poison fraction ε that removal budgets assume; `influence` the IHVP
+    backend and its parameters (see ``infusion_audit.influence.make_ihvp``).
+    """
+
+    data: Any
+    model: nn.Module | None = None
+    reference: Any = None
+    behaviour: Any = None
+    probe: Any = None
+    expected_fraction: float = 0.01
+    loss_fn: Callable | None = None
+    batch_size: int = 256
+    device: str = "cpu"
+    progress: bool = True
+    influence: dict = field(default_factory=lambda: dict(DEFAULT_INFLUENCE))
+    gradient_cache_bytes: int = 1 << 30
+    timings: dict = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.expected_fraction < 0.5:
+            raise DataError(f"expected poison fraction must lie in (0, 0.5), got {self.expected_fraction}")
+        if self.reference is not None and hasattr(self.reference, "x") and hasattr(self.data, "x"):
+            if self.reference.x.shape != self.data.x.shape:
+                raise DataError(f"reference shape {self.reference.x.shape} differs from the suspect data's "
+                                f"{self.data.x.shape}; a reference must hold the same documents in the same order")
+        if self.model is not None:
+            self.model.to(self.device).eval()
+
+    # ------------------------------------------------------------------ what the defender has
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Document labels; a dataset without classes (language modelling) is one class."""
+        y = getattr(self.data, "y", None)
+        return np.zeros(len(self.data), dtype=np.int64) if y is None else np.asarray(y)
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.data, "num_classes", int(self.labels.max()) + 1))
+
+    def has(self, need: str) -> bool:
+        if need == "data":
+            return True
+        if need == "model":
+            return self.model is not None or "features" in self._cache
+        if need == "gradients":  # influence needs the model itself, for the inverse Hessian too
+            return self.model is not None
+        if need == "reference":
+            return self.reference is not None
+        if need == "behaviour":
+            return self.behaviour is not None
+        raise PluginError(f"unknown detector need {need!r}; known: data, model, gradients, reference, behaviour")
+
+    def provide(self, **arrays: Any) -> "AuditContext":
+        """Hand in precomputed `features`, `logits`, `losses` or `gradients` (one row per document)."""
+        for name, value in arrays.items():
+            if len(value) != len(self.data):
+                raise DataError(f"provided {name} has {len(value)} rows for {len(self.data)} documents")
+            self._cache[name] = value
+        return self
+
+    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
+        """Compute `key` once for every detector that asks for it."""
+        if key not in self._cache:
+            t0 = time.perf_counter()
+            self._cache[key] = compute()
+            self.timings[key] = time.perf_counter() - t0
+            log.debug("context: computed %s in %.2fs", key, self.timings[key])
+        return self._cache[key]
+
+    # ------------------------------------------------------------------ model outputs
+    def _require_model(self, what: str) -> nn.Module:
+        if self.model is None:
+            raise PluginError(f"{what} needs {ENABLE_HINTS['model']}")
+        return self.model
+
+    @torch.no_grad()
+    def _forward_all(self) -> tuple[np.ndarray, np.ndarray]:
+        model = self._require_model("features")
+        n = len(self.data)
+        feats, logits = [], []
+        bar = tqdm(total=n, desc="features", unit="doc", disable=not self.progress, leave=False)
+        for chunk in iter_chunks(n, self.batch_size):
+            x, _ = self.data.batch(np.arange(chunk.start, chunk.stop), self.device)
+            h = model.features(x)
+            feats.append(h.reshape(len(h), -1).float().cpu().numpy())
+            logits.append(model.head(h).float().cpu().numpy())
+            bar.update(chunk.stop - chunk.start)
+        bar.close()
+        return np.concatenate(feats), np.concatenate(logits)
+
+    def _forward_cached(self) -> None:
+        if "features" not in self._cache or "logits" not in self._cache:
+            t0 = time.perf_counter()
+            feats, logits = self._forward_all()
+            self.timings["forward"] = time.perf_counter() - t0
+            self._cache.setdefault("features", feats)
+            self._cache.setdefault("logits", logits)
+
+    def features(self) -> np.ndarray:
+        """Penultimate-layer representations (N, D), flattened per document."""
+        if "features" not in self._cache:
+            self._forward_cached()
+        return self._cache["features"]
+
+    def logits(self) -> np.ndarray:
+        if "logits" not in self._cache:
+            self._forward_cached()
+        return self._cache["logits"]
+
+    def losses(self) -> np.ndarray:
+        """Each document's cross-entropy loss under the model trained on it."""
+        def compute() -> np.ndarray:
+            logits = torch.from_numpy(self.logits()).double()
+            return -torch.log_softmax(logits, 1)[torch.arange(len(logits)), torch.from_numpy(self.labels)].numpy()
+
+        return self.cached("losses", compute)
+
+    # ------------------------------------------------------------------ gradients and influence
+    def gradient_chunks(self, chunk_size: int = 512) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Per-example loss gradients (rows of length P) chunk by chunk.
+
+        When all N x P gradients fit in `gradient_cache_bytes` they are computed once and kept for
+        every later detector; otherwise they are recomputed per pass in O(chunk x P) memory."""
+        if "gradients" not in self._cache and self.model is not None:
+            n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            if len(self.data) * n_params * 4 <= self.gradient_cache_bytes:
+                self.cached("gradients", lambda: torch.cat([g for _, g in self._compute_gradients(chunk_size)]))
+        if "gradients" in self._cache:
+            grads = self._cache["gradients"]
+            for chunk in iter_chunks(len(grads), chunk_size):
+                yield chunk, torch.as_tensor(grads[chunk])
+            return
+        yield from self._compute_gradients(chunk_size)
+
+    def _compute_gradients(self, chunk_size: int) -> Iterator[tuple[slice, torch.Tensor]]:
+        from infusion_audit.influence import per_example_gradients
+
+        model = self._require_model("per-example gradients")
+        n = len(self.data)
+        bar = tqdm(total=n, desc="gradients", unit="doc", disable=not self.progress, leave=False)
+        for chunk in iter_chunks(n, chunk_size):
+            g = per_example_gradients(model, self.data, indices=np.arange(chunk.start, chunk.stop),
+                                      batch_size=self.batch_size, **self.loss_kwargs())
+            bar.update(chunk.stop - chunk.start)
+            yield chunk, g
+        bar.close()
+
+    def loss_kwargs(self) -> dict:
+        return {} if self.loss_fn is None else {"loss_fn": self.loss_fn}
+
+    def ihvp(self) -> Any:
+        """The inverse-Hessian solver (G + λI)^-1 of the model on the suspect data, fitted once."""
+        def compute() -> Any:
+            from infusion_audit.influence import make_ihvp
+
+            model = self._require_model("influence")
+            params = dict(self.influence)
+            return make_ihvp(params.pop("backend", "ekfac"), model, self.data, **params, **self.loss_kwargs())
+
+        return self.cached("ihvp", compute)
+
+    def removal_budget(self, n: int, multiplier: float = 1.5) -> int:
+        """How many of `n` documents a budget of multiplier x ε removes (at least one)."""
+        return max(1, min(n, int(math.ceil(multiplier * self.expected_fraction * n))))
+
+
+class Detector:
+    """Base class of detector plugins: parameters in __init__, `score` ranks, `flag` decides."""
+
+    name: str = "detector"
+    needs: frozenset = frozenset({"data"})
+    knowledge: str = "data"
+    data_kinds: frozenset | None = None  # dataset kinds it can score ("image", "text"); None: any
+
+    def applies_to(self, data: Any) -> bool:
+        return self.data_kinds is None or getattr(data, "kind", "image") in self.data_kinds
+
+    def missing(self, context: AuditContext) -> str | None:
+        """None when the context has what this detector needs, else what would enable it."""
+        if not self.applies_to(context.data):
+            return (f"scores {' or '.join(sorted(self.data_kinds))} data, not "
+                    f"{getattr(context.data, 'kind', 'image')} data")
+        lacking = [need for need in sorted(self.needs) if not context.has(need)]
+        if not lacking:
+            return None
+        return "needs " + " and ".join(ENABLE_HINTS.get(n, n) for n in lacking)
+
+    def knowledge_level(self, context: AuditContext) -> str:
+        """The defender's knowledge this run used (some detectors use more when more is given)."""
+        return self.knowledge
+
+    def score(self, context: AuditContext) -> np.ndarray:
+        raise NotImplementedError
+
+    def flag(self, scores: np.ndarray, context: AuditContext) -> np.ndarray:
+        """Default rule: remove the 1.5·ε·N highest-scoring documents. A detector whose rule is a
+        decision it made while scoring (a cluster, a vote) keeps it in ``decision_`` and returns it."""
+        return top_k_mask(scores, context.removal_budget(len(scores)))
+
+    def get_params(self) -> dict:
+        return {k: v for k, v in vars(self).items()
+                if k != "name" and not k.startswith("_") and not k.endswith("_")}
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({params})"
+
+
+def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
+    """The k highest scores (ties broken by position, deterministically)."""
+    mask = np.zeros(len(scores), dtype=bool)
+    if k > 0:
+        mask[np.argsort(-scores, kind="stable")[:k]] = True
+    return mask
+
+
+def per_class_top_mask(scores: np.ndarray, labels: np.ndarray, context: AuditContext,
+                       multiplier: float = 1.5) -> np.ndarray:
+    """Within each class c, the ceil(multiplier·ε·n_c) highest scores (the spectral-signature rule)."""
+    mask = np.zeros(len(scores), dtype=bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        mask[idx[top_k_mask(scores[idx], context.removal_budget(len(idx), multiplier))]] = True
+    return mask
+
+
+def robust_z(values: np.ndarray, groups: np.ndarray | None = None, min_group: int = 30) -> np.ndarray:
+    """(v - median) / (1.4826·MAD) within each group: 'unusual for its class' on one scale.
+
+    Groups smaller than `min_group` are measured against all values (a MAD of a handful is noise)."""
+    values = np.asarray(values, dtype=np.float64)
+    out = np.zeros_like(values)
+    groups = np.zeros(len(values), dtype=np.int64) if groups is None else np.asarray(groups)
+    for g in np.unique(groups):
+        idx = groups == g
+        ref = values[idx] if idx.sum() >= min_group else values
+        med = np.median(ref)
+        mad = 1.4826 * np.median(np.abs(ref - med))
+        scale = mad if mad > 0 else (ref.std() if ref.std() > 0 else 1.0)
+        out[idx] = (values[idx] - med) / scale
+    return out
+
+
+# --------------------------------------------------------------------------- running detectors
+@dataclass
+class DetectorRun:
+    """One detector's output on one context, or why it was skipped."""
+
+    name: str
+    params: dict
+    knowledge: str | None = None
+    scores: np.ndarray | None = None
+    flagged: np.ndarray | None = None
+    seconds: float = 0.0
+    skipped: str | None = None
+    details: dict = field(default_factory=dict)
+
+
+def build_detector(name: str, params: dict | None = None) -> Detector:
+    """Instantiate a registered detector (or ``package.module:Class``) with one-line errors."""
+    from infusion_audit.registry import DETECTORS
+
+    cls = DETECTORS.get(name)
+    try:
+        detector = cls(**(params or {}))
+    except (TypeError, ValueError) as exc:
+        raise PluginError(f"detector {name!r}: bad params {params or {}}: {exc}") from None
+    detector.name = name
+    return detector
+
+
+def run_detector(detector: Detector, context: AuditContext) -> DetectorRun:
+    """Score and flag, timing the detector; a detector whose needs are unmet is skipped with the reason."""
+    run = DetectorRun(detector.name, detector.get_params())
+    reason = detector.missing(context)
+    if reason is not None:
+        run.skipped = reason
+        log.info("skipping %s: %s", detector.name, reason)
+        return run
+    t0 = time.perf_counter()
+    try:
+        scores = np.asarray(detector.score(context), dtype=np.float64)
+        if scores.shape != (len(context),):
+            raise PluginError(f"returned scores of shape {scores.shape}, expected ({len(context)},)")
+        if not np.isfinite(scores).all():
+            raise PluginError("returned non-finite scores")
+        flagged = np.asarray(detector.flag(scores, context), dtype=bool)
+    except Exception as exc:  # one broken detector must not cost the defender the others' results
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        run.skipped = f"failed: {type(exc).__name__}: {first_line}"
+        log.warning("detector %s %s", detector.name, run.skipped)
+        log.debug("detector %s failed", detector.name, exc_info=True)
+        return run
+    run.scores, run.flagged = scores, flagged
+    run.seconds = time.perf_counter() - t0
+    run.knowledge = detector.knowledge_level(context)
+    run.details = dict(getattr(detector, "details_", {}))
+    return run

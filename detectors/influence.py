@@ -1,0 +1,106 @@
+"""Influence-based detection: which documents the trained model's predictions depend on unusually.
+
+Sign convention (kronfluence's, as in the attack): s_i = ∇f^T (G + λI)^-1 ∇L(z_i). Up-weighting
+document i changes f by about -ε·s_i, so the most NEGATIVE s_i are the documents that push f up:
+for a behaviour an attacker wants, these are the suspects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from infusion_audit.errors import PluginError
+from infusion_audit.registry import DETECTORS
+
+from .base import ENABLE_HINTS, AuditContext, Detector, robust_z
+
+
+@DETECTORS.register("influence-outlier")
+class InfluenceOutlier(Detector):
+    """Self-influence, concentrated influence on probe behaviours, or forensic attribution to a known behaviour.
+
+    `mode`:
+      - "forensic" (needs the behaviour x* -> t): score = -s_i for f = log p(t | x*); the documents
+        most helpful to the suspicious prediction rank first.
+      - "probe" (target unknown): every probe input x every class is a candidate behaviour; a
+        document scores by how extreme its help to its most-helped behaviour is, as a robust z
+        against all documents' help to that behaviour. Probe inputs are `probe_size` of the
+        context's held-out `probe` set (or, without one, of the suspect documents).
+      - "self": self-influence g_iᵀ(G+λI)^-1 g_i (atypical and mislabelled documents).
+      - "auto": forensic when the behaviour is given, else probe.
+    The inverse Hessian comes from the context (EK-FAC by default, fitted once and shared).
+    """
+
+    needs = frozenset({"gradients"})
+    knowledge = "model"
+    MODES = ("auto", "forensic", "probe", "self")
+
+    def __init__(self, mode: str = "auto", probe_size: int = 100, chunk_size: int = 256, seed: int = 0):
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {', '.join(self.MODES)}, got {mode!r}")
+        self.mode = mode
+        self.probe_size = probe_size
+        self.chunk_size = chunk_size
+        self.seed = seed
+
+    def resolved_mode(self, context: AuditContext) -> str:
+        if self.mode == "auto":
+            return "forensic" if context.has("behaviour") else "probe"
+        return self.mode
+
+    def missing(self, context: AuditContext) -> str | None:
+        lacking = super().missing(context)
+        if lacking is None and self.resolved_mode(context) == "forensic" and not context.has("behaviour"):
+            return f"mode 'forensic' needs {ENABLE_HINTS['behaviour']}"
+        return lacking
+
+    def knowledge_level(self, context: AuditContext) -> str:
+        return "forensic" if self.resolved_mode(context) == "forensic" else "model"
+
+    def score(self, context: AuditContext) -> np.ndarray:
+        mode = self.resolved_mode(context)
+        ihvp = context.ihvp()
+        self.details_ = {"mode": mode, "ihvp": ihvp.backend, "damping": ihvp.damping}
+        if mode == "self":
+            return self._stream(context, lambda g: (g.double() * ihvp.solve_many(g).double()).sum(1))
+        queries = self._forensic_query(context) if mode == "forensic" else self._probe_queries(context)
+        preconditioned = ihvp.solve_many(queries).float()
+        influence = self._stream(context, lambda g: g.float() @ preconditioned.T, columns=len(queries))
+        if mode == "forensic":
+            return -influence[:, 0]
+        self.details_["probes"] = len(queries)
+        help_z = np.column_stack([robust_z(-influence[:, j]) for j in range(influence.shape[1])])
+        return help_z.max(1)
+
+    def _stream(self, context: AuditContext, fn, columns: int | None = None) -> np.ndarray:
+        out = np.zeros((len(context),) if columns is None else (len(context), columns))
+        for chunk, grads in context.gradient_chunks(self.chunk_size):
+            out[chunk] = fn(grads).double().numpy()
+        return out
+
+    def _forensic_query(self, context: AuditContext) -> torch.Tensor:
+        from infusion_audit.behaviour import measurement_gradient
+
+        b = context.behaviour
+        return measurement_gradient(context.model, torch.as_tensor(b.x, dtype=torch.float32), b.cls)[None]
+
+    def _probe_queries(self, context: AuditContext) -> torch.Tensor:
+        """∇θ log p(c | x_j) for every probe input x_j and class c: minus the CE gradient with label c."""
+        from infusion_audit.influence import per_example_gradients
+
+        source = context.probe if context.probe is not None else context.data
+        if not dataclasses.is_dataclass(source) or not hasattr(source, "y"):
+            raise PluginError("influence-outlier mode 'probe' needs a classification dataset to probe; "
+                              "use mode 'self' or 'forensic'")
+        rng = np.random.default_rng(self.seed)
+        chosen = np.sort(rng.choice(len(source), size=min(self.probe_size, len(source)), replace=False))
+        inputs = source.subset(chosen)
+        queries = []
+        for c in range(context.num_classes):
+            relabelled = dataclasses.replace(inputs, y=np.full(len(inputs), c, dtype=np.int64))
+            queries.append(-per_example_gradients(context.model, relabelled, batch_size=context.batch_size,
+                                                  **context.loss_kwargs()))
+        return torch.cat(queries)

@@ -1,0 +1,41 @@
+"""The simplest baseline: documents the trained model finds hard (high loss, large gradient)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from infusion_audit.registry import DETECTORS
+
+from .base import AuditContext, Detector
+
+
+@DETECTORS.register("loss-outlier")
+class LossOutlier(Detector):
+    """Training loss or gradient norm of each document under the model trained on it.
+
+    `signal`: "loss" (cross-entropy), "grad-norm" (norm of the full per-example gradient, streamed
+    in chunks) or "head-grad-norm" (exact norm of the last layer's gradient,
+    ||softmax - onehot|| · sqrt(||h||² + 1), from features and logits alone: cheap at any scale).
+    """
+
+    needs = frozenset({"model"})
+    knowledge = "model"
+    SIGNALS = ("loss", "grad-norm", "head-grad-norm")
+
+    def __init__(self, signal: str = "loss"):
+        if signal not in self.SIGNALS:
+            raise ValueError(f"signal must be one of {', '.join(self.SIGNALS)}, got {signal!r}")
+        self.signal = signal
+
+    def score(self, context: AuditContext) -> np.ndarray:
+        if self.signal == "loss":
+            return context.losses()
+        if self.signal == "head-grad-norm":
+            logits = torch.from_numpy(context.logits()).double()
+            residual = torch.softmax(logits, 1)
+            residual[torch.arange(len(residual)), torch.from_numpy(context.labels)] -= 1.0
+            feats = torch.from_numpy(context.features()).double()
+            return (residual.norm(dim=1) * torch.sqrt((feats ** 2).sum(1) + 1.0)).numpy()
+        return context.cached("gradient_norms", lambda: np.concatenate(
+            [g.double().norm(dim=1).numpy() for _, g in context.gradient_chunks()]))

@@ -1,0 +1,294 @@
+"""`infusion-audit bench`: the attack-then-defend benchmark, the tool's main job.
+
+A grid of attacks x budgets x targets x seeds on one scenario. Each cell crafts one poisoning on
+the attacker's model, measures it on every victim (the same architecture, or others for transfer)
+against a clean control, runs the detectors on the poisoned set, and for each detector removes
+what it flags, retrains and measures what is left of the attack and what the removal cost. All
+records of a cell are appended to results.jsonl in one write, so an interrupted run loses at most
+the cell in flight and re-running the same command skips finished cells.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import __version__
+from .behaviour import Target, measure
+from .config import PluginSpec, ScenarioConfig, bounded, dump_yaml, from_dict, load_yaml, resolve_config_path, to_dict
+from .errors import ConfigError
+from .evaluation import AttackConfig, AttackEvaluation, AttackRunConfig, AttackSpec, BudgetConfig, Victim
+from .io import append_jsonl_many, atomic_write_text, read_jsonl, repair_jsonl, stable_hash, write_json
+from .training import accuracy
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = "bench-digits"
+
+
+@dataclass
+class DefenceConfig:
+    """Remove what each detector flags and retrain by the attack protocol on what is left."""
+
+    enabled: bool = True
+
+
+@dataclass
+class BenchConfig:
+    """A scenario, the attack grid, the victims, the detectors and the defence."""
+
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    budgets: list[BudgetConfig] = field(default_factory=list)  # empty: attack.budget alone
+    victims: list[PluginSpec] = field(default_factory=list)  # models trained on the poisoned set; empty: the scenario's
+    detectors: list[PluginSpec] = field(default_factory=list)  # empty: every registered detector
+    defence: DefenceConfig = field(default_factory=DefenceConfig)
+    bootstrap: int = bounded(200, min=0, help="bootstrap resamples for detection CIs")
+
+    def grid_budgets(self) -> list[BudgetConfig]:
+        return self.budgets or [self.attack.budget]
+
+    def validate(self, source: str, prefix: str) -> None:
+        from .registry import DETECTORS, MODELS
+
+        for i, spec in enumerate(self.detectors):
+            if ":" not in spec.name and spec.name not in DETECTORS.names():
+                raise ConfigError(source, f"detectors[{i}].name", f"a known detector ({', '.join(DETECTORS.names())})",
+                                  spec.name)
+        for i, spec in enumerate(self.victims):
+            if ":" not in spec.name and spec.name not in MODELS.names():
+                raise ConfigError(source, f"victims[{i}].name", f"a known model ({', '.join(MODELS.names())})",
+                                  spec.name)
+
+
+def load_bench_config(name_or_path: str | Path | None) -> BenchConfig:
+    data, source = load_yaml(resolve_config_path(name_or_path or DEFAULT_CONFIG))
+    return from_dict(BenchConfig, data, source)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (attack arm, budget, target, seed) of the grid."""
+
+    spec_index: int
+    budget_index: int
+    target: Target
+    seed: int
+    key: str
+
+
+# --------------------------------------------------------------------------- the runner
+class BenchRunner:
+    """What every cell shares: the attacker's evaluation (trained checkpoints, IHVP, per-target caches)
+    and one Victim per victim model (its own trained checkpoints and clean control)."""
+
+    def __init__(self, config: BenchConfig, run_dir: str | Path, progress: bool = True):
+        self.config, self.run_dir = config, Path(run_dir)
+        self.evaluation = AttackEvaluation(AttackRunConfig(config.scenario, config.attack), self.run_dir,
+                                           progress=progress)
+        self.victims = {self.victim_name(None): self.evaluation.victim}
+        for spec in config.victims:
+            name = self.victim_name(spec)
+            if name not in self.victims:
+                self.victims[name] = Victim.train(replace(config.scenario, model=spec), config.attack.protocol,
+                                                  self.run_dir / "artefacts", progress=progress)
+
+    def victim_name(self, spec: PluginSpec | None) -> str:
+        spec = spec or self.config.scenario.model
+        return spec.name + (f"({stable_hash(spec.params, 6)})" if spec.params else "")
+
+    def cells(self) -> list[Cell]:
+        cells, seen = [], set()
+        attack = self.config.attack
+        for b, budget in enumerate(self.config.grid_budgets()):
+            for target in self.evaluation.targets():
+                for seed in attack.seeds:
+                    for s, spec in enumerate(attack.attacks):
+                        key = self.evaluation.cell_id(spec, target, seed, budget)
+                        if key not in seen:  # an attack that ignores eps is the same cell under two budgets
+                            seen.add(key)
+                            cells.append(Cell(s, b, target, seed, key))
+        return cells
+
+    def run_cell(self, cell: Cell) -> list[dict]:
+        """Every record of one cell: the attack on each victim, then detection and defence on the main victim."""
+        spec: AttackSpec = self.config.attack.attacks[cell.spec_index]
+        budget = self.config.grid_budgets()[cell.budget_index]
+        crafted = self.evaluation.craft(spec, cell.target, cell.seed, budget)
+        records, main = [], None
+        for name, victim in self.victims.items():
+            record, poisoned_model = self.evaluation.record(crafted, victim)
+            record["victim"] = name
+            records.append(record)
+            if main is None:
+                main = (record, poisoned_model, victim)
+        if self.config.detectors is not None:
+            records += self.detect_and_defend(crafted, *main)
+        return records
+
+    def detect_and_defend(self, crafted, record: dict, poisoned_model, victim: Victim) -> list[dict]:
+        from .detectors import Behaviour
+        from .scan import scan
+
+        clean = self.evaluation.scenario.data.train
+        test = self.evaluation.scenario.data.test
+        poisoned_set = crafted.poisoned_set
+        target = crafted.target
+        n_poison = len(crafted.poisoning.indices)
+        t0 = time.perf_counter()
+        result = scan(poisoned_set, detectors=self.config.detectors or None, model=poisoned_model, reference=clean,
+                      behaviour=Behaviour.from_target(target, test), truth=crafted.poisoning.indices,
+                      expected_fraction=min(0.49, n_poison / len(clean)),
+                      influence=to_dict(self.config.attack.influence), bootstrap=self.config.bootstrap,
+                      progress=False)
+        scan_seconds = time.perf_counter() - t0
+        common = {k: record[k] for k in ("cell", "scenario", "attack", "variant", "budget", "target", "seed",
+                                         "victim")}
+        out = []
+        x_star = test.batch([target.index])[0][0]
+        control = victim.control()
+        for (label, run) in result.completed:
+            out.append({"kind": "detection", **common, **result.detection[label], "detector": label,
+                        "context_seconds": scan_seconds})
+            if not self.config.defence.enabled:
+                continue
+            keep = np.flatnonzero(~run.flagged)
+            t1 = time.perf_counter()
+            defended = victim.retrain(poisoned_set.subset(keep))
+            # the same documents removed from the clean set: what is left is the attack's, not the removal's
+            removed_control = victim.retrain(clean.subset(keep))
+            after, baseline = measure(defended, x_star, target.cls), measure(removed_control, x_star, target.cls)
+            truth = np.zeros(len(clean), dtype=bool)
+            truth[crafted.poisoning.indices] = True
+            out.append({"kind": "defence", **common, "detector": label, "knowledge": run.knowledge,
+                        "removed": int(run.flagged.sum()), "removed_poisons": int((run.flagged & truth).sum()),
+                        "p_after": after["p"], "p_control_removed": baseline["p"],
+                        "delta_p_after": after["p"] - baseline["p"], "delta_p_before": record["delta_p"],
+                        "flip_after": after["top1"] and not baseline["top1"],
+                        "acc_after": accuracy(defended, test), "acc_control": control["accuracy"],
+                        "acc_control_removed": accuracy(removed_control, test),
+                        "seconds": time.perf_counter() - t1})
+        for label, run in zip(result.labels, result.runs):
+            if run.skipped:
+                log.debug("cell %s: %s skipped: %s", record["cell"], label, run.skipped)
+        return out
+
+
+# --------------------------------------------------------------------------- parallel workers
+_WORKER: BenchRunner | None = None
+
+
+def _init_worker(config: BenchConfig, run_dir: str, threads: int) -> None:
+    global _WORKER
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.getLogger().setLevel(logging.WARNING)
+    _WORKER = BenchRunner(config, run_dir, progress=False)
+
+
+def _run_in_worker(cell: Cell) -> list[dict]:
+    assert _WORKER is not None
+    return _WORKER.run_cell(cell)
+
+
+# --------------------------------------------------------------------------- the entry point
+def bench(config: BenchConfig | str | Path | None = None, out: str | Path = "runs/bench", jobs: int = 1,
+          progress: bool = True, report: bool = True) -> Path:
+    """Run (or resume) a benchmark into `out`; returns the report's path (or results.jsonl without a report)."""
+    if not isinstance(config, BenchConfig):
+        config = load_bench_config(config)
+    out = Path(out)
+    results = out / "results.jsonl"
+    started = time.perf_counter()
+    atomic_write_text(out / "config.yaml", dump_yaml(config))
+    repair_jsonl(results)
+    runner = BenchRunner(config, out, progress=progress)
+    cells = runner.cells()
+    done = {r["cell"] for r in read_jsonl(results) if r.get("kind") == "attack"}
+    todo = [c for c in cells if c.key not in done]
+    log.info("%d cells, %d already finished, %d to run", len(cells), len(cells) - len(todo), len(todo))
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="bench cells", unit="cell",
+               disable=not progress)
+    if jobs <= 1 or len(todo) <= 1:
+        for cell in todo:
+            append_jsonl_many(results, runner.run_cell(cell))
+            bar.update(1)
+    else:
+        import multiprocessing
+
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        ctx = multiprocessing.get_context("spawn")
+        with futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
+                                         initargs=(config, str(out), threads)) as pool:
+            pending = {pool.submit(_run_in_worker, cell) for cell in todo}
+            try:
+                for future in futures.as_completed(pending):
+                    append_jsonl_many(results, future.result())
+                    bar.update(1)
+            except BaseException:
+                for future in pending:
+                    future.cancel()
+                raise
+    bar.close()
+    write_json(out / "provenance.json", provenance(config, runner, time.perf_counter() - started, len(todo)))
+    if not report:
+        return results
+    from .reports import render_report
+
+    return render_report(out)
+
+
+def provenance(config: BenchConfig, runner: BenchRunner, seconds: float, cells_run: int) -> dict:
+    """What a reviewer needs to trust or repeat the run: versions, seeds, data hashes, timings."""
+    import importlib.metadata as md
+
+    versions = {}
+    for dist in ("torch", "torchvision", "numpy", "scikit-learn", "scipy", "kronfluence", "transformers", "jinja2",
+                 "matplotlib"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = None
+    data = runner.evaluation.scenario.data
+    return {
+        "infusion_audit": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
+        "packages": versions, "config_hash": stable_hash(to_dict(config)),
+        "seeds": {"train": config.scenario.train.seed, "targets": config.attack.targets.seed,
+                  "attack": config.attack.seeds},
+        "data": {"train_hash": data.train.content_hash(), "test_hash": data.test.content_hash(),
+                 "n_train": len(data.train), "n_test": len(data.test)},
+        "training": {name: v.trained.metrics for name, v in runner.victims.items()},
+        "seconds_this_invocation": seconds, "cells_run_this_invocation": cells_run,
+        "timings": runner.evaluation.context.timings_summary(),
+    }
+
+
+# --------------------------------------------------------------------------- CLI
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default=None,
+                   help=f"YAML bench config or a built-in name (default: {DEFAULT_CONFIG}, the quick digits benchmark; "
+                        "bench-digits-thorough for more targets)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="run directory (default: runs/bench)")
+    p.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes (default: 1)")
+    p.add_argument("--no-report", action="store_true", help="skip rendering report.html")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.jobs < 1:
+        raise ConfigError("--jobs", "", "an integer >= 1", args.jobs)
+    path = bench(args.config, args.out, jobs=args.jobs, progress=not args.quiet, report=not args.no_report)
+    print(f"results: {args.out / 'results.jsonl'}")
+    if not args.no_report:
+        print(f"report: {path}")
+    return 0

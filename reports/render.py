@@ -1,0 +1,554 @@
+"""Turn a run directory into one self-contained HTML audit report, verdict first.
+
+Every figure on the page is computed here from `results.jsonl` (attack, detection and defence
+records) with `infusion_audit.stats`; the template only lays them out. Partial runs (no detection
+or defence records yet, one target) render with what is there and say what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import json
+import logging
+import math
+import re
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+from infusion_audit import __version__
+from infusion_audit.errors import DataError, UserError
+from infusion_audit.io import atomic_write_text, read_jsonl
+from infusion_audit.stats import fmt_ci, mean_ci, paired_test, wilson
+
+from . import charts
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = Path(__file__).parent / "templates"
+PRIMARY_METRIC = "tpr_at_1fpr"
+PRIMARY_LABEL = "TPR at 1% FPR"
+CATCH_RATE = 0.5  # mean TPR at 1% FPR from which a detector is said to catch an attack
+PARTLY_RATE = 0.1
+SUCCESS_RULE = ("an attack succeeds when the 95% confidence interval of its mean Δp (p(target) after poisoning "
+                "minus p(target) of a clean model retrained the same way) lies entirely above 0")
+CATCH_RULE = (f"a detector catches an attack when its mean {PRIMARY_LABEL} is at least {CATCH_RATE:.0%}, "
+              f"partly catches it from {PARTLY_RATE:.0%}, and misses it below")
+DETECTION_METRICS = [("auroc", "AUROC"), ("auprc", "AUPRC"), ("tpr_at_1fpr", "TPR@1%FPR"),
+                     ("tpr_at_5fpr", "TPR@5%FPR"), ("recall_at_k", "recall@k")]
+GALLERY_DOCS = 3
+ROC_GRID = np.concatenate([np.linspace(0, 0.05, 26), np.linspace(0.05, 1, 96)[1:]])
+
+
+# --------------------------------------------------------------------------- loading
+def _budget_key(budget: dict | None) -> tuple:
+    b = budget or {}
+    return (b.get("k") or 0, b.get("eps") if b.get("eps") is not None else -1.0, str(b.get("norm")),
+            bool(b.get("quantize")))
+
+
+def bound_label(budget: dict | None) -> str:
+    """'L∞ ε=0.25' (or '' for attacks without a perturbation bound)."""
+    b = budget or {}
+    if b.get("eps") is None:
+        return ""
+    return {"linf": "L∞ ", "l2": "L2 "}.get(b.get("norm"), "") + f"ε={b['eps']:g}"
+
+
+def budget_label(budget: dict | None) -> str:
+    """'k=14, L∞ ε=0.25' from a budget record."""
+    b = budget or {}
+    parts = ([f"k={b['k']}"] if b.get("k") is not None else []) + [bound_label(b)]
+    return ", ".join(p for p in parts if p) or "default"
+
+
+def _require(record: dict, keys: Iterable[str], line: int, path: Path) -> None:
+    missing = [k for k in keys if record.get(k) is None]
+    if missing:
+        raise DataError(f"{path}: record {line} ({record.get('kind')}) lacks {', '.join(missing)}")
+
+
+def load_records(run_dir: Path) -> dict[str, list[dict]]:
+    """Records of results.jsonl split by kind, checked for the fields the report cannot do without."""
+    path = run_dir / "results.jsonl"
+    if not path.exists():
+        raise UserError(f"{run_dir}: no results.jsonl here; is this a run directory written by `infusion-audit bench`?")
+    by_kind: dict[str, list[dict]] = {"attack": [], "detection": [], "defence": []}
+    needs = {"attack": ["attack", "budget", "delta_p"], "detection": ["attack", "budget", "detector", "cell"],
+             "defence": ["attack", "budget", "detector", "cell", "delta_p_after", "acc_after", "acc_control"]}
+    for i, record in enumerate(read_jsonl(path), start=1):
+        kind = record.get("kind") if isinstance(record, dict) else None
+        if kind not in by_kind:
+            log.warning("%s: record %d has unknown kind %r; skipped", path, i, kind)
+            continue
+        _require(record, needs[kind], i, path)
+        by_kind[kind].append(record)
+    return by_kind
+
+
+def _read_optional_json(path: Path) -> Any:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError(f"{path}: not valid JSON") from None
+
+
+# --------------------------------------------------------------------------- summaries
+class Arms:
+    """Names an attack arm (scenario, attack, variant) for display; the scenario only when there are several."""
+
+    def __init__(self, records: list[dict]):
+        self.many_scenarios = len({r.get("scenario") for r in records}) > 1
+
+    @staticmethod
+    def key(r: dict) -> tuple:
+        return (str(r.get("scenario", "")), str(r["attack"]), str(r.get("variant") or ""))
+
+    def label(self, key: tuple) -> str:
+        scenario, attack, variant = key
+        text = f"{attack} ({variant})" if variant else attack
+        return f"{scenario}: {text}" if self.many_scenarios else text
+
+
+def _group(records: list[dict], extra: str | None = None) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        key = Arms.key(r) + (_budget_key(r["budget"]),) + ((str(r[extra]),) if extra else ())
+        groups[key].append(r)
+    return dict(sorted(groups.items()))
+
+
+def _values(records: list[dict], field: str) -> list[float]:
+    return [float(r[field]) for r in records if r.get(field) is not None]
+
+
+def _rate(records: list[dict], test) -> dict:
+    return wilson(sum(1 for r in records if test(r)), len(records))
+
+
+def attack_status(delta: dict) -> str:
+    if delta["n"] < 2 or delta["lo"] is None:
+        return "too few targets"
+    return "succeeds" if delta["lo"] > 0 else "no effect shown"
+
+
+def summarise_attacks(records: list[dict], arms: Arms) -> list[dict]:
+    rows = []
+    for key, group in _group(records).items():
+        arm, budget = key[:3], group[0]["budget"]
+        delta = mean_ci(_values(group, "delta_p"))
+        acc_drop = mean_ci([r["acc_control"] - r["acc_poisoned"] for r in group
+                            if r.get("acc_control") is not None and r.get("acc_poisoned") is not None])
+        norms = [r.get("norms") or {} for r in group]
+        rows.append({
+            "arm": arm, "label": arms.label(arm), "budget": budget_label(budget), "budget_key": key[3],
+            "n": len(group), "delta_p": delta, "status": attack_status(delta),
+            "success": _rate(group, lambda r: r["delta_p"] > 0),
+            "flip": _rate(group, lambda r: bool(r.get("flip"))),
+            "top1": _rate(group, lambda r: bool(r.get("top1_poisoned"))),
+            "top1_control": _rate(group, lambda r: bool(r.get("top1_control"))),
+            "delta_logodds": mean_ci(_values(group, "delta_logodds")),
+            "p_control": mean_ci(_values(group, "p_control")),
+            "p_poisoned": mean_ci(_values(group, "p_poisoned")),
+            "acc_drop": acc_drop,
+            "linf": mean_ci([n["linf"] for n in norms if n.get("linf") is not None]),
+            "l2": mean_ci([n["l2"] for n in norms if n.get("l2") is not None]),
+            "values_changed": mean_ci([n["values_changed"] for n in norms if n.get("values_changed") is not None]),
+            "off_grid": sum(int(n.get("off_grid") or 0) for n in norms),
+            "out_of_range": sum(int(n.get("out_of_range") or 0) for n in norms),
+            "records": group,
+        })
+    return rows
+
+
+def _metric_summary(group: list[dict], metric: str) -> dict:
+    """Mean over cells with a t-interval; with one cell, that cell's own bootstrap CI over documents."""
+    cells = [r[metric] for r in group if isinstance(r.get(metric), dict) and r[metric].get("value") is not None]
+    summary = mean_ci([c["value"] for c in cells])
+    if len(cells) == 1:
+        summary.update(lo=cells[0].get("lo"), hi=cells[0].get("hi"))
+    if summary["lo"] is not None:  # every detection metric is a rate: its interval ends at 0 and 1
+        summary.update(lo=max(0.0, summary["lo"]), hi=min(1.0, summary["hi"]))
+    return summary
+
+
+def _mean_roc(group: list[dict]) -> tuple[list[float], list[float]] | None:
+    """Vertical average of the cells' ROC curves on a common FPR grid."""
+    curves = [r["roc"] for r in group if isinstance(r.get("roc"), dict) and len(r["roc"].get("fpr") or []) >= 2]
+    if not curves:
+        return None
+    tprs = [np.interp(ROC_GRID, np.asarray(c["fpr"], float), np.asarray(c["tpr"], float)) for c in curves]
+    return ROC_GRID.tolist(), np.mean(tprs, axis=0).tolist()
+
+
+def detection_status(summary: dict) -> str:
+    value = summary.get("mean")
+    if value is None:
+        return "n/a"
+    return "caught" if value >= CATCH_RATE else "partly caught" if value >= PARTLY_RATE else "missed"
+
+
+def summarise_detection(records: list[dict], arms: Arms) -> list[dict]:
+    rows = []
+    for key, group in _group(records, extra="detector").items():
+        arm = key[:3]
+        metrics = {m: _metric_summary(group, m) for m, _ in DETECTION_METRICS}
+        rows.append({
+            "arm": arm, "label": arms.label(arm), "budget": budget_label(group[0]["budget"]), "budget_key": key[3],
+            "detector": key[4], "knowledge": group[0].get("knowledge", "?"), "n": len(group), "metrics": metrics,
+            "status": detection_status(metrics[PRIMARY_METRIC]),
+            "flag_precision": mean_ci(_values(group, "flag_precision")),
+            "flag_recall": mean_ci(_values(group, "flag_recall")),
+            "flagged": mean_ci(_values(group, "flagged")),
+            "seconds": mean_ci(_values(group, "seconds")),
+            "roc": _mean_roc(group),
+        })
+    return rows
+
+
+def summarise_defence(records: list[dict], attacks: list[dict], arms: Arms) -> list[dict]:
+    delta_by_cell = {r["cell"]: r["delta_p"] for a in attacks for r in a["records"] if "cell" in r}
+    rows = []
+    for key, group in _group(records, extra="detector").items():
+        arm = key[:3]
+        paired = [(delta_by_cell[r["cell"]], r["delta_p_after"]) for r in group if r["cell"] in delta_by_cell]
+        reduction = paired_test([b for b, _ in paired], [a for _, a in paired]) if paired else None
+        rows.append({
+            "arm": arm, "label": arms.label(arm), "budget": budget_label(group[0]["budget"]), "budget_key": key[3],
+            "detector": key[4], "n": len(group),
+            "before": mean_ci([b for b, _ in paired]),
+            "after": mean_ci(_values(group, "delta_p_after")),
+            "residual_success": _rate(group, lambda r: r["delta_p_after"] > 0),
+            "reduction": reduction,
+            "cost": mean_ci([r["acc_control"] - r["acc_after"] for r in group]),
+            "removed": mean_ci(_values(group, "removed")),
+            "removed_poisons": mean_ci(_values(group, "removed_poisons")),
+        })
+    return rows
+
+
+def build_verdict(attacks: list[dict], detection: list[dict], defence: list[dict]) -> dict:
+    """One row per attack arm at its largest budget: does it work, who catches it, what removal costs."""
+    rows = []
+    by_arm: dict[tuple, list[dict]] = defaultdict(list)
+    for a in attacks:
+        by_arm[a["arm"]].append(a)
+    for arm, budgets in by_arm.items():
+        top = max(budgets, key=lambda a: a["budget_key"])
+        dets = sorted((d for d in detection if d["arm"] == arm and d["budget_key"] == top["budget_key"]),
+                      key=lambda d: -(d["metrics"][PRIMARY_METRIC]["mean"] or 0))
+        defs = {d["detector"]: d for d in defence if d["arm"] == arm and d["budget_key"] == top["budget_key"]}
+        best = dets[0] if dets else None
+        best_defence = defs.get(best["detector"]) if best else None
+        rows.append({
+            "label": top["label"], "budget": top["budget"], "attack": top, "status": top["status"],
+            "caught_by": [d for d in dets if d["status"] == "caught"], "n_detectors": len(dets), "best": best,
+            "defence": best_defence,
+        })
+    rows.sort(key=lambda r: (r["status"] != "succeeds", -(r["attack"]["delta_p"]["mean"] or 0)))
+    succeeding = [r for r in rows if r["status"] == "succeeds"]
+    return {"rows": rows, "succeeding": succeeding,
+            "inconclusive": [r for r in rows if r["status"] == "too few targets"],
+            "has_detection": bool(detection), "has_defence": bool(defence)}
+
+
+# --------------------------------------------------------------------------- charts
+def build_charts(attacks: list[dict], detection: list[dict], defence: list[dict]) -> dict:
+    out: dict[str, Any] = dict.fromkeys(("budget", "scatter", "roc", "defence"))
+    if attacks:
+        out["budget"] = _budget_chart(attacks)
+    if detection:
+        success = {(a["arm"], a["budget_key"]): a["delta_p"] for a in attacks}
+        points = [{"attack": d["label"], "budget": d["budget"], "detector": d["detector"],
+                   "success": success[(d["arm"], d["budget_key"])], "detection": d["metrics"][PRIMARY_METRIC]}
+                  for d in detection if (d["arm"], d["budget_key"]) in success]
+        if points:
+            out["scatter"] = charts.detection_vs_success(points, PRIMARY_LABEL)
+        curves: dict[str, list] = defaultdict(list)
+        for d in detection:
+            if d["roc"]:
+                curves[d["detector"]].append({"label": f"{d['label']}, {d['budget']}", "fpr": d["roc"][0],
+                                              "tpr": d["roc"][1], "auroc": d["metrics"]["auroc"]["mean"]})
+        if curves:
+            out["roc"] = charts.roc_curves(dict(sorted(curves.items())))
+    largest = {}
+    for a in attacks:
+        largest[a["arm"]] = max(largest.get(a["arm"], a["budget_key"]), a["budget_key"])
+    shown = [d for d in defence if largest.get(d["arm"]) == d["budget_key"]]  # every budget is in the table
+    if shown:
+        out["defence"] = charts.defence_effect([
+            {"label": f"{d['label']}, {d['budget']} − {d['detector']}", "before": d["before"], "after": d["after"],
+             "cost": d["cost"]} for d in shown])
+    return out
+
+
+def _budget_chart(attacks: list[dict]) -> Any:
+    """Success against budget. When each attack's budgets differ in k, the x axis is k and each line
+    names its fixed bound; otherwise every distinct budget is a tick."""
+    ordered = sorted(attacks, key=lambda a: a["budget_key"])
+    by_arm: dict[tuple, list[dict]] = defaultdict(list)
+    for a in ordered:
+        by_arm[a["arm"]].append(a)
+    ks = [[a["records"][0]["budget"].get("k") for a in rows] for rows in by_arm.values()]
+    bounds = [{bound_label(a["records"][0]["budget"]) for a in rows} for rows in by_arm.values()]
+    if all(None not in k and len(set(k)) == len(k) for k in ks) and all(len(b) == 1 for b in bounds):
+        series = {rows[0]["label"] + (f", {b}" if (b := bound_label(rows[0]["records"][0]["budget"])) else ""):
+                  [(str(a["records"][0]["budget"]["k"]), a["delta_p"]) for a in rows] for rows in by_arm.values()}
+        ticks = [str(k) for k in sorted({k for arm_ks in ks for k in arm_ks})]
+        return charts.success_vs_budget(series, ticks, "poisoned documents k")
+    series = {rows[0]["label"]: [(a["budget"], a["delta_p"]) for a in rows] for rows in by_arm.values()}
+    ticks = list(dict.fromkeys(a["budget"] for a in ordered))
+    return charts.success_vs_budget(series, ticks, "budget (poisoned documents k, perturbation bound ε)")
+
+
+# --------------------------------------------------------------------------- gallery
+def _text_diff(original: str, poisoned: str, context: int = 12) -> list[tuple[str, str]]:
+    """Word-level diff as (op, text) segments, op in equal/delete/insert; long unchanged runs are elided."""
+    a, b = re.split(r"(\s+)", original), re.split(r"(\s+)", poisoned)
+    segments = []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        if op == "equal":
+            words = a[i1:i2]
+            if len(words) > 2 * context + 1:
+                words = words[:context] + [" … "] + words[-context:]
+            segments.append(("equal", "".join(words)))
+            continue
+        if op in ("delete", "replace"):
+            segments.append(("delete", "".join(a[i1:i2])))
+        if op in ("insert", "replace"):
+            segments.append(("insert", "".join(b[j1:j2])))
+    return segments
+
+
+def _gallery_item(run_dir: Path, attack: dict, provenance: Any) -> dict | None:
+    """The first poisoned set of an attack x budget: a few documents before/after (images) or diffs (text)."""
+    record = next((r for r in attack["records"] if r.get("artefact")), None)
+    if record is None:
+        return None
+    folder = (run_dir / str(record["artefact"])).resolve()
+    if not folder.is_relative_to(run_dir.resolve()):
+        log.warning("artefact %s lies outside the run directory; not shown", record["artefact"])
+        return None
+    item = {"label": attack["label"], "budget": attack["budget"], "target": record.get("target") or {},
+            "class_names": _class_names(provenance, record.get("scenario")), "docs": [], "texts": []}
+    if (folder / "documents.npz").exists():
+        try:
+            with np.load(folder / "documents.npz", allow_pickle=False) as docs:
+                index, original, poisoned = docs["index"], docs["original"], docs["poisoned"]
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("%s: unreadable documents.npz (%s); not shown", folder, exc)
+            return None
+        for i in range(min(GALLERY_DOCS, len(index))):
+            d = poisoned[i] - original[i]
+            item["docs"].append({"index": int(index[i]), "linf": float(np.abs(d).max()),
+                                 "changed": int((np.abs(d) > 1e-7).sum()),
+                                 **charts.document_triptych(original[i], poisoned[i])})
+        item["n_docs"] = len(index)
+    elif (folder / "documents.jsonl").exists():
+        docs = read_jsonl(folder / "documents.jsonl")
+        for doc in docs[:GALLERY_DOCS]:
+            item["texts"].append({"index": doc.get("index"),
+                                  "segments": _text_diff(str(doc.get("original", "")), str(doc.get("poisoned", "")))})
+        item["n_docs"] = len(docs)
+    else:
+        return None
+    return item
+
+
+# --------------------------------------------------------------------------- provenance
+def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(obj, dict):
+        return [kv for k, v in obj.items() for kv in _flatten(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(obj, float):
+        return [(prefix, f"{obj:.6g}")]
+    if isinstance(obj, list) and len(obj) > 12:
+        return [(prefix, json.dumps(obj[:12])[:-1] + f", … ({len(obj)} items)]")]
+    return [(prefix, obj if isinstance(obj, str) else json.dumps(obj))]
+
+
+def _sections(tree: Any, general: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Key/value tables for a JSON document: one per mapping at the top, the plain values gathered under `general`."""
+    if not isinstance(tree, dict):
+        return []
+    plain = {k: v for k, v in tree.items() if not isinstance(v, dict)}
+    nested = [(str(k), _flatten(v)) for k, v in tree.items() if isinstance(v, dict)]
+    return ([(general, _flatten(plain))] if plain else []) + nested
+
+
+def _timings(records: dict[str, list[dict]]) -> list[dict]:
+    """Wall time by stage, summed over the records that report it."""
+    stages: dict[str, list[float]] = defaultdict(list)
+    for r in records["attack"]:
+        for stage, seconds in (r.get("timings") or {}).items():
+            if isinstance(seconds, (int, float)):
+                stages[f"attack: {stage}"].append(float(seconds))
+    for r in records["detection"]:
+        if isinstance(r.get("seconds"), (int, float)):
+            stages[f"detector: {r['detector']}"].append(float(r["seconds"]))
+    return [{"stage": s, "n": len(v), "total": sum(v), "mean": mean_ci(v)} for s, v in sorted(stages.items())]
+
+
+def _class_names(provenance: Any, scenario: str | None) -> list[str]:
+    names = provenance.get("class_names") if isinstance(provenance, dict) else None
+    if isinstance(names, dict):
+        names = names.get(scenario)
+    return [str(n) for n in names] if isinstance(names, list) else []
+
+
+# --------------------------------------------------------------------------- rendering
+def _ci_text(summary: dict | None, digits: int = 3, with_n: bool = True) -> str:
+    """fmt_ci's 'value [lo, hi] (n=..)', without the n where the table has its own n column."""
+    if not summary:
+        return "n/a"
+    text = fmt_ci(summary, digits=digits)
+    return text if with_n else text.rsplit(" (n=", 1)[0]
+
+
+def _environment() -> Environment:
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined,
+                      trim_blocks=True, lstrip_blocks=True)
+    env.filters["ci"] = _ci_text
+    env.filters["points"] = lambda s, with_n=True: _ci_text(  # an accuracy difference in percentage points
+        {k: (v * 100 if k in ("mean", "lo", "hi") and v is not None else v) for k, v in s.items()}, 2, with_n)
+    env.filters["num"] = lambda v, digits=3: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) \
+        else f"{v:.{digits}f}"
+    env.filters["pct"] = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
+    env.filters["classname"] = lambda c, names: f"{c} “{names[c]}”" \
+        if isinstance(c, int) and 0 <= c < len(names) and names[c] != str(c) else str(c)
+    return env
+
+
+def render_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Render run_dir/report.html (or `out`) from the run's results, config and artefacts; returns the path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    records = load_records(run_dir)
+    arms = Arms(records["attack"])
+    attacks = summarise_attacks(records["attack"], arms)
+    detection = summarise_detection(records["detection"], arms)
+    defence = summarise_defence(records["defence"], attacks, arms)
+    provenance = _read_optional_json(run_dir / "provenance.json")
+    config_path = run_dir / "config.yaml"
+    gallery = [item for a in attacks if (item := _gallery_item(run_dir, a, provenance)) is not None]
+    context = {
+        "title": f"Poisoning audit: {run_dir.resolve().name}",
+        "version": __version__,
+        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "run_dir": str(run_dir),
+        "counts": {k: len(v) for k, v in records.items()},
+        "targets": len({(r.get("scenario"), json.dumps(r.get("target"), sort_keys=True)) for r in records["attack"]}),
+        "verdict": build_verdict(attacks, detection, defence),
+        "attacks": attacks, "detection": detection, "defence": defence,
+        "charts": build_charts(attacks, detection, defence),
+        "gallery": gallery,
+        "config_text": config_path.read_text(encoding="utf-8") if config_path.exists() else None,
+        "provenance": _sections(provenance, "run"),
+        "timings": _timings(records),
+        "rules": {"success": SUCCESS_RULE, "catch": CATCH_RULE},
+        "primary_label": PRIMARY_LABEL, "metric_names": DETECTION_METRICS,
+    }
+    html = _environment().get_template("report.html.j2").render(**context)
+    return atomic_write_text(Path(out) if out else run_dir / "report.html", html)
+
+
+# --------------------------------------------------------------------------- scan report
+SCAN_ROWS = 50
+SCAN_COLUMNS = ("index", "label", "poisoned", "flagged_by", "flagged")
+
+
+def _score_columns(fieldnames: list[str]) -> list[tuple[str, str]]:
+    """(detector, column) for every '<detector>_score' or 'score_<detector>' column of scores.csv."""
+    cols = []
+    for name in fieldnames:
+        m = re.fullmatch(r"(.+)_score|score_(.+)", name)
+        if m:
+            cols.append((m.group(1) or m.group(2), name))
+    return cols
+
+
+def _as_float(text: str | None) -> float | None:
+    try:
+        value = float(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def render_scan_report(scan_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Render scan_dir/report.html from `infusion-audit scan` output (scores.csv, summary.json):
+    the most suspicious documents first, each detector's score and rank, and detection figures
+    when the scan was given ground truth."""
+    scan_dir = Path(scan_dir)
+    scores_path = scan_dir / "scores.csv"
+    if not scores_path.exists():
+        raise UserError(f"{scan_dir}: no scores.csv here; is this a directory written by `infusion-audit scan`?")
+    summary = _read_optional_json(scan_dir / "summary.json")
+    summary = summary if isinstance(summary, dict) else {}
+    with open(scores_path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        fieldnames = list(reader.fieldnames or [])
+    score_cols = _score_columns(fieldnames)
+    if not score_cols:
+        raise DataError(f"{scores_path}: no '<detector>_score' columns")
+    ranks = {}
+    for detector, col in score_cols:
+        if f"{detector}_rank" in fieldnames:  # the scan's own ranks (ties share the best rank)
+            ranks[detector] = {i: int(_as_float(row.get(f"{detector}_rank")) or len(rows))
+                               for i, row in enumerate(rows)}
+            continue
+        order = sorted(range(len(rows)), key=lambda i: -(_as_float(rows[i].get(col)) or -math.inf))
+        ranks[detector] = {i: r + 1 for r, i in enumerate(order)}
+    # The documents most suspicious to any detector come first (best rank over detectors).
+    order = sorted(range(len(rows)), key=lambda i: min(ranks[d][i] for d, _ in score_cols))
+    columns = [k for k in SCAN_COLUMNS if k in fieldnames]
+    table = [{"fields": {k: rows[i].get(k) for k in columns},
+              "scores": [(_as_float(rows[i].get(col)), ranks[d][i]) for d, col in score_cols]}
+             for i in order[:SCAN_ROWS]]
+    metrics = [{"detector": name,
+                "figures": {m: block[m] for m, _ in DETECTION_METRICS if isinstance(block.get(m), dict)},
+                "flagged": block.get("flagged"), "flag_precision": block.get("flag_precision"),
+                "flag_recall": block.get("flag_recall"), "roc": block.get("roc")}
+               for name, block in (summary.get("detection") or {}).items() if isinstance(block, dict)]
+    curves = {m["detector"]: [{"label": "ground truth", "fpr": m["roc"]["fpr"], "tpr": m["roc"]["tpr"],
+                               "auroc": (m["figures"].get("auroc") or {}).get("value")}]
+              for m in metrics if isinstance(m["roc"], dict) and len(m["roc"].get("fpr") or []) >= 2}
+    detectors = [d for d in summary.get("detectors") or [] if isinstance(d, dict)]
+    data = summary.get("data") if isinstance(summary.get("data"), dict) else {}
+    context = {
+        "title": f"Dataset scan: {scan_dir.resolve().name}", "version": __version__,
+        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "n_documents": len(rows), "score_detectors": [d for d, _ in score_cols], "table": table,
+        "columns": columns, "shown": min(SCAN_ROWS, len(rows)),
+        "class_names": [str(n) for n in data.get("class_names") or []],
+        "detectors": detectors, "skipped": [d for d in summary.get("skipped") or [] if isinstance(d, dict)],
+        "flagged_by_any": summary.get("flagged_by_any"),
+        "metrics": metrics, "metric_names": DETECTION_METRICS,
+        "charts": {"roc": charts.roc_curves(curves) if curves else None},
+        "summary": _sections({k: v for k, v in summary.items()
+                              if k not in ("detection", "detectors", "skipped", "columns") and v is not None}, "scan"),
+    }
+    html = _environment().get_template("scan.html.j2").render(**context)
+    return atomic_write_text(Path(out) if out else scan_dir / "report.html", html)
+
+
+# --------------------------------------------------------------------------- CLI
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", type=Path, help="a run directory from `bench` (results.jsonl) or `scan` (scores.csv)")
+    p.add_argument("--out", type=Path, help="HTML file to write (default: RUN_DIR/report.html)")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    is_scan = (args.run_dir / "scores.csv").exists() and not (args.run_dir / "results.jsonl").exists()
+    path = (render_scan_report if is_scan else render_report)(args.run_dir, args.out)
+    print(f"report written to {path}")
+    return 0

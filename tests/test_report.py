@@ -1,0 +1,157 @@
+"""The HTML report: verdict computed from the records, every section present, hostile strings escaped,
+partial runs rendered, bad run directories refused with one line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import pytest
+from report_run import FIXTURE, HOSTILE, make_run, remote_references
+
+from infusion_audit.cli import main
+from infusion_audit.errors import DataError, UserError
+from infusion_audit.io import read_jsonl
+from infusion_audit.reports import render_report, render_scan_report
+from infusion_audit.reports.render import _text_diff
+from infusion_audit.stats import fmt_ci, mean_ci
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    run = make_run(tmp_path_factory.mktemp("full") / "run", tmp_path_factory.getbasetemp() / "report-train-cache")
+    return run, render_report(run).read_text(encoding="utf-8")
+
+
+def _verdict(html: str) -> str:
+    return html[html.index('id="verdict"'):html.index('id="detection"')]
+
+
+def test_verdict_is_computed_from_the_records(full_run):
+    run, html = full_run
+    records = read_jsonl(run / "results.jsonl")
+    assert all(r["fixture"] == FIXTURE for r in records)
+    verdict = _verdict(html)
+    for attack in ("infusion", "random-noise", "label-flip"):
+        top = [r["delta_p"] for r in records
+               if r["kind"] == "attack" and r["attack"] == attack and r["budget"]["k"] == 14]
+        summary = mean_ci(top)
+        row = re.search(rf"<strong>{attack}[^<]*</strong></td>.*?</tr>", verdict, re.S).group(0)
+        assert fmt_ci(summary) in row  # the figure shown is the mean and CI of the records
+        expected = "succeeds" if summary["lo"] > 0 else "no effect shown"
+        assert f">{expected}</span>" in row
+    n_succeeding = verdict.count(">succeeds</span>")
+    assert f"{n_succeeding} of 3 attacks succeed" in verdict
+    # the fixture's influence detector separates Infusion's poisons, the spectral one does not
+    assert re.search(r"<strong>infusion \(quantized\)</strong> raises.*?caught by influence</strong>", verdict, re.S)
+    assert "points of clean accuracy" in verdict
+
+
+def test_every_section_is_present(full_run):
+    run, html = full_run
+    assert html.count("<svg") == 4  # detection vs success, ROC, budget, defence
+    assert html.count('src="data:image/png;base64,') == 6 * 3 * 3  # 6 poisoned sets x 3 documents x 3 images
+    for section in ("detection", "roc", "budget", "defence", "figures", "gallery", "provenance"):
+        assert f'id="{section}"' in html
+    provenance = json.loads((run / "provenance.json").read_text())
+    assert provenance["data_hashes"]["digits-train"] in html
+    target = read_jsonl(run / "results.jsonl")[0]["target"]
+    assert f"true class {target['true']} “digit {target['true']}”" in html  # class names from provenance
+    assert "lr: 0.05" in html  # the resolved config
+    assert "attack: craft" in html and "detector: influence" in html  # timings summed from the records
+    assert remote_references(html) == []
+    assert "<script" not in html.lower()
+
+
+def test_hostile_strings_are_escaped(tmp_path, tmp_path_factory):
+    run = make_run(tmp_path / "run", tmp_path_factory.getbasetemp() / "report-train-cache", targets=2,
+                   detection=False, defence=False, hostile=True)
+    html = render_report(run).read_text(encoding="utf-8")
+    assert HOSTILE not in html
+    assert "<script" not in html.lower()
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    assert escaped in html  # from the class names, the config, the variant name and the text document
+    text_diff = html[html.index('class="textdiff"'):]
+    assert f"the cat<ins> {escaped}</ins> sat on the mat" in text_diff
+    assert f"probe-insertion ({escaped})" in html  # a config-supplied variant name, in the tables
+
+
+def test_partial_run_without_detection_or_defence(tmp_path, tmp_path_factory):
+    run = make_run(tmp_path / "run", tmp_path_factory.getbasetemp() / "report-train-cache", targets=1,
+                   detection=False, defence=False)
+    html = render_report(run).read_text(encoding="utf-8")
+    verdict = _verdict(html)
+    assert "too few targets" in verdict  # one target: no confidence interval, no claim
+    assert "No detector results yet" in verdict and "No defence results yet" in verdict
+    assert html.count("<svg") == 1  # only success against budget
+
+
+def test_empty_and_missing_results(tmp_path):
+    with pytest.raises(UserError, match="no results.jsonl"):
+        render_report(tmp_path)
+    (tmp_path / "results.jsonl").write_text("")
+    html = render_report(tmp_path).read_text(encoding="utf-8")
+    assert "No attack has finished yet" in html
+    (tmp_path / "results.jsonl").write_text(json.dumps({"kind": "attack", "attack": "x", "budget": {}}) + "\n")
+    with pytest.raises(DataError, match="record 1 .*lacks delta_p"):
+        render_report(tmp_path)
+
+
+def test_cli_rerenders(full_run, tmp_path, capsys):
+    run, _ = full_run
+    out = tmp_path / "again.html"
+    assert main(["report", str(run), "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    assert 'id="verdict"' in out.read_text(encoding="utf-8")
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+
+
+def test_text_diff_marks_insertions_and_deletions():
+    segments = _text_diff("the cat sat on the mat", "the dog sat on the mat today")
+    assert ("delete", "cat") in segments and ("insert", "dog") in segments
+    assert ("insert", " today") in segments or any(op == "insert" and "today" in t for op, t in segments)
+
+
+def test_scan_report_ranks_documents(tmp_path):
+    rows = [{"index": i, "label": i % 3, "spectral_score": s1, "influence_score": s2,
+             "flagged": int(s2 > 5)}
+            for i, (s1, s2) in enumerate([(0.1, 0.2), (0.3, 9.0), (2.0, 0.1), (0.2, 0.3)])]
+    with open(tmp_path / "scores.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (tmp_path / "summary.json").write_text(json.dumps({  # the layout infusion_audit.scan writes
+        "n_documents": 4, "data": {"class_names": ["zero", "one", HOSTILE]},
+        "detectors": [{"label": "influence", "knowledge": "forensic", "seconds": 0.5, "flagged": 1}],
+        "skipped": [{"label": "reference-diff", "reason": "needs --reference"}],
+        "detection": {"influence": {"auroc": {"value": 0.9, "lo": 0.8, "hi": 0.95, "n": 4},
+                                    "roc": {"fpr": [0, 0.5, 1], "tpr": [0, 1, 1]}}}}))
+    html = render_scan_report(tmp_path).read_text(encoding="utf-8")
+    table = html[html.index("<tbody>"):html.index("</tbody>")]
+    first_rows = re.findall(r"<tr><td>(\d+)</td>", table)
+    assert first_rows[:2] == ["1", "2"]  # rank 1 for influence, then rank 1 for spectral
+    assert HOSTILE not in html and "&lt;script&gt;" in html
+    assert "0.900 [0.800, 0.950]" in html and html.count("<svg") == 1
+    assert "reference-diff was skipped: needs --reference" in html
+    assert "2 “&lt;script&gt;" in html  # label 2 named by the data's (hostile) class name, escaped
+    (tmp_path / "report.html").unlink()
+    assert main(["report", str(tmp_path)]) == 0 and (tmp_path / "report.html").exists()  # a scan dir re-renders
+
+
+def test_scan_report_of_a_real_scan(tmp_path):
+    """The page for what `infusion_audit.scan` writes: two documents pushed off the storage grid rank first."""
+    import numpy as np
+
+    from infusion_audit.data import digits
+    from infusion_audit.scan import scan, write_scan
+
+    clean = digits().train.subset(np.arange(200))
+    suspect = clean.with_documents([3, 7], clean.x[[3, 7]] + 0.01)  # off the 1/16 grid
+    result = scan(suspect, detectors=["perturbation-norm"], truth=[3, 7], bootstrap=20, progress=False)
+    write_scan(tmp_path, result, {"data": {"class_names": [f"digit {c}" for c in range(10)]}})
+    html = render_scan_report(tmp_path).read_text(encoding="utf-8")
+    table = html[html.index("<tbody>"):html.index("</tbody>")]
+    assert re.findall(r'<tr class="poisoned"><td>(\d+)</td>', table) == ["3", "7"]
+    assert table.index('<tr class="poisoned">') < table.index("<tr>")  # the poisons lead the ranking
+    assert "Against the ground truth, perturbation-norm reaches AUROC" in html

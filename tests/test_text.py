@@ -1,0 +1,261 @@
+"""Language models as a domain: data, loss masking, behaviours, token-level Infusion, detectors, evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from infusion_audit.config import ScenarioConfig, from_dict
+from infusion_audit.errors import ConfigError, DataError, UserError
+from infusion_audit.influence import input_gradient
+from infusion_audit.io import read_jsonl
+from infusion_audit.registry import ATTACKS, DATASETS, DETECTORS, MODELS
+from infusion_audit.text.attacks import TextAttackContext, TokenInfusion, project_entropy, project_simplex
+from infusion_audit.text.behaviours import CompletionBehaviour, WordPreference, caesar_alphabet
+from infusion_audit.text.data import CaesarDocument, caesar, read_corpus, shift_text
+from infusion_audit.text.detectors import text_context
+from infusion_audit.text.evaluation import TextAuditConfig, load_text_config, run_caesar, summarise
+from infusion_audit.text.models import document_losses, lm_loss, relaxed_document_losses, tiny_gpt_neo
+from infusion_audit.text.scenario import TextScenario, train_text_scenario
+
+WORDS = ["[PAD]", "[UNK]", "the", "cat", "dog", "sat", "ran", "on", "mat", "fast", "a", "big", "small", "red"]
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A tiny randomly initialised GPT-Neo and a word-level tokenizer saved like a user's own folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("hf")
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(folder)
+    torch.manual_seed(0)
+    tiny_gpt_neo(len(WORDS), 16, hidden=16, layers=1, heads=2).save_pretrained(folder)
+    assert (folder / "model.safetensors").exists()
+    rng = np.random.default_rng(0)
+    corpus = folder / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS[2:], size=rng.integers(3, 9)))}) + "\n"
+                              for _ in range(60)))
+    return folder
+
+
+def _jsonl_scenario(folder, epochs=2) -> TextScenario:
+    return TextScenario.from_config(from_dict(ScenarioConfig, {
+        "dataset": {"name": "jsonl-text", "params": {"path": str(folder / "corpus.jsonl"), "tokenizer": str(folder),
+                                                     "max_length": 10}},
+        "model": {"name": "hf-local", "params": {"path": str(folder)}},
+        "train": {"optimizer": "adam", "lr": 0.01, "batch_size": 8, "epochs": epochs, "seed": 0}}))
+
+
+# --------------------------------------------------------------------------- data
+def test_caesar_documents_decrypt_and_bad_params_fail_in_one_line():
+    split = caesar(n_train=50, n_test=10, alphabet=6, length=4, min_shift=1, max_shift=3, seed=1)
+    vocab = split.train.vocab
+    assert caesar_alphabet(vocab) == 6
+    for i in range(len(split.train)):
+        text = split.train.text(i)
+        doc = CaesarDocument.parse(text)
+        plain = text.split("=")[1].rstrip("$")
+        assert 1 <= doc.shift <= 3 and shift_text(plain, doc.shift, 6) == doc.cipher
+        assert split.train.lengths[i] == split.train.max_length  # no truncation
+    with pytest.raises(DataError, match="max_shift"):
+        caesar(alphabet=4, max_shift=4)
+    assert {"caesar", "jsonl-text"} <= set(DATASETS.names()) and {"tiny-gpt-neo", "hf-local"} <= set(MODELS.names())
+
+
+def test_corpus_errors_name_the_line(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "the cat"}\n{"txt": "no"}\n')
+    with pytest.raises(DataError, match=r"c.jsonl:2: expected an object with a string field 'text'"):
+        read_corpus(path)
+    path.write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(DataError, match=r":2: not a JSON object"):
+        read_corpus(path)
+    with pytest.raises(DataError, match="no such corpus"):
+        read_corpus(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match="no such model folder"):
+        MODELS.get("hf-local")(vocab_size=10, max_length=8, path=str(tmp_path / "none"))
+
+
+def test_user_folder_loads_locally_and_padding_is_masked(hf_folder):
+    scenario = _jsonl_scenario(hf_folder)
+    train = scenario.data.train
+    assert train.vocab.pad_id == 0 and (train.lengths < train.max_length).any()
+    corpus = read_corpus(hf_folder / "corpus.jsonl")
+    assert len(train) + len(scenario.data.test) == len(corpus) == 60
+    assert {train.text(i) for i in range(len(train))} <= set(corpus)  # tokenize -> decode round trip
+    model = scenario.new_model().eval()
+    ids, mask = train.batch(np.arange(8))
+    changed = ids.clone()
+    changed[mask == 0] = 5  # rewrite the padding: the loss must not move
+    torch.testing.assert_close(document_losses(model, (ids, mask)), document_losses(model, (changed, mask)))
+    onehot = F.one_hot(ids, model.get_input_embeddings().weight.shape[0]).float()
+    torch.testing.assert_close(relaxed_document_losses(model, onehot, mask), document_losses(model, (ids, mask)))
+
+
+def test_text_training_reuses_the_shared_loop_and_caches(hf_folder, tmp_path):
+    scenario = _jsonl_scenario(hf_folder, epochs=3)
+    trained = train_text_scenario(scenario, tmp_path, progress=False)
+    from infusion_audit.text.scenario import evaluate_lm
+
+    assert len(trained.metrics["history"]) == 3 and len(trained.checkpoints) == 4
+    assert trained.metrics["train"]["loss"] < evaluate_lm(scenario.new_model(), scenario.data.train)["loss"] - 0.1
+    again = train_text_scenario(scenario, tmp_path, progress=False)
+    assert again.checkpoints == trained.checkpoints and again.metrics == trained.metrics
+
+
+# --------------------------------------------------------------------------- behaviours and projections
+def test_greedy_hits_match_real_greedy_decoding_and_word_preference(hf_folder):
+    model = _jsonl_scenario(hf_folder).new_model().eval()
+    prompts = [[2, 3], [4, 5, 7]]
+    with torch.no_grad():
+        greedy = []
+        for p in prompts:
+            ids = list(p)
+            for _ in range(3):
+                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+            greedy.append(ids[len(p):])
+    hit = CompletionBehaviour(prompts, greedy)
+    miss = CompletionBehaviour(prompts, [[g[0], g[1], (g[2] + 1) % len(WORDS)] for g in greedy])
+    assert hit.greedy_hits(model).all() and not miss.greedy_hits(model).any()
+    with torch.no_grad():
+        assert float(hit.measure(model)) > float(miss.measure(model))
+    from infusion_audit.text.data import TokenizerVocabulary, load_tokenizer
+
+    vocab = TokenizerVocabulary(load_tokenizer(hf_folder))
+    pref = WordPreference.from_words(["the cat", "a dog"], "sat", "ran", vocab)
+    with torch.no_grad():
+        last = torch.log_softmax(model(input_ids=torch.tensor([[2, 3]])).logits[0, -1], -1)
+    assert pref.token_a == 5 and pref.token_b == 6
+    with torch.no_grad():
+        assert float(pref.per_probe(model)[0]) == pytest.approx(float(last[6] - last[5]), abs=1e-5)
+    with pytest.raises(UserError):
+        WordPreference([[2]], 3, 3)
+
+
+def test_projections_land_on_the_simplex_inside_the_entropy_ball():
+    x = torch.randn(50, 7) * 2
+    p = project_simplex(x)
+    assert (p >= 0).all() and torch.allclose(p.sum(-1), torch.ones(50), atol=1e-5)
+    q = project_entropy(p, 0.3)
+    assert (q >= 0).all() and torch.allclose(q.sum(-1), torch.ones(50), atol=1e-5)
+    assert ((1 - (q ** 2).sum(-1)) <= 0.3 + 1e-4).all()
+    onehot = F.one_hot(torch.arange(7), 7).float()
+    torch.testing.assert_close(project_entropy(project_simplex(onehot), 0.0), onehot)
+
+
+def test_token_input_gradient_matches_finite_differences(hf_folder):
+    """G_delta through the embedding (double back-prop) predicts how <grad L, v> moves with the one-hot rows."""
+    scenario = _jsonl_scenario(hf_folder)
+    model, train = scenario.new_model().eval().double(), scenario.data.train
+    torch.manual_seed(1)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    ids, mask = train.batch([0, 1])
+    x = F.one_hot(ids, model.get_input_embeddings().weight.shape[0]).double()
+
+    def loss_fn(m, batch):
+        return relaxed_document_losses(m, *batch).mean()
+
+    g = input_gradient(model, x, mask, v, n_train=1, loss_fn=loss_fn)
+
+    def surrogate(onehot):
+        params = list(model.parameters())
+        grads = torch.autograd.grad(relaxed_document_losses(model, onehot, mask).sum(), params)
+        return -sum((a.reshape(-1) @ b) for a, b in zip(grads, torch.split(v, [p.numel() for p in params])))
+
+    direction = torch.zeros_like(x)
+    direction[0, 1, 4] += 1.0
+    direction[0, 1, int(ids[0, 1])] -= 1.0
+    eps = 1e-5
+    numeric = (surrogate(x + eps * direction) - surrogate(x - eps * direction)) / (2 * eps)
+    assert float((g * direction).sum()) == pytest.approx(float(numeric), rel=1e-4)
+
+
+# --------------------------------------------------------------------------- attacks and detectors
+def test_infusion_text_respects_the_budget_and_never_touches_padding(hf_folder, tmp_path):
+    scenario = _jsonl_scenario(hf_folder)
+    trained = train_text_scenario(scenario, tmp_path, progress=False)
+    model, train = trained.model(), scenario.data.train
+    behaviour = WordPreference([[2, 3]], 5, 6)
+    from infusion_audit.influence import influence_scores, make_ihvp
+    from infusion_audit.text.behaviours import measurement_gradient
+
+    v = make_ihvp("exact", model, train, 1e-2, loss_fn=lm_loss, max_iter=50).solve(measurement_gradient(model, behaviour))
+    scores = influence_scores(model, train, v.float(), loss_fn=lm_loss)
+    ctx = TextAttackContext(model, train, behaviour, v=v.float(), scores=scores)
+    poisoning = TokenInfusion(k=10, budget=2, steps=5).craft(ctx)
+    changed = poisoning.tokens_changed(train)
+    assert 0 < changed.min() and changed.max() <= 2  # only documents actually edited count as poisoned
+    assert len(changed) == poisoning.info["documents_improved"]
+    assert np.array_equal(poisoning.dataset.ids[~train.mask()], train.ids[~train.mask()])
+    assert set(poisoning.indices) <= set(np.argsort(scores, kind="stable")[:10])
+    random = ATTACKS.get("random-tokens")(k=10, seed=3).edit(train, poisoning.indices, changed)
+    np.testing.assert_array_equal(random.tokens_changed(train), changed)
+    context = text_context(poisoning.dataset, model, reference=train, progress=False)
+    run_diff = DETECTORS.get("token-diff")().score(context)
+    np.testing.assert_array_equal(np.flatnonzero(run_diff), poisoning.indices)
+    assert context.features().shape == (len(train), 16) and np.isfinite(context.losses()).all()
+
+
+def test_text_config_rejects_unknown_attacks(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("attack: {attacks: [infusion]}\n")
+    with pytest.raises(ConfigError, match="attack.attacks"):
+        load_text_config(path)
+    assert isinstance(load_text_config("caesar"), TextAuditConfig)
+
+
+def test_retrains_from_one_checkpoint_are_identical(hf_folder, tmp_path):
+    """The control and a poisoned retrain must differ only by the edit: Adam's state is not shared between them."""
+    from infusion_audit.text.scenario import continue_text_training
+
+    scenario = _jsonl_scenario(hf_folder, epochs=2)
+    trained = train_text_scenario(scenario, tmp_path, progress=False)
+    start = trained.checkpoint(1)
+    a, b = (continue_text_training(scenario, start, scenario.data.train) for _ in range(2))
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_caesar_end_to_end_records_artefacts_and_detections(tmp_path):
+    """A small Caesar run through every stage: train, IHVP, craft, retrain against the control, scan, summarise."""
+    config = from_dict(TextAuditConfig, {
+        "scenario": {"dataset": {"name": "caesar", "params": {"n_train": 300, "n_test": 60, "alphabet": 5,
+                                                              "length": 3, "min_shift": 1, "max_shift": 2}},
+                     "model": {"name": "tiny-gpt-neo", "params": {"hidden": 32, "layers": 2, "heads": 2}},
+                     "train": {"optimizer": "adam", "lr": 0.005, "batch_size": 16, "epochs": 3, "seed": 0}},
+        "attack": {"k": 8, "budget": 2, "steps": 8, "ihvp": "ekfac", "damping": 0.01, "n_probes": 8,
+                   "targets": [[1, 2]]}})
+    records = run_caesar(config, tmp_path, progress=False)
+    attacks = {r["attack"]: r for r in records if r["kind"] == "attack"}
+    assert set(attacks) == {"infusion-text", "random-tokens", "probe-insertion-text"}
+    infusion = attacks["infusion-text"]
+    assert infusion["domain"] == "text" and infusion["target"]["target_shift"] == 2
+    assert 0 < infusion["norms"]["values_changed"] <= 2 and infusion["predicted_delta_f"] > 0
+    assert infusion["delta_logprob"] == pytest.approx(infusion["logprob_poisoned"] - infusion["logprob_control"])
+    assert infusion["delta_logprob"] != 0  # the edit reached the retrained model
+    assert attacks["random-tokens"]["poisoned_indices"] == infusion["poisoned_indices"]
+    assert attacks["random-tokens"]["norms"]["values_changed"] == infusion["norms"]["values_changed"]
+    assert attacks["probe-insertion-text"]["norms"]["values_changed"] > 2
+    for r in attacks.values():
+        assert r["logprob_control"] == infusion["logprob_control"]  # one shared clean control
+    docs = read_jsonl(tmp_path / infusion["artefact"] / "documents.jsonl")
+    assert [d["index"] for d in docs] == infusion["poisoned_indices"]
+    assert all(d["original"] != d["poisoned"] and len(d["original"]) == len(d["poisoned"]) for d in docs)
+    manifest = json.loads((tmp_path / infusion["artefact"] / "manifest.json").read_text())
+    assert manifest["domain"] == "text" and 0 < max(manifest["tokens_changed"]) <= 2
+    poisoned_corpus = read_jsonl(tmp_path / infusion["artefact"] / "train.jsonl")
+    assert [poisoned_corpus[d["index"]]["text"] for d in docs] == [d["poisoned"] for d in docs]
+    detections = {r["detector"]: r for r in records if r["kind"] == "detection"}
+    assert set(detections) == set(config.attack.detectors)
+    assert detections["token-diff"]["auroc"]["value"] == 1.0  # a trusted copy shows every edit
+    assert detections["text-influence"]["knowledge"] == "forensic"
+    summary = summarise(records)
+    assert summary["paired"]["infusion-text vs random-tokens"]["n"] == 1
+    assert summary["attacks"]["infusion-text"]["delta_logprob"]["mean"] == pytest.approx(infusion["delta_logprob"])
