@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from .attacks.base import Attack, AttackContext, accepted_params
+from .attacks.base import Attack, AttackContext, Poisoning, accepted_params
 from .behaviour import Target, measure, sample_targets
 from .config import ScenarioConfig, bounded, to_dict
 from .data import write_poisoned
@@ -30,7 +30,7 @@ from .errors import ConfigError
 from .io import append_jsonl, read_jsonl, stable_hash
 from .registry import ATTACKS
 from .stats import fmt_ci, mean_ci, paired_test, wilson
-from .training import Scenario, accuracy, continue_training, retrain_from_scratch, train_scenario
+from .training import Scenario, TrainedScenario, accuracy, continue_training, retrain_from_scratch, train_scenario
 
 log = logging.getLogger(__name__)
 
@@ -118,45 +118,34 @@ class AttackRunConfig:
 
 
 # --------------------------------------------------------------------------- evaluation
-class AttackEvaluation:
-    """Everything shared by the cells of one scenario: trained checkpoints, the attack context
-    (IHVP solver and per-target caches) and the clean control (target independent, computed once)."""
+class Victim:
+    """A model trained on the (possibly poisoned) set: its own checkpoints, the retrain protocol and
+    its clean control, retrained from the same checkpoint in the same data order (target independent,
+    so computed once). The attacker's model is one victim; transfer runs add others."""
 
-    def __init__(self, config: AttackRunConfig, run_dir: str | Path, progress: bool = True):
-        self.config, self.run_dir, self.progress = config, Path(run_dir), progress
-        self.scenario = Scenario.from_config(config.scenario)
-        self.trained = train_scenario(self.scenario, self.run_dir / "artefacts", progress=progress)
-        proto, last = config.attack.protocol, config.scenario.train.epochs
-        self.attack_epoch = last if proto.attack_epoch is None else proto.attack_epoch
-        self.start_epoch = self.attack_epoch - 1 if proto.start_epoch is None else proto.start_epoch
+    def __init__(self, scenario: Scenario, trained: TrainedScenario, protocol: ProtocolConfig):
+        self.scenario, self.trained, self.protocol = scenario, trained, protocol
+        last = scenario.train_cfg.epochs
+        self.attack_epoch = last if protocol.attack_epoch is None else protocol.attack_epoch
+        self.start_epoch = self.attack_epoch - 1 if protocol.start_epoch is None else protocol.start_epoch
         if not 0 <= self.start_epoch < self.attack_epoch <= last:
             raise ConfigError("<config>", "attack.protocol", f"0 <= start_epoch < attack_epoch <= {last}",
                               (self.start_epoch, self.attack_epoch))
-        infl = config.attack.influence
-        self.context = AttackContext(self.scenario, self.trained, self.attack_epoch, infl.backend, infl.damping,
-                                     cache_dir=self.run_dir / "artefacts")
+        self.before = trained.model(self.attack_epoch)
         self._control: dict | None = None
 
-    # ---- the pieces
-    def targets(self) -> list[Target]:
-        t = self.config.attack.targets
-        return sample_targets(self.scenario.data.test, t.n, t.rule, t.seed)
-
-    def build_attack(self, spec: AttackSpec, seed: int) -> Attack:
-        cls = ATTACKS.get(spec.name)
-        shared = accepted_params(cls, {**to_dict(self.config.attack.budget), "seed": seed})
-        try:
-            return cls(**{**shared, **spec.params})
-        except TypeError as exc:
-            raise ConfigError("<config>", f"attack.attacks: {spec.name}", f"valid params ({exc})") from None
+    @classmethod
+    def train(cls, config: ScenarioConfig, protocol: ProtocolConfig, cache_dir: str | Path,
+              progress: bool = True) -> "Victim":
+        scenario = Scenario.from_config(config)
+        return cls(scenario, train_scenario(scenario, cache_dir, progress=progress), protocol)
 
     def retrain(self, dataset):
         """The protocol's retrain on `dataset` (clean for the control, poisoned otherwise)."""
-        proto = self.config.attack.protocol
-        if proto.kind == "scratch":
+        if self.protocol.kind == "scratch":
             return retrain_from_scratch(self.scenario, dataset)
         return continue_training(self.scenario, self.trained.checkpoint(self.start_epoch), dataset,
-                                 epochs=proto.epochs)
+                                 epochs=self.protocol.epochs)
 
     def control(self) -> dict:
         if self._control is None:
@@ -166,38 +155,98 @@ class AttackEvaluation:
                              "seconds": time.perf_counter() - t0}
         return self._control
 
-    def cell_id(self, spec: AttackSpec, target: Target, seed: int) -> str:
-        attack = self.build_attack(spec, seed)
+
+@dataclass
+class Crafted:
+    """One crafted poisoning and what produced it: the unit every victim is measured on."""
+
+    spec: AttackSpec
+    attack: Attack
+    target: Target
+    seed: int
+    cell: str
+    poisoning: Poisoning
+    poisoned_set: object
+    seconds: float
+    artefact: str | None = None
+
+
+class AttackEvaluation:
+    """Everything shared by the cells of one scenario: trained checkpoints, the attack context
+    (IHVP solver and per-target caches) and the attacker's own model as the first victim."""
+
+    def __init__(self, config: AttackRunConfig, run_dir: str | Path, progress: bool = True):
+        self.config, self.run_dir, self.progress = config, Path(run_dir), progress
+        self.victim = Victim.train(config.scenario, config.attack.protocol, self.run_dir / "artefacts", progress)
+        self.scenario, self.trained = self.victim.scenario, self.victim.trained
+        infl = config.attack.influence
+        self.context = AttackContext(self.scenario, self.trained, self.victim.attack_epoch, infl.backend,
+                                     infl.damping, cache_dir=self.run_dir / "artefacts")
+
+    # ---- the pieces
+    def targets(self) -> list[Target]:
+        t = self.config.attack.targets
+        return sample_targets(self.scenario.data.test, t.n, t.rule, t.seed)
+
+    def build_attack(self, spec: AttackSpec, seed: int, budget: BudgetConfig | None = None) -> Attack:
+        cls = ATTACKS.get(spec.name)
+        shared = accepted_params(cls, {**to_dict(budget or self.config.attack.budget), "seed": seed})
+        try:
+            return cls(**{**shared, **spec.params})
+        except TypeError as exc:
+            raise ConfigError("<config>", f"attack.attacks: {spec.name}", f"valid params ({exc})") from None
+
+    def cell_id(self, spec: AttackSpec, target: Target, seed: int, budget: BudgetConfig | None = None) -> str:
+        attack = self.build_attack(spec, seed, budget)
         return stable_hash({"scenario": self.scenario.fingerprint(), "attack": spec.name,
                             "params": attack.get_params(), "target": target.as_dict(), "seed": seed,
                             "protocol": to_dict(self.config.attack.protocol),
                             "influence": to_dict(self.config.attack.influence)})
 
-    # ---- the unit
-    def run_cell(self, spec: AttackSpec, target: Target, seed: int) -> dict:
-        """Craft one poisoning, retrain, and measure it against the clean control: one attack record."""
-        attack = self.build_attack(spec, seed)
-        cell = self.cell_id(spec, target, seed)
-        clean, test = self.scenario.data.train, self.scenario.data.test
-        x_star = test.batch([target.index])[0][0]
-        control = self.control()
+    def craft(self, spec: AttackSpec, target: Target, seed: int, budget: BudgetConfig | None = None) -> Crafted:
+        """Craft one poisoning on the attacker's model and write it (data + manifest) as an artefact."""
+        attack = self.build_attack(spec, seed, budget)
+        cell = self.cell_id(spec, target, seed, budget)
+        clean = self.scenario.data.train
         t0 = time.perf_counter()
         poisoning = attack.craft(self.context, target)
-        t_craft = time.perf_counter() - t0
-        poisoned_set = poisoning.apply(clean)
+        crafted = Crafted(spec, attack, target, seed, cell, poisoning, poisoning.apply(clean),
+                          time.perf_counter() - t0)
+        if self.config.attack.write_artefacts:
+            rel = Path("artefacts") / "poisoned" / cell
+            write_poisoned(self.run_dir / rel, clean, crafted.poisoned_set, poisoning.indices,
+                           {"attack": spec.name, "variant": self.variant(crafted), "target": target.as_dict(),
+                            "seed": seed, "params": attack.get_params()},
+                           fmt=self.config.attack.format, extra={"cell": cell})
+            crafted.artefact = str(rel)
+        return crafted
+
+    @staticmethod
+    def variant(crafted: Crafted) -> str:
+        return crafted.spec.variant if crafted.spec.variant is not None else crafted.attack.variant()
+
+    # ---- the unit
+    def record(self, crafted: Crafted, victim: Victim | None = None) -> tuple[dict, object]:
+        """Retrain `victim` (default: the attacker's model) on the poisoned set and measure the behaviour
+        against its clean control: one attack record, and the poisoned model for detectors."""
+        victim = victim or self.victim
+        target, poisoning, attack = crafted.target, crafted.poisoning, crafted.attack
+        test = self.scenario.data.test
+        x_star = test.batch([target.index])[0][0]
+        control = victim.control()
         t0 = time.perf_counter()
-        model = self.retrain(poisoned_set)
+        model = victim.retrain(crafted.poisoned_set)
         t_retrain = time.perf_counter() - t0
-        before = measure(self.context.model, x_star, target.cls)
+        before = measure(victim.before, x_star, target.cls)
         ctrl = measure(control["model"], x_star, target.cls)
         after = measure(model, x_star, target.cls)
         params = attack.get_params()
         record = {
-            "kind": "attack", "cell": cell, "scenario": self.scenario.config.dataset.name,
-            "attack": spec.name, "variant": spec.variant if spec.variant is not None else attack.variant(),
+            "kind": "attack", "cell": crafted.cell, "scenario": self.scenario.config.dataset.name,
+            "attack": crafted.spec.name, "variant": self.variant(crafted),
             "budget": {"k": len(poisoning.indices), "eps": params.get("eps"), "norm": params.get("norm"),
                        "quantize": bool(params.get("quantize", False))},
-            "target": target.as_dict(), "seed": seed, "params": params,
+            "target": target.as_dict(), "seed": crafted.seed, "params": params,
             "p_before": before["p"], "p_control": ctrl["p"], "p_poisoned": after["p"],
             "delta_p": after["p"] - ctrl["p"],
             "logodds_control": ctrl["logodds"], "logodds_poisoned": after["logodds"],
@@ -205,21 +254,20 @@ class AttackEvaluation:
             "top1_control": ctrl["top1"], "top1_poisoned": after["top1"],
             "flip": after["top1"] and not ctrl["top1"],
             "acc_control": control["accuracy"], "acc_poisoned": accuracy(model, test),
-            "norms": poisoning.norms(clean), "poisoned_indices": sorted(int(i) for i in poisoning.indices),
-            "artefact": None,
-            "timings": {**poisoning.meta.get("timings", {}), "craft": t_craft, "retrain": t_retrain,
+            "norms": poisoning.norms(self.scenario.data.train),
+            "poisoned_indices": sorted(int(i) for i in poisoning.indices),
+            "artefact": crafted.artefact,
+            "timings": {**poisoning.meta.get("timings", {}), "craft": crafted.seconds, "retrain": t_retrain,
                         "factors_shared": self.context.timings.get("factors", 0.0),
                         "control_shared": control["seconds"]},
         }
         if "predicted_delta_f" in poisoning.meta:
             record["predicted_delta_f"] = poisoning.meta["predicted_delta_f"]
-        if self.config.attack.write_artefacts:
-            rel = Path("artefacts") / "poisoned" / cell
-            write_poisoned(self.run_dir / rel, clean, poisoned_set, poisoning.indices,
-                           {k: record[k] for k in ("attack", "variant", "budget", "target", "seed", "params")},
-                           fmt=self.config.attack.format, extra={"cell": cell})
-            record["artefact"] = str(rel)
-        return record
+        return record, model
+
+    def run_cell(self, spec: AttackSpec, target: Target, seed: int) -> dict:
+        """Craft one poisoning, retrain, and measure it against the clean control: one attack record."""
+        return self.record(self.craft(spec, target, seed))[0]
 
     def cells(self) -> list[tuple[AttackSpec, Target, int]]:
         return [(spec, target, seed) for target in self.targets() for seed in self.config.attack.seeds
