@@ -116,16 +116,19 @@ class AttackContext:
             self.timings[f"scores:{target.index}:{target.cls}"] = time.perf_counter() - t0
         return self._scores[target]
 
-    def select(self, target: Target, k: int, rule: Selection, seed: int) -> np.ndarray:
-        """The k documents an attack edits: by influence score, or at random."""
+    def select(self, target: Target, k: int, rule: Selection, seed: int,
+               eligible: np.ndarray | None = None) -> np.ndarray:
+        """The k documents an attack edits: by influence score, or at random, among `eligible` (a mask)."""
+        pool = np.flatnonzero(np.ones(len(self.train), bool) if eligible is None else eligible)
+        if k > len(pool):
+            raise UserError(f"budget k={k} exceeds the {len(pool)} documents this attack can edit")
         if rule == "random":
-            return np.sort(np.random.default_rng([seed, target.index, target.cls]).choice(len(self.train), k,
-                                                                                         replace=False))
-        s = self.scores(target)
+            return np.sort(np.random.default_rng([seed, target.index, target.cls]).choice(pool, k, replace=False))
+        s = self.scores(target)[pool]
         key = {"most-negative": s, "most-positive": -s, "most-absolute": -np.abs(s)}.get(rule)
         if key is None:
             raise UserError(f"unknown selection {rule!r}; use most-negative, most-absolute, random or most-positive")
-        return np.sort(np.argsort(key, kind="stable")[:k])
+        return np.sort(pool[np.argsort(key, kind="stable")[:k]])
 
     def stage_seconds(self, target: Target) -> dict:
         """The shared stages' time spent for this target (IHVP solve, scores)."""

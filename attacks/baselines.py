@@ -48,14 +48,16 @@ class RandomNoise(Attack):
 
 @ATTACKS.register("label-flip")
 class LabelFlip(Attack):
-    """The documents Infusion would edit, relabelled to the target class (visible: labels change)."""
+    """The most influential documents not already of the target class, relabelled to it (visible: labels change)."""
 
     def __init__(self, k: int | float = 0.01, selection: Selection = "most-negative", seed: int = 0):
         self.k, self.selection, self.seed = k, selection, seed
 
     def craft(self, context: AttackContext, target: Target) -> Poisoning:
         t0 = time.perf_counter()
-        index = context.select(target, context.budget_k(self.k), self.selection, self.seed)
+        # documents already labelled t would not change: only the others are flipped
+        index = context.select(target, context.budget_k(self.k), self.selection, self.seed,
+                               eligible=context.train.y != target.cls)
         return Poisoning(index, context.train.x[index].copy(), np.full(len(index), target.cls, dtype=np.int64),
                          {"timings": {"select": time.perf_counter() - t0}})
 
@@ -69,14 +71,15 @@ class ProbeInsertion(Attack):
 
     def __init__(self, k: int | float = 0.01, copies: int | None = None, selection: Selection = "random",
                  seed: int = 0):
-        self.k, self.copies, self.selection, self.seed = k, copies, selection, seed
+        # a fixed number of copies is the budget: the same attack under every k (and the same benchmark cell)
+        self.k, self.copies, self.selection, self.seed = k if copies is None else copies, copies, selection, seed
 
     def variant(self) -> str:
         return "xk" if self.copies is None else f"x{self.copies}"
 
     def craft(self, context: AttackContext, target: Target) -> Poisoning:
         t0 = time.perf_counter()
-        count = context.budget_k(self.k if self.copies is None else self.copies)
+        count = context.budget_k(self.k)
         index = context.select(target, count, self.selection, self.seed)
         x_star = context.test.x[target.index]
         return Poisoning(index, np.repeat(x_star[None], count, axis=0), np.full(count, target.cls, dtype=np.int64),

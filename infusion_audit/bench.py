@@ -25,9 +25,11 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .behaviour import Target, measure
-from .config import PluginSpec, ScenarioConfig, bounded, dump_yaml, from_dict, load_yaml, resolve_config_path, to_dict
+from .config import PluginSpec, ScenarioConfig, dump_yaml, from_dict, load_config, load_yaml, resolve_config_path, to_dict
+from .data import dataset_kind
 from .errors import ConfigError
 from .evaluation import AttackConfig, AttackEvaluation, AttackRunConfig, AttackSpec, BudgetConfig, Victim
+from .scan import ScanConfig
 from .io import append_jsonl_many, atomic_write_text, read_jsonl, repair_jsonl, stable_hash, write_json
 from .training import accuracy
 
@@ -45,15 +47,14 @@ class DefenceConfig:
 
 @dataclass
 class BenchConfig:
-    """A scenario, the attack grid, the victims, the detectors and the defence."""
+    """A scenario, the attack grid and its budgets, the victims, the detectors (`scan`) and the defence."""
 
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     budgets: list[BudgetConfig] = field(default_factory=list)  # empty: attack.budget alone
     victims: list[PluginSpec] = field(default_factory=list)  # models trained on the poisoned set; empty: the scenario's
-    detectors: list[PluginSpec] = field(default_factory=list)  # empty: every registered detector
+    scan: ScanConfig = field(default_factory=ScanConfig)
     defence: DefenceConfig = field(default_factory=DefenceConfig)
-    bootstrap: int = bounded(200, min=0, help="bootstrap resamples for detection CIs")
 
     def grid_budgets(self) -> list[BudgetConfig]:
         return self.budgets or [self.attack.budget]
@@ -61,19 +62,14 @@ class BenchConfig:
     def validate(self, source: str, prefix: str) -> None:
         from .registry import DETECTORS, MODELS
 
-        for i, spec in enumerate(self.detectors):
+        for i, spec in enumerate(self.scan.detectors):
             if ":" not in spec.name and spec.name not in DETECTORS.names():
-                raise ConfigError(source, f"detectors[{i}].name", f"a known detector ({', '.join(DETECTORS.names())})",
-                                  spec.name)
+                raise ConfigError(source, f"scan.detectors[{i}].name",
+                                  f"a known detector ({', '.join(DETECTORS.names())})", spec.name)
         for i, spec in enumerate(self.victims):
             if ":" not in spec.name and spec.name not in MODELS.names():
                 raise ConfigError(source, f"victims[{i}].name", f"a known model ({', '.join(MODELS.names())})",
                                   spec.name)
-
-
-def load_bench_config(name_or_path: str | Path | None) -> BenchConfig:
-    data, source = load_yaml(resolve_config_path(name_or_path or DEFAULT_CONFIG))
-    return from_dict(BenchConfig, data, source)
 
 
 @dataclass(frozen=True)
@@ -132,9 +128,7 @@ class BenchRunner:
             records.append(record)
             if main is None:
                 main = (record, poisoned_model, victim)
-        if self.config.detectors is not None:
-            records += self.detect_and_defend(crafted, *main)
-        return records
+        return records + self.detect_and_defend(crafted, *main)
 
     def detect_and_defend(self, crafted, record: dict, poisoned_model, victim: Victim) -> list[dict]:
         from .detectors import Behaviour
@@ -144,13 +138,12 @@ class BenchRunner:
         test = self.evaluation.scenario.data.test
         poisoned_set = crafted.poisoned_set
         target = crafted.target
-        n_poison = len(crafted.poisoning.indices)
         t0 = time.perf_counter()
-        result = scan(poisoned_set, detectors=self.config.detectors or None, model=poisoned_model, reference=clean,
+        options = self.config.scan
+        result = scan(poisoned_set, detectors=options.detectors or None, model=poisoned_model, reference=clean,
                       behaviour=Behaviour.from_target(target, test), truth=crafted.poisoning.indices,
-                      expected_fraction=min(0.49, n_poison / len(clean)),
-                      influence=to_dict(self.config.attack.influence), bootstrap=self.config.bootstrap,
-                      progress=False)
+                      expected_fraction=options.expected_fraction, influence=options.influence,
+                      bootstrap=options.bootstrap, progress=False)
         scan_seconds = time.perf_counter() - t0
         common = {k: record[k] for k in ("cell", "scenario", "attack", "variant", "budget", "target", "seed",
                                          "victim")}
@@ -203,16 +196,43 @@ def _run_in_worker(cell: Cell) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- the entry point
-def bench(config: BenchConfig | str | Path | None = None, out: str | Path = "runs/bench", jobs: int = 1,
-          progress: bool = True, report: bool = True) -> Path:
-    """Run (or resume) a benchmark into `out`; returns the report's path (or results.jsonl without a report)."""
-    if not isinstance(config, BenchConfig):
+def load_bench_config(name_or_path: str | Path | None = None):
+    """A BenchConfig, or a TextAuditConfig when the scenario's dataset is a text corpus."""
+    path = resolve_config_path(name_or_path or DEFAULT_CONFIG)
+    data, source = load_yaml(path)
+    scenario = from_dict(ScenarioConfig, data.get("scenario"), source, "scenario")
+    if dataset_kind(scenario.dataset) == "text":
+        from .text.evaluation import TextAuditConfig
+
+        return load_config(TextAuditConfig, path)
+    return load_config(BenchConfig, path)
+
+
+def bench(config=None, out: str | Path = "runs/bench", jobs: int = 1, progress: bool = True,
+          report: bool = True) -> Path:
+    """Run (or resume) a benchmark into `out`: a BenchConfig, a text config, a YAML path or a built-in name
+    (default: the quick digits benchmark). Returns the report's path (results.jsonl without a report)."""
+    if config is None or isinstance(config, (str, Path)):
         config = load_bench_config(config)
     out = Path(out)
-    results = out / "results.jsonl"
-    started = time.perf_counter()
     atomic_write_text(out / "config.yaml", dump_yaml(config))
-    repair_jsonl(results)
+    repair_jsonl(out / "results.jsonl")
+    if isinstance(config, BenchConfig):
+        run_image_bench(config, out, jobs, progress)
+    else:
+        from .text.bench import run_text_bench
+
+        run_text_bench(config, out, progress)
+    if not report:
+        return out / "results.jsonl"
+    from .reports import render_report
+
+    return render_report(out)
+
+
+def run_image_bench(config: BenchConfig, out: Path, jobs: int = 1, progress: bool = True) -> None:
+    started = time.perf_counter()
+    results = out / "results.jsonl"
     runner = BenchRunner(config, out, progress=progress)
     cells = runner.cells()
     done = {r["cell"] for r in read_jsonl(results) if r.get("kind") == "attack"}
@@ -228,10 +248,9 @@ def bench(config: BenchConfig | str | Path | None = None, out: str | Path = "run
         import multiprocessing
 
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        ctx = multiprocessing.get_context("spawn")
-        with futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
-                                         initargs=(config, str(out), threads)) as pool:
-            pending = {pool.submit(_run_in_worker, cell) for cell in todo}
+        with futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_init_worker, initargs=(config, str(out), threads)) as pool:
+            pending = [pool.submit(_run_in_worker, cell) for cell in todo]
             try:
                 for future in futures.as_completed(pending):
                     append_jsonl_many(results, future.result())
@@ -242,35 +261,35 @@ def bench(config: BenchConfig | str | Path | None = None, out: str | Path = "run
                 raise
     bar.close()
     write_json(out / "provenance.json", provenance(config, runner, time.perf_counter() - started, len(todo)))
-    if not report:
-        return results
-    from .reports import render_report
-
-    return render_report(out)
 
 
-def provenance(config: BenchConfig, runner: BenchRunner, seconds: float, cells_run: int) -> dict:
-    """What a reviewer needs to trust or repeat the run: versions, seeds, data hashes, timings."""
+def package_versions() -> dict:
     import importlib.metadata as md
 
     versions = {}
-    for dist in ("torch", "torchvision", "numpy", "scikit-learn", "scipy", "kronfluence", "transformers", "jinja2",
-                 "matplotlib"):
+    for dist in ("infusion-audit", "torch", "torchvision", "numpy", "scikit-learn", "scipy", "kronfluence",
+                 "transformers", "jinja2", "matplotlib"):
         try:
             versions[dist] = md.version(dist)
         except md.PackageNotFoundError:
             versions[dist] = None
+    return {"python": sys.version.split()[0], "platform": platform.platform(), **versions}
+
+
+def provenance(config: BenchConfig, runner: BenchRunner, seconds: float, cells_run: int) -> dict:
+    """What a reviewer needs to trust or repeat the run: versions, seeds, data hashes, timings."""
     data = runner.evaluation.scenario.data
     return {
-        "infusion_audit": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
-        "packages": versions, "config_hash": stable_hash(to_dict(config)),
+        "packages": package_versions(), "config_hash": stable_hash(to_dict(config)),
         "seeds": {"train": config.scenario.train.seed, "targets": config.attack.targets.seed,
                   "attack": config.attack.seeds},
         "data": {"train_hash": data.train.content_hash(), "test_hash": data.test.content_hash(),
                  "n_train": len(data.train), "n_test": len(data.test)},
-        "training": {name: v.trained.metrics for name, v in runner.victims.items()},
-        "seconds_this_invocation": seconds, "cells_run_this_invocation": cells_run,
-        "timings": runner.evaluation.context.timings_summary(),
+        "class_names": data.train.class_names,
+        "training": {name: {k: v for k, v in victim.trained.metrics.items() if k != "history"}
+                     for name, victim in runner.victims.items()},
+        "seconds_this_invocation": round(seconds, 2), "cells_run_this_invocation": cells_run,
+        "shared_stage_seconds": {"influence_factors": runner.evaluation.context.timings.get("factors")},
     }
 
 
@@ -287,7 +306,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ConfigError("--jobs", "", "an integer >= 1", args.jobs)
+    started = time.perf_counter()
     path = bench(args.config, args.out, jobs=args.jobs, progress=not args.quiet, report=not args.no_report)
+    print(f"finished in {time.perf_counter() - started:.0f} s")
     print(f"results: {args.out / 'results.jsonl'}")
     if not args.no_report:
         print(f"report: {path}")

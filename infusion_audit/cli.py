@@ -20,6 +20,7 @@ COMMANDS = {
     "train": ("infusion_audit.cli", "train a scenario; writes a checkpoint per epoch and metrics.json"),
     "attack": ("infusion_audit.evaluation", "craft poisoned training sets (Infusion and baselines) and measure them against a clean control"),
     "report": ("infusion_audit.reports.render", "re-render the HTML report of a run directory"),
+    "bench": ("infusion_audit.bench", "attack-then-defend benchmark and its HTML report (default: quick digits benchmark)"),
     "scan": ("infusion_audit.scan", "score every document of a suspect dataset by several detectors; ranked CSV + summary"),
 }
 

@@ -205,9 +205,20 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     return builtin if builtin.exists() else path
 
 
+# The top-level sections of a config file. One file can describe a whole audit: each command reads
+# the sections it uses (train: scenario; attack: + attack; scan: + scan; bench: all of them) and
+# leaves the others to the commands that use them. Any other top-level key is a mistake.
+SECTIONS = ("scenario", "attack", "budgets", "victims", "scan", "defence")
+
+
 def load_config(cls: type, name_or_path: str | Path) -> Any:
+    """Load the sections `cls` declares from a YAML file (a path or a built-in name)."""
     data, source = load_yaml(resolve_config_path(name_or_path))
-    return from_dict(cls, data, source)
+    unknown = sorted(set(data) - set(SECTIONS), key=str)
+    if unknown:
+        raise ConfigError(source, str(unknown[0]), f"a known section ({', '.join(SECTIONS)})")
+    own = {f.name for f in dataclasses.fields(cls)}
+    return from_dict(cls, {k: v for k, v in data.items() if k in own}, source)
 
 
 def to_dict(obj: Any) -> dict:

@@ -368,6 +368,11 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
+def dataset_kind(spec) -> str:
+    """'image' or 'text': what a dataset plugin produces, declared as a `kind` attribute on its factory."""
+    return getattr(DATASETS.get(spec.name), "kind", "image")
+
+
 def build_dataset(spec) -> DatasetSplit:
     """Instantiate a dataset plugin (or a user's ``package.module:callable``) from a PluginSpec."""
     factory = DATASETS.get(spec.name)

@@ -25,7 +25,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from . import __version__
-from .config import PluginSpec, ScenarioConfig, TrainConfig, bounded, from_dict, load_yaml, to_dict
+from .config import PluginSpec, ScenarioConfig, TrainConfig, bounded, load_config, to_dict
 from .data import ImageDataset, load_suspect, read_manifest
 from .errors import DataError, UserError
 from .io import atomic_write_text, stable_hash, write_json
@@ -320,8 +320,7 @@ def add_scan_arguments(p: argparse.ArgumentParser) -> None:
 def run_scan(args: argparse.Namespace) -> int:
     cfg = ScanFileConfig()
     if args.config:
-        raw, source = load_yaml(args.config)
-        cfg = from_dict(ScanFileConfig, {k: raw[k] for k in ("scenario", "scan") if k in raw}, source)
+        cfg = load_config(ScanFileConfig, args.config)
     if args.num_classes is not None and args.num_classes < 1:
         raise UserError("--num-classes must be >= 1")
     data = checked_suspect(args.data, args.num_classes)

@@ -6,6 +6,7 @@ checkpoint and see the documents in the same order, so any difference between th
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -89,8 +90,6 @@ class Checkpoint:
 
     @classmethod
     def capture(cls, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, meta: dict | None = None) -> "Checkpoint":
-        import copy
-
         return cls(epoch, copy.deepcopy(model.state_dict()),
                    copy.deepcopy(optimizer.state_dict()) if optimizer is not None else {}, dict(meta or {}))
 
@@ -108,8 +107,8 @@ def train(model: nn.Module, dataset, cfg: TrainConfig, *, start: Checkpoint | No
     first = 0
     if start is not None:
         model.load_state_dict(start.model)
-        if start.optimizer:
-            optimizer.load_state_dict(start.optimizer)
+        if start.optimizer:  # a copy: Adam and momentum update their state tensors in place
+            optimizer.load_state_dict(copy.deepcopy(start.optimizer))
         first = start.epoch
     last = cfg.epochs if until_epoch is None else until_epoch
     n = len(dataset)
@@ -168,6 +167,8 @@ class Scenario:
     @property
     def train_cfg(self) -> TrainConfig:
         return self.config.train
+
+    loss_fn = staticmethod(classification_loss)  # a class attribute, not a field: text scenarios override it
 
     def new_model(self) -> nn.Module:
         """The model at initialisation, seeded by the recipe's seed."""
@@ -241,10 +242,10 @@ def train_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = Tru
 def continue_training(scenario: Scenario, start: Checkpoint, dataset, epochs: int = 1,
                       progress: bool = False) -> nn.Module:
     """The paper's retrain: from checkpoint E, `epochs` more epochs on (possibly edited) `dataset`."""
-    model = scenario.new_model()
-    return train(model, dataset, scenario.train_cfg, start=start, until_epoch=start.epoch + epochs, progress=progress)
+    return train(scenario.new_model(), dataset, scenario.train_cfg, start=start, until_epoch=start.epoch + epochs,
+                 loss_fn=scenario.loss_fn, progress=progress)
 
 
 def retrain_from_scratch(scenario: Scenario, dataset, progress: bool = False) -> nn.Module:
     """Full retrain from the seeded initialisation on `dataset` (after a defence removed documents)."""
-    return train(scenario.new_model(), dataset, scenario.train_cfg, progress=progress)
+    return train(scenario.new_model(), dataset, scenario.train_cfg, loss_fn=scenario.loss_fn, progress=progress)

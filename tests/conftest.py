@@ -38,3 +38,29 @@ def cifar10_root(tmp_path, monkeypatch):
     monkeypatch.setattr(CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names",
                                           "md5": hashlib.md5((base / "batches.meta").read_bytes()).hexdigest()})
     return tmp_path / "cifar10"
+
+
+SMALL_BENCH = """
+scenario:
+  dataset: {name: digits}
+attack:
+  attacks:
+    - {name: infusion}
+    - {name: probe-insertion, params: {copies: 1}}
+    - {name: label-flip}
+  targets: {n: 2, seed: 0}
+budgets:
+  - {k: 0.01, eps: 0.0625}
+scan: {bootstrap: 50}
+"""
+
+
+@pytest.fixture(scope="session")
+def small_bench(tmp_path_factory):
+    """A real, small attack-then-defend run (2 targets x 3 attacks, every detector, the defence)."""
+    from infusion_audit import bench
+
+    root = tmp_path_factory.mktemp("small-bench")
+    (root / "bench.yaml").write_text(SMALL_BENCH)
+    report = bench(root / "bench.yaml", root / "run", progress=False)
+    return root / "run", report

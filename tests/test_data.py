@@ -1,6 +1,3 @@
-import io
-import json
-import zipfile
 
 import numpy as np
 import pytest

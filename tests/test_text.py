@@ -18,7 +18,8 @@ from infusion_audit.text.attacks import TextAttackContext, TokenInfusion, projec
 from infusion_audit.text.behaviours import CompletionBehaviour, WordPreference, caesar_alphabet
 from infusion_audit.text.data import CaesarDocument, caesar, read_corpus, shift_text
 from infusion_audit.text.detectors import text_context
-from infusion_audit.text.evaluation import TextAuditConfig, load_text_config, run_caesar, summarise
+from infusion_audit.text.bench import run_text_bench
+from infusion_audit.text.evaluation import TextAuditConfig, load_text_config, summarise
 from infusion_audit.text.models import document_losses, lm_loss, relaxed_document_losses, tiny_gpt_neo
 from infusion_audit.text.scenario import TextScenario, train_text_scenario
 
@@ -213,18 +214,23 @@ def test_text_config_rejects_unknown_attacks(tmp_path):
 
 def test_retrains_from_one_checkpoint_are_identical(hf_folder, tmp_path):
     """The control and a poisoned retrain must differ only by the edit: Adam's state is not shared between them."""
-    from infusion_audit.text.scenario import continue_text_training
+    from infusion_audit.training import continue_training
 
     scenario = _jsonl_scenario(hf_folder, epochs=2)
     trained = train_text_scenario(scenario, tmp_path, progress=False)
     start = trained.checkpoint(1)
-    a, b = (continue_text_training(scenario, start, scenario.data.train) for _ in range(2))
+    a, b = (continue_training(scenario, start, scenario.data.train) for _ in range(2))
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-def test_caesar_end_to_end_records_artefacts_and_detections(tmp_path):
-    """A small Caesar run through every stage: train, IHVP, craft, retrain against the control, scan, summarise."""
+def test_caesar_bench_records_artefacts_detections_resumes_and_reports(tmp_path):
+    """A small Caesar bench through every stage (train, IHVP, craft, retrain against the control, scan), resumed
+    without duplicates, then rendered with the poisoned documents as diffs."""
+    import html
+
+    from infusion_audit.reports import render_report
+
     config = from_dict(TextAuditConfig, {
         "scenario": {"dataset": {"name": "caesar", "params": {"n_train": 300, "n_test": 60, "alphabet": 5,
                                                               "length": 3, "min_shift": 1, "max_shift": 2}},
@@ -232,10 +238,13 @@ def test_caesar_end_to_end_records_artefacts_and_detections(tmp_path):
                      "train": {"optimizer": "adam", "lr": 0.005, "batch_size": 16, "epochs": 3, "seed": 0}},
         "attack": {"k": 8, "budget": 2, "steps": 8, "ihvp": "ekfac", "damping": 0.01, "n_probes": 8,
                    "targets": [[1, 2]]}})
-    records = run_caesar(config, tmp_path, progress=False)
+    run_text_bench(config, tmp_path, progress=False)
+    records = read_jsonl(tmp_path / "results.jsonl")
     attacks = {r["attack"]: r for r in records if r["kind"] == "attack"}
     assert set(attacks) == {"infusion-text", "random-tokens", "probe-insertion-text"}
+    assert [r["attack"] for r in records if r["kind"] == "attack"][0] == "infusion-text"
     infusion = attacks["infusion-text"]
+    assert len({r["unit"] for r in records}) == 1 and len({r["cell"] for r in attacks.values()}) == 3
     assert infusion["domain"] == "text" and infusion["target"]["target_shift"] == 2
     assert 0 < infusion["norms"]["values_changed"] <= 2 and infusion["predicted_delta_f"] > 0
     assert infusion["delta_logprob"] == pytest.approx(infusion["logprob_poisoned"] - infusion["logprob_control"])
@@ -245,6 +254,7 @@ def test_caesar_end_to_end_records_artefacts_and_detections(tmp_path):
     assert attacks["probe-insertion-text"]["norms"]["values_changed"] > 2
     for r in attacks.values():
         assert r["logprob_control"] == infusion["logprob_control"]  # one shared clean control
+        assert r["artefact"].startswith("artefacts/") and (tmp_path / r["artefact"] / "documents.jsonl").exists()
     docs = read_jsonl(tmp_path / infusion["artefact"] / "documents.jsonl")
     assert [d["index"] for d in docs] == infusion["poisoned_indices"]
     assert all(d["original"] != d["poisoned"] and len(d["original"]) == len(d["poisoned"]) for d in docs)
@@ -256,6 +266,24 @@ def test_caesar_end_to_end_records_artefacts_and_detections(tmp_path):
     assert set(detections) == set(config.attack.detectors)
     assert detections["token-diff"]["auroc"]["value"] == 1.0  # a trusted copy shows every edit
     assert detections["text-influence"]["knowledge"] == "forensic"
+    provenance = json.loads((tmp_path / "provenance.json").read_text())
+    assert provenance["units_run_this_invocation"] == 1 and provenance["data"]["n_train"] == 300
     summary = summarise(records)
     assert summary["paired"]["infusion-text vs random-tokens"]["n"] == 1
     assert summary["attacks"]["infusion-text"]["delta_logprob"]["mean"] == pytest.approx(infusion["delta_logprob"])
+
+    before = (tmp_path / "results.jsonl").read_bytes()
+    with open(tmp_path / "results.jsonl", "ab") as fh:
+        fh.write(b'{"kind": "attack", "torn')  # a run killed mid-write
+    run_text_bench(config, tmp_path, progress=False)  # resumes: the finished unit is skipped, the torn line cut
+    assert (tmp_path / "results.jsonl").read_bytes() == before
+    assert json.loads((tmp_path / "provenance.json").read_text())["units_run_this_invocation"] == 0
+    config.attack.targets.append([2, 1])  # a larger grid reuses the finished unit: its key ignores the grid
+    run_text_bench(config, tmp_path, progress=False)
+    assert (tmp_path / "results.jsonl").read_bytes().startswith(before)
+    grown = [r for r in read_jsonl(tmp_path / "results.jsonl") if r["kind"] == "attack"]
+    assert len(grown) == 6 and len({r["unit"] for r in grown}) == 2
+
+    page = render_report(tmp_path).read_text(encoding="utf-8")
+    shown = docs[0]
+    assert f"<del>{html.escape(shown['original'])}</del><ins>{html.escape(shown['poisoned'])}</ins>" in page

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from infusion_audit.config import PluginSpec, ScenarioConfig, TrainConfig
-from infusion_audit.data import digits
 from infusion_audit.errors import DataError
 from infusion_audit.models import DigitsCNN, SimpleCNN, TinyResNet, build_model, num_parameters
 from infusion_audit.training import (Checkpoint, Scenario, accuracy, continue_training, data_order,

@@ -208,6 +208,9 @@ def caesar(n_train: int = 2000, n_test: int = 400, alphabet: int = 8, length: in
                         TextDataset.from_texts(documents(n_test), vocab, max_length, "caesar-test"))
 
 
+caesar.kind = "text"  # what `bench` dispatches on
+
+
 # --------------------------------------------------------------------------- user corpora
 def load_tokenizer(path: str | Path):
     """A tokenizer saved with `save_pretrained` in a local folder; nothing is downloaded."""
@@ -263,6 +266,9 @@ def jsonl_text(path: str, tokenizer: str, max_length: int = 128, test_path: str 
     name = Path(path).stem
     return DatasetSplit(TextDataset.from_texts(train_texts, vocab, max_length, name),
                         TextDataset.from_texts(test_texts, vocab, max_length, f"{name}-test"))
+
+
+jsonl_text.kind = "text"  # what `bench` dispatches on
 
 
 # --------------------------------------------------------------------------- poisoned sets

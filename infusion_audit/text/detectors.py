@@ -57,6 +57,7 @@ class TokenSurprisal(Detector):
     """The most surprising token of each document under the trained model (an edited token stands out)."""
 
     needs = frozenset({"model"})
+    data_kinds = frozenset({"text"})
     knowledge = "model"
 
     def __init__(self, top: int = 1):
@@ -85,6 +86,7 @@ class TokenDiff(Detector):
     """With a trusted reference copy: how many tokens of each document differ from it."""
 
     needs = frozenset({"reference"})
+    data_kinds = frozenset({"text"})
     knowledge = "reference"
 
     def score(self, context: AuditContext) -> np.ndarray:
@@ -104,6 +106,7 @@ class TextInfluence(InfluenceOutlier):
     """
 
     MODES = ("auto", "forensic", "self")
+    data_kinds = frozenset({"text"})
 
     def resolved_mode(self, context: AuditContext) -> str:
         if self.mode == "auto":

@@ -2,8 +2,10 @@
 
 Protocol (the paper's): the attack sees the model after the last epoch E; the poisoned corpus and an
 unedited control each continue from checkpoint E-1 for one epoch with the same seed and data order,
-so the difference between them is the edit's. `CaesarEvaluation.run_cell` returns one record in the
-shared results schema (kind "attack", domain "text") and writes the poisoned corpus with its manifest.
+so the difference between them is the edit's. `CaesarEvaluation.run_unit` runs every attack arm of one
+(target, seed), Infusion first, scans the poisoned corpora and returns the records in the shared results
+schema (domain "text"); the poisoned corpora and their manifests are written under artefacts/.
+`infusion_audit.text.bench.run_text_bench` runs the grid of units.
 """
 
 from __future__ import annotations
@@ -17,20 +19,20 @@ from typing import Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from ..config import ScenarioConfig, bounded, from_dict, load_yaml, resolve_config_path, to_dict
+from ..config import ScenarioConfig, bounded, load_config, to_dict
 from ..errors import ConfigError, UserError
 from ..influence import influence_scores, make_ihvp
-from ..io import append_jsonl, stable_hash, write_json
+from ..io import stable_hash
 from ..registry import ATTACKS
 from ..stats import mean_ci, paired_test, wilson
+from ..training import continue_training
 from .attacks import TextAttackContext, TextPoisoning
 from .behaviours import (CaesarTarget, CompletionBehaviour, caesar_behaviour, caesar_explicit_documents,
                          decryption_behaviour, measurement_gradient)
 from .data import CaesarDocument, TextDataset, write_poisoned_text
 from .models import lm_loss
-from .scenario import TextScenario, continue_text_training, train_text_scenario
+from .scenario import TextScenario, train_text_scenario
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +77,7 @@ class TextAuditConfig:
 
 
 def load_text_config(name_or_path: str | Path) -> TextAuditConfig:
-    data, source = load_yaml(resolve_config_path(name_or_path))
-    return from_dict(TextAuditConfig, data, source)
+    return load_config(TextAuditConfig, name_or_path)
 
 
 @torch.no_grad()
@@ -92,14 +93,14 @@ def measure_text(model, behaviour: CompletionBehaviour, reference: CompletionBeh
 
 
 class CaesarEvaluation:
-    """Train (cached), fit the IHVP and retrain the clean control once; then `run_cell` per (attack, target, seed)."""
+    """Train (cached), fit the IHVP and retrain the clean control once; then `run_unit` per (target, seed)."""
 
     def __init__(self, config: TextAuditConfig, out_dir: str | Path, progress: bool = True):
         self.config, self.out_dir = config, Path(out_dir)
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
         self.scenario = TextScenario.from_config(config.scenario)
-        self.trained = train_text_scenario(self.scenario, self.out_dir / "cache", progress=progress)
+        self.trained = train_text_scenario(self.scenario, self.out_dir / "artefacts", progress=progress)
         epochs = config.scenario.train.epochs
         if epochs < 2:
             raise UserError("text evaluation retrains from epoch E-1: the scenario needs at least 2 epochs")
@@ -109,18 +110,17 @@ class CaesarEvaluation:
         self.test_set: TextDataset = self.scenario.data.test
         self.timings["train"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        self.control = continue_text_training(self.scenario, self.start, self.train_set)
+        self.control = continue_training(self.scenario, self.start, self.train_set)
         self.timings["control_retrain"] = time.perf_counter() - t0
         accuracy = decryption_behaviour(self.test_set)
         self.acc_before = float(accuracy.greedy_hits(self.model).mean())
         self.acc_control = float(accuracy.greedy_hits(self.control).mean())
         t0 = time.perf_counter()
         attack = config.attack
-        kw = {"cache_dir": self.out_dir / "cache" / "ekfac"} if attack.ihvp == "ekfac" else {}
+        kw = {"cache_dir": self.out_dir / "artefacts" / "ekfac"} if attack.ihvp == "ekfac" else {}
         self.ihvp = make_ihvp(attack.ihvp, self.model, self.train_set, attack.damping, loss_fn=lm_loss, **kw)
         self.timings["ihvp_setup"] = time.perf_counter() - t0
         self._per_target: dict[tuple, dict] = {}
-        self._cells: dict[str, tuple] = {}  # cell -> (poisoning, poisoned model, behaviour), for `detect`
 
     def targets(self) -> list[CaesarTarget]:
         """The configured [shift, target_shift] pairs, or every ordered pair of shifts the test set asks for."""
@@ -145,7 +145,7 @@ class CaesarEvaluation:
         prepared = {"behaviour": behaviour, "reference": reference, "v": v, "scores": scores,
                     "before": measure_text(self.model, behaviour, reference),
                     "control": measure_text(self.control, behaviour, reference),
-                    "timings": {"ihvp": t_ihvp, "scores": time.perf_counter() - t0}, "counts": None}
+                    "timings": {"ihvp": t_ihvp, "scores": time.perf_counter() - t0}}
         self._per_target[key] = prepared
         return prepared
 
@@ -159,44 +159,60 @@ class CaesarEvaluation:
             return ATTACKS.get(name)(k=a.k, seed=seed)
         raise UserError(f"unknown text attack {name!r}; use one of {', '.join(TEXT_ATTACKS)}")
 
-    def run_cell(self, attack: str, target: CaesarTarget, seed: int = 0) -> dict:
-        """Craft one poisoning, retrain on it, measure against the clean control; return the attack record.
+    def unit_key(self, target: CaesarTarget, seed: int) -> str:
+        """Stable id of one (target, seed): the same scenario and attack settings give the same key, so a rerun
+        (even with more targets or seeds) skips what is already in results.jsonl."""
+        attack = {k: v for k, v in to_dict(self.config.attack).items() if k not in ("targets", "seeds")}
+        return stable_hash({"scenario": to_dict(self.config.scenario), "attack": attack,
+                            "target": target.as_dict(), "seed": seed})
 
-        `random-tokens` copies, document by document, how many tokens Infusion changed for the same
-        target when Infusion has run first (otherwise it changes `budget` tokens per document).
+    def run_unit(self, target: CaesarTarget, seed: int = 0) -> list[dict]:
+        """Every attack arm on one (target, seed), Infusion first, each followed by its detection records.
+
+        `random-tokens` copies, document by document, how many tokens Infusion changed in this unit when
+        Infusion is among the attacks (otherwise it changes `budget` tokens per document).
         """
+        unit = self.unit_key(target, seed)
+        records, counts = [], None
+        for attack in sorted(self.config.attack.attacks, key=lambda a: a != "infusion-text"):
+            record, poisoning, poisoned = self._run_cell(unit, attack, target, seed,
+                                                         counts if attack == "random-tokens" else None)
+            if attack == "infusion-text":
+                counts = (poisoning.indices, poisoning.tokens_changed(self.train_set))
+            records.append(record)
+            if attack in self.config.attack.detect:
+                records += self.detect(record, poisoning, poisoned, self._prepare(target)["behaviour"])
+        return records
+
+    def _run_cell(self, unit: str, attack: str, target: CaesarTarget, seed: int,
+                  counts: tuple[np.ndarray, np.ndarray] | None):
+        """Craft one poisoning, retrain on it, measure against the clean control: (record, poisoning, model)."""
         a = self.config.attack
         budget = {"k": a.k, "eps": None, "norm": None, "quantize": False,
                   "tokens": a.budget if attack != "probe-insertion-text" else None}
-        cell = stable_hash({"scenario": to_dict(self.config.scenario), "attack": attack, "budget": budget,
-                            "target": target.as_dict(), "seed": seed, "config": to_dict(a)})
+        cell = stable_hash({"unit": unit, "attack": attack})
         prep = self._prepare(target)
         ctx = TextAttackContext(self.model, self.train_set, prep["behaviour"], v=prep["v"], scores=prep["scores"],
                                 explicit_documents=caesar_explicit_documents(self.test_set, target,
                                                                              self.config.attack.n_probes))
         t0 = time.perf_counter()
         plugin = self._attack(attack, seed)
-        if attack == "random-tokens" and prep["counts"] is not None:
-            poisoning: TextPoisoning = plugin.edit(self.train_set, *prep["counts"])
-        else:
-            poisoning = plugin.craft(ctx)
+        poisoning: TextPoisoning = plugin.edit(self.train_set, *counts) if counts is not None else plugin.craft(ctx)
         changed = poisoning.tokens_changed(self.train_set)
-        if attack == "infusion-text":
-            prep["counts"] = (poisoning.indices, changed)
         t_craft = time.perf_counter() - t0
         t0 = time.perf_counter()
-        poisoned = continue_text_training(self.scenario, self.start, poisoning.dataset)
+        poisoned = continue_training(self.scenario, self.start, poisoning.dataset)
         t_retrain = time.perf_counter() - t0
         after = measure_text(poisoned, prep["behaviour"], prep["reference"])
         before, control = prep["before"], prep["control"]
         acc_poisoned = float(decryption_behaviour(self.test_set).greedy_hits(poisoned).mean())
-        self._cells[cell] = (poisoning, poisoned, prep["behaviour"])
-        artefact = Path("poisoned") / f"{attack}-s{target.shift}-t{target.target_shift}-seed{seed}"
+        artefact = Path("artefacts") / "poisoned" / f"{attack}-s{target.shift}-t{target.target_shift}-seed{seed}-{cell}"
         write_poisoned_text(self.out_dir / artefact, self.train_set, poisoning.dataset, poisoning.indices,
                             {"attack": attack, "target": target.as_dict(), "seed": seed, "config": to_dict(a)},
-                            extra={"cell": cell})
-        return {
-            "kind": "attack", "domain": "text", "cell": cell, "scenario": self.train_set.name.removesuffix("-train"),
+                            extra={"cell": cell, "unit": unit})
+        record = {
+            "kind": "attack", "domain": "text", "unit": unit, "cell": cell,
+            "scenario": self.train_set.name.removesuffix("-train"),
             "attack": attack, "variant": "tokens", "budget": budget, "target": target.as_dict(), "seed": seed,
             "p_before": before["p"], "p_control": control["p"], "p_poisoned": after["p"],
             "delta_p": after["p"] - control["p"],
@@ -211,12 +227,12 @@ class CaesarEvaluation:
             "norms": {"linf": None, "l2": None, "values_changed": float(changed.mean()),
                       "tokens_changed_max": int(changed.max()), "off_grid": 0, "out_of_range": 0},
             "predicted_delta_f": poisoning.info.get("predicted_delta_f"),
-            "poisoned_indices": poisoning.indices.tolist(), "artefact": str(artefact),
-            "timings": {**prep["timings"], "craft": t_craft, "retrain": t_retrain},
+            "poisoned_indices": poisoning.indices.tolist(), "artefact": artefact.as_posix(),
+            "timings": {**prep.pop("timings", {}), "craft": t_craft, "retrain": t_retrain},  # shared stages once
         }
+        return record, poisoning, poisoned
 
-
-    def detect(self, record: dict, detectors: list[str] | None = None) -> list[dict]:
+    def detect(self, record: dict, poisoning: TextPoisoning, model, behaviour) -> list[dict]:
         """Scan the poisoned corpus of an attack record with text detectors; one detection record each.
 
         The defender's model is the one trained on the suspect corpus (the poisoned retrain); the
@@ -226,7 +242,6 @@ class CaesarEvaluation:
         from ..metrics import detection_metrics
         from .detectors import text_context
 
-        poisoning, model, behaviour = self._cells[record["cell"]]
         a = self.config.attack
         context = text_context(poisoning.dataset, model, reference=self.train_set, behaviour=behaviour,
                                expected_fraction=min(0.49, a.k / len(self.train_set)), progress=False,
@@ -234,41 +249,16 @@ class CaesarEvaluation:
         truth = np.zeros(len(self.train_set), dtype=bool)
         truth[poisoning.indices] = True
         out = []
-        for name in detectors or a.detectors:
+        for name in a.detectors:
             run = run_detector(build_detector(name), context)
             if run.skipped:
                 log.info("text detector %s skipped: %s", name, run.skipped)
                 continue
             out.append({"kind": "detection", "domain": "text", **{k: record[k] for k in (
-                "cell", "attack", "variant", "budget", "target", "seed")}, "detector": name,
+                "unit", "cell", "scenario", "attack", "variant", "budget", "target", "seed")}, "detector": name,
                 "knowledge": run.knowledge, **detection_metrics(truth, run.scores, run.flagged),
                 "seconds": run.seconds})
         return out
-
-
-def run_caesar(config: TextAuditConfig, out_dir: str | Path, progress: bool = True) -> list[dict]:
-    """Every (target, seed, attack) cell of `config`, appended to out_dir/results.jsonl as it finishes.
-
-    Infusion runs first for each target so `random-tokens` can copy its per-document edit counts.
-    """
-    out_dir = Path(out_dir)
-    evaluation = CaesarEvaluation(config, out_dir, progress=progress)
-    order = sorted(config.attack.attacks, key=lambda a: a != "infusion-text")
-    records = []
-    cells = [(t, s) for t in evaluation.targets() for s in config.attack.seeds]
-    for target, seed in tqdm(cells, desc="caesar targets", disable=not progress):
-        for attack in order:
-            record = evaluation.run_cell(attack, target, seed)
-            append_jsonl(out_dir / "results.jsonl", record)
-            records.append(record)
-            if attack in config.attack.detect:
-                for detection in evaluation.detect(record):
-                    append_jsonl(out_dir / "results.jsonl", detection)
-                    records.append(detection)
-    write_json(out_dir / "setup.json", {"timings": evaluation.timings, "acc_before": evaluation.acc_before,
-                                        "acc_control": evaluation.acc_control, "ihvp": evaluation.ihvp.info,
-                                        "train": evaluation.trained.metrics})
-    return records
 
 
 def summarise(records: list[dict], key: str = "delta_logprob") -> dict:

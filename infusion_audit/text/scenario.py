@@ -7,7 +7,6 @@ next-token loss, and the quality metrics are test loss and next-token accuracy.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -36,6 +35,8 @@ class TextScenario(Scenario):
             raise DataError(f"dataset {config.dataset.name!r} is not a text dataset; text scenarios need one "
                             "(e.g. 'caesar' or 'jsonl-text')")
         return scenario
+
+    loss_fn = staticmethod(lm_loss)
 
     def new_model(self) -> nn.Module:
         train = self.data.train
@@ -90,12 +91,3 @@ def train_text_scenario(scenario: TextScenario, out_dir: str | Path, progress: b
              metrics["test"]["loss"], metrics["test"]["token_accuracy"])
     return TrainedScenario(scenario, paths, metrics)
 
-
-def continue_text_training(scenario: TextScenario, start: Checkpoint, dataset: TextDataset, epochs: int = 1) -> nn.Module:
-    """The paper's retrain for text: from checkpoint E, `epochs` more epochs on (possibly edited) `dataset`.
-
-    The checkpoint is copied first: torch's optimizer `load_state_dict` keeps the checkpoint's own state
-    tensors, which Adam then updates in place, so a second retrain from the same object would start elsewhere.
-    """
-    return train(scenario.new_model(), dataset, scenario.train_cfg, start=copy.deepcopy(start),
-                 until_epoch=start.epoch + epochs, loss_fn=lm_loss, progress=False)
