@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import __version__
 from .behaviour import Target, measure
 from .config import PluginSpec, ScenarioConfig, dump_yaml, from_dict, load_config, load_yaml, resolve_config_path, to_dict
 from .data import dataset_kind
@@ -36,6 +35,7 @@ from .training import accuracy
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = "bench-digits"
+DEFAULT_JOBS = max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass
@@ -167,6 +167,8 @@ class BenchRunner:
                         "removed": int(run.flagged.sum()), "removed_poisons": int((run.flagged & truth).sum()),
                         "p_after": after["p"], "p_control_removed": baseline["p"],
                         "delta_p_after": after["p"] - baseline["p"], "delta_p_before": record["delta_p"],
+                        "delta_logodds_after": after["logodds"] - baseline["logodds"],
+                        "delta_logodds_before": record["delta_logodds"],
                         "flip_after": after["top1"] and not baseline["top1"],
                         "acc_after": accuracy(defended, test), "acc_control": control["accuracy"],
                         "acc_control_removed": accuracy(removed_control, test),
@@ -299,7 +301,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"YAML bench config or a built-in name (default: {DEFAULT_CONFIG}, the quick digits benchmark; "
                         "bench-digits-thorough for more targets)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="run directory (default: runs/bench)")
-    p.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes (default: 1)")
+    p.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
+                   help=f"cells run in parallel processes, one thread each (default: {DEFAULT_JOBS}, this machine's "
+                        "cores up to 4)")
     p.add_argument("--no-report", action="store_true", help="skip rendering report.html")
 
 

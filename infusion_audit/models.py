@@ -87,13 +87,14 @@ class SimpleCNN(FeatureModel):
         self.head = nn.Linear(128, num_classes)
 
 
-def build_model(spec, in_channels: int, num_classes: int) -> nn.Module:
-    """Instantiate a model plugin (or a user's ``package.module:callable``) from a PluginSpec."""
+def build_model(spec, **dims) -> nn.Module:
+    """Instantiate a model plugin (or a user's ``package.module:callable``) from a PluginSpec; `dims` are
+    what the data fixes (images: in_channels, num_classes; text: vocab_size, max_length)."""
     factory = MODELS.get(spec.name)
     try:
-        model = factory(in_channels=in_channels, num_classes=num_classes, **spec.params)
+        model = factory(**dims, **spec.params)
     except TypeError as exc:
-        raise UserError(f"model {spec.name!r}: bad params {spec.params}: {exc}") from None
+        raise UserError(f"model {spec.name!r}: bad params {spec.params} for {dims}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"model {spec.name!r} returned {type(model).__name__}, expected a torch.nn.Module")
     return model

@@ -72,7 +72,8 @@ def train_on_suspect(data: ImageDataset, scenario: ScenarioConfig, cache: Path |
     from .training import Checkpoint, accuracy, seeded_model, train
 
     key = stable_hash({"scenario": to_dict(scenario), "data": data.content_hash()})
-    factory = lambda: build_model(scenario.model, data.input_shape[0], data.num_classes)  # noqa: E731
+    factory = lambda: build_model(scenario.model, in_channels=data.input_shape[0],  # noqa: E731
+                                      num_classes=data.num_classes)
     model = seeded_model(factory, scenario.train.seed)
     if cache is not None and cache.exists():
         ckpt = Checkpoint.load(cache)
@@ -96,7 +97,7 @@ def load_model(path: str | Path, data: ImageDataset, scenario: ScenarioConfig) -
     from .training import Checkpoint
 
     ckpt = Checkpoint.load(path)
-    model = build_model(scenario.model, data.input_shape[0], data.num_classes)
+    model = build_model(scenario.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
     try:
         model.load_state_dict(ckpt.model)
     except (RuntimeError, TypeError, AttributeError) as exc:

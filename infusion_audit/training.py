@@ -173,8 +173,8 @@ class Scenario:
     def new_model(self) -> nn.Module:
         """The model at initialisation, seeded by the recipe's seed."""
         train = self.data.train
-        return seeded_model(lambda: build_model(self.config.model, train.input_shape[0], train.num_classes),
-                            self.config.train.seed)
+        dims = {"in_channels": train.input_shape[0], "num_classes": train.num_classes}
+        return seeded_model(lambda: build_model(self.config.model, **dims), self.config.train.seed)
 
     def model_at(self, checkpoint: Checkpoint) -> nn.Module:
         model = self.new_model()

@@ -46,7 +46,7 @@ def _err(summaries: Sequence[dict], key: str = "mean") -> tuple[np.ndarray, np.n
 
 
 def detection_vs_success(points: Sequence[dict], fpr_label: str) -> Markup:
-    """One point per attack x budget per detector: attack success (mean delta-p) against detection rate.
+    """One point per attack x budget per detector: attack success (mean Δ log-odds) against detection rate.
 
     Each point: {"attack", "budget", "detector", "success": mean_ci summary, "detection": mean_ci summary}.
     """
@@ -65,7 +65,7 @@ def detection_vs_success(points: Sequence[dict], fpr_label: str) -> Markup:
                 ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=MARKERS[di % len(MARKERS)], color=colours(ai % 10),
                             ms=7, capsize=2, lw=0.8, alpha=0.9)
         ax.axvline(0, color="grey", lw=0.8)
-        ax.set_xlabel("attack success: mean Δp (poisoned − clean control), 95% CI")
+        ax.set_xlabel("attack success: mean Δ log-odds of the target (poisoned − clean control), 95% CI")
         ax.set_ylabel(f"detection: {fpr_label}, 95% CI")
         ax.set_ylim(-0.03, 1.03)
         handles = [plt.Line2D([], [], color=colours(i % 10), marker="s", ls="", label=a) for i, a in enumerate(attacks)]
@@ -114,7 +114,7 @@ def roc_curves(curves_by_detector: dict[str, list[dict]]) -> Markup:
 
 
 def success_vs_budget(series: dict[str, list[tuple[str, dict]]], ticks: list[str], xlabel: str) -> Markup:
-    """Mean delta-p with CI against budget, one line per attack: {attack: [(tick, summary), ...]};
+    """Mean Δ log-odds with CI against budget, one line per attack: {attack: [(tick, summary), ...]};
     `ticks` orders the x axis from the smallest budget to the largest."""
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(7.5, 3.8))
@@ -125,14 +125,16 @@ def success_vs_budget(series: dict[str, list[tuple[str, dict]]], ticks: list[str
             ax.errorbar(x, y, yerr=yerr, marker=MARKERS[i % len(MARKERS)], capsize=3, lw=1.2, label=attack)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xticks(range(len(ticks)), ticks, rotation=20 if len(ticks) > 3 else 0)
+        ax.set_xlim(-0.5, len(ticks) - 0.5)  # a single budget keeps the attacks' small offsets small
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("mean Δp, 95% CI")
+        ax.set_ylabel("mean Δ log-odds of the target, 95% CI")
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
         return to_svg(fig)
 
 
-def defence_effect(rows: Sequence[dict]) -> Markup:
-    """Two panels per attack x budget and detector: residual mean delta-p, and the clean-accuracy cost.
+def defence_effect(rows: Sequence[dict], measure: str) -> Markup:
+    """Two panels per attack x budget and detector: the residual mean effect (`measure` names it, e.g.
+    'Δ log-odds'), and the clean-accuracy cost.
 
     Each row: {"label", "before": summary, "after": summary, "cost": summary} (cost in accuracy points, 0..1).
     """
@@ -146,7 +148,7 @@ def defence_effect(rows: Sequence[dict]) -> Markup:
         a1.errorbar(after, y - 0.15, xerr=aerr, fmt="s", color="seagreen", capsize=2, label="after removal + retrain")
         a1.axvline(0, color="grey", lw=0.8)
         a1.set_yticks(y, [r["label"] for r in rows])
-        a1.set_xlabel("mean Δp vs clean control, 95% CI")
+        a1.set_xlabel(f"mean {measure} vs clean control, 95% CI")
         a1.legend(loc="lower right", fontsize=7, frameon=False)
         cost, cerr = _err([r["cost"] for r in rows])
         a2.errorbar(cost * 100, y, xerr=cerr * 100, fmt="D", color="slateblue", capsize=2)

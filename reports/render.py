@@ -36,8 +36,17 @@ PRIMARY_METRIC = "tpr_at_1fpr"
 PRIMARY_LABEL = "TPR at 1% FPR"
 CATCH_RATE = 0.5  # mean TPR at 1% FPR from which a detector is said to catch an attack
 PARTLY_RATE = 0.1
-SUCCESS_RULE = ("an attack succeeds when the 95% confidence interval of its mean Δp (p(target) after poisoning "
-                "minus p(target) of a clean model retrained the same way) lies entirely above 0")
+EFFECT_LABEL = "Δ log-odds"
+SUCCESS_RULE = ("an attack succeeds when the 95% t-interval of its mean Δ log-odds over runs lies entirely above 0; "
+                "Δ log-odds is the log-odds of the target under the model retrained on the poisoned set minus its "
+                "log-odds under a clean control retrained the same way. The mean Δp (the same difference in "
+                "p(target)) is shown beside it: where p(target) under the control is tiny, Δp stays near 0 even "
+                "when the attack multiplies p(target) many times")
+LOGODDS_DEFINITIONS = {  # what `delta_logodds` measures in each domain's attack records
+    "image": "for an image classifier, log-odds = log p(target class | target image) − log(1 − p(target class))",
+    "text": "for a text model, log-odds = the mean over the probe prompts of log p(target completion) − "
+            "log p(correct completion)",
+}
 CATCH_RULE = (f"a detector catches an attack when its mean {PRIMARY_LABEL} is at least {CATCH_RATE:.0%}, "
               f"partly catches it from {PARTLY_RATE:.0%}, and misses it below")
 DETECTION_METRICS = [("auroc", "AUROC"), ("auprc", "AUPRC"), ("tpr_at_1fpr", "TPR@1%FPR"),
@@ -54,10 +63,10 @@ def _budget_key(budget: dict | None) -> tuple:
 
 
 def bound_label(budget: dict | None) -> str:
-    """'L∞ ε=0.25' (or '' for attacks without a perturbation bound)."""
+    """'L∞ ε=0.25', '≤2 tokens per document' for text edits, or '' for attacks without a perturbation bound."""
     b = budget or {}
     if b.get("eps") is None:
-        return ""
+        return f"≤{b['tokens']} tokens per document" if b.get("tokens") is not None else ""
     return {"linf": "L∞ ", "l2": "L2 "}.get(b.get("norm"), "") + f"ε={b['eps']:g}"
 
 
@@ -80,7 +89,8 @@ def load_records(run_dir: Path) -> dict[str, list[dict]]:
     if not path.exists():
         raise UserError(f"{run_dir}: no results.jsonl here; is this a run directory written by `infusion-audit bench`?")
     by_kind: dict[str, list[dict]] = {"attack": [], "detection": [], "defence": []}
-    needs = {"attack": ["attack", "budget", "delta_p"], "detection": ["attack", "budget", "detector", "cell"],
+    needs = {"attack": ["attack", "budget", "delta_p", "delta_logodds"],
+             "detection": ["attack", "budget", "detector", "cell"],
              "defence": ["attack", "budget", "detector", "cell", "delta_p_after", "acc_after", "acc_control"]}
     for i, record in enumerate(read_jsonl(path), start=1):
         kind = record.get("kind") if isinstance(record, dict) else None
@@ -134,28 +144,29 @@ def _rate(records: list[dict], test) -> dict:
     return wilson(sum(1 for r in records if test(r)), len(records))
 
 
-def attack_status(delta: dict) -> str:
-    if delta["n"] < 2 or delta["lo"] is None:
+def attack_status(delta_logodds: dict) -> str:
+    if delta_logodds["n"] < 2 or delta_logodds["lo"] is None:
         return "too few targets"
-    return "succeeds" if delta["lo"] > 0 else "no effect shown"
+    return "succeeds" if delta_logodds["lo"] > 0 else "no effect shown"
 
 
 def summarise_attacks(records: list[dict], arms: Arms) -> list[dict]:
     rows = []
     for key, group in _group(records).items():
         arm, budget = key[:3], group[0]["budget"]
-        delta = mean_ci(_values(group, "delta_p"))
+        delta_logodds = mean_ci(_values(group, "delta_logodds"))
         acc_drop = mean_ci([r["acc_control"] - r["acc_poisoned"] for r in group
                             if r.get("acc_control") is not None and r.get("acc_poisoned") is not None])
         norms = [r.get("norms") or {} for r in group]
         rows.append({
             "arm": arm, "label": arms.label(arm), "budget": budget_label(budget), "budget_key": key[3],
-            "n": len(group), "delta_p": delta, "status": attack_status(delta),
-            "success": _rate(group, lambda r: r["delta_p"] > 0),
+            "n": len(group), "delta_logodds": delta_logodds, "status": attack_status(delta_logodds),
+            "delta_p": mean_ci(_values(group, "delta_p")),
+            "success": _rate(group, lambda r: r["delta_logodds"] > 0),
+            "success_p": _rate(group, lambda r: r["delta_p"] > 0),
             "flip": _rate(group, lambda r: bool(r.get("flip"))),
             "top1": _rate(group, lambda r: bool(r.get("top1_poisoned"))),
             "top1_control": _rate(group, lambda r: bool(r.get("top1_control"))),
-            "delta_logodds": mean_ci(_values(group, "delta_logodds")),
             "p_control": mean_ci(_values(group, "p_control")),
             "p_poisoned": mean_ci(_values(group, "p_poisoned")),
             "acc_drop": acc_drop,
@@ -214,19 +225,31 @@ def summarise_detection(records: list[dict], arms: Arms) -> list[dict]:
     return rows
 
 
-def summarise_defence(records: list[dict], attacks: list[dict], arms: Arms) -> list[dict]:
-    delta_by_cell = {r["cell"]: r["delta_p"] for a in attacks for r in a["records"] if "cell" in r}
+def defence_measure(records: list[dict]) -> str:
+    """The attack field the defence figures compare: delta_logodds when every defence record carries
+    delta_logodds_after, else delta_p (runs written before the bench recorded log-odds), never a mix."""
+    if all(r.get("delta_logodds_after") is not None for r in records):
+        return "delta_logodds"
+    log.warning("defence records without delta_logodds_after: the defence figures use Δp")
+    return "delta_p"
+
+
+def summarise_defence(records: list[dict], attacks: list[dict], arms: Arms, measure: str) -> list[dict]:
+    """Residual effect after removing a detector's flags, on `measure` (see defence_measure), paired by cell."""
+    delta_by_cell = {r["cell"]: r[measure] for a in attacks for r in a["records"] if "cell" in r}
+    after_field = f"{measure}_after"
     rows = []
     for key, group in _group(records, extra="detector").items():
         arm = key[:3]
-        paired = [(delta_by_cell[r["cell"]], r["delta_p_after"]) for r in group if r["cell"] in delta_by_cell]
+        paired = [(delta_by_cell[r["cell"]], r[after_field]) for r in group if r["cell"] in delta_by_cell]
         reduction = paired_test([b for b, _ in paired], [a for _, a in paired]) if paired else None
         rows.append({
             "arm": arm, "label": arms.label(arm), "budget": budget_label(group[0]["budget"]), "budget_key": key[3],
             "detector": key[4], "n": len(group),
             "before": mean_ci([b for b, _ in paired]),
-            "after": mean_ci(_values(group, "delta_p_after")),
-            "residual_success": _rate(group, lambda r: r["delta_p_after"] > 0),
+            "after": mean_ci(_values(group, after_field)),
+            "after_p": mean_ci(_values(group, "delta_p_after")),
+            "residual_success": _rate(group, lambda r: r[after_field] > 0),
             "reduction": reduction,
             "cost": mean_ci([r["acc_control"] - r["acc_after"] for r in group]),
             "removed": mean_ci(_values(group, "removed")),
@@ -253,7 +276,7 @@ def build_verdict(attacks: list[dict], detection: list[dict], defence: list[dict
             "caught_by": [d for d in dets if d["status"] == "caught"], "n_detectors": len(dets), "best": best,
             "defence": best_defence,
         })
-    rows.sort(key=lambda r: (r["status"] != "succeeds", -(r["attack"]["delta_p"]["mean"] or 0)))
+    rows.sort(key=lambda r: (r["status"] != "succeeds", -(r["attack"]["delta_logodds"]["mean"] or 0)))
     succeeding = [r for r in rows if r["status"] == "succeeds"]
     return {"rows": rows, "succeeding": succeeding,
             "inconclusive": [r for r in rows if r["status"] == "too few targets"],
@@ -261,12 +284,12 @@ def build_verdict(attacks: list[dict], detection: list[dict], defence: list[dict
 
 
 # --------------------------------------------------------------------------- charts
-def build_charts(attacks: list[dict], detection: list[dict], defence: list[dict]) -> dict:
+def build_charts(attacks: list[dict], detection: list[dict], defence: list[dict], defence_label: str) -> dict:
     out: dict[str, Any] = dict.fromkeys(("budget", "scatter", "roc", "defence"))
     if attacks:
         out["budget"] = _budget_chart(attacks)
     if detection:
-        success = {(a["arm"], a["budget_key"]): a["delta_p"] for a in attacks}
+        success = {(a["arm"], a["budget_key"]): a["delta_logodds"] for a in attacks}
         points = [{"attack": d["label"], "budget": d["budget"], "detector": d["detector"],
                    "success": success[(d["arm"], d["budget_key"])], "detection": d["metrics"][PRIMARY_METRIC]}
                   for d in detection if (d["arm"], d["budget_key"]) in success]
@@ -286,7 +309,7 @@ def build_charts(attacks: list[dict], detection: list[dict], defence: list[dict]
     if shown:
         out["defence"] = charts.defence_effect([
             {"label": f"{d['label']}, {d['budget']} − {d['detector']}", "before": d["before"], "after": d["after"],
-             "cost": d["cost"]} for d in shown])
+             "cost": d["cost"]} for d in shown], defence_label)
     return out
 
 
@@ -301,30 +324,33 @@ def _budget_chart(attacks: list[dict]) -> Any:
     bounds = [{bound_label(a["records"][0]["budget"]) for a in rows} for rows in by_arm.values()]
     if all(None not in k and len(set(k)) == len(k) for k in ks) and all(len(b) == 1 for b in bounds):
         series = {rows[0]["label"] + (f", {b}" if (b := bound_label(rows[0]["records"][0]["budget"])) else ""):
-                  [(str(a["records"][0]["budget"]["k"]), a["delta_p"]) for a in rows] for rows in by_arm.values()}
+                  [(str(a["records"][0]["budget"]["k"]), a["delta_logodds"]) for a in rows]
+                  for rows in by_arm.values()}
         ticks = [str(k) for k in sorted({k for arm_ks in ks for k in arm_ks})]
         return charts.success_vs_budget(series, ticks, "poisoned documents k")
-    series = {rows[0]["label"]: [(a["budget"], a["delta_p"]) for a in rows] for rows in by_arm.values()}
+    series = {rows[0]["label"]: [(a["budget"], a["delta_logodds"]) for a in rows] for rows in by_arm.values()}
     ticks = list(dict.fromkeys(a["budget"] for a in ordered))
     return charts.success_vs_budget(series, ticks, "budget (poisoned documents k, perturbation bound ε)")
 
 
 # --------------------------------------------------------------------------- gallery
-def _text_diff(original: str, poisoned: str, context: int = 12) -> list[tuple[str, str]]:
-    """Word-level diff as (op, text) segments, op in equal/delete/insert; long unchanged runs are elided."""
-    a, b = re.split(r"(\s+)", original), re.split(r"(\s+)", poisoned)
+def _text_diff(original: str, poisoned: str, context: int = 40) -> list[tuple[str, str]]:
+    """Character-level diff as (op, text) segments, op in equal/delete/insert; long unchanged runs are elided.
+
+    Characters, not words: a token edit inside a document without spaces (a Caesar line) shows as the
+    one or two characters it changed rather than the whole document deleted and re-inserted."""
     segments = []
-    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=original, b=poisoned, autojunk=False).get_opcodes():
         if op == "equal":
-            words = a[i1:i2]
-            if len(words) > 2 * context + 1:
-                words = words[:context] + [" … "] + words[-context:]
-            segments.append(("equal", "".join(words)))
+            text = original[i1:i2]
+            if len(text) > 2 * context + 1:
+                text = text[:context] + " … " + text[-context:]
+            segments.append(("equal", text))
             continue
         if op in ("delete", "replace"):
-            segments.append(("delete", "".join(a[i1:i2])))
+            segments.append(("delete", original[i1:i2]))
         if op in ("insert", "replace"):
-            segments.append(("insert", "".join(b[j1:j2])))
+            segments.append(("insert", poisoned[j1:j2]))
     return segments
 
 
@@ -405,11 +431,26 @@ def _class_names(provenance: Any, scenario: str | None) -> list[str]:
 
 # --------------------------------------------------------------------------- rendering
 def _ci_text(summary: dict | None, digits: int = 3, with_n: bool = True) -> str:
-    """fmt_ci's 'value [lo, hi] (n=..)', without the n where the table has its own n column."""
+    """fmt_ci's 'value [lo, hi] (n=..)', without the n where the table has its own n column; in scientific
+    notation when every nonzero figure is too small for `digits` decimals (Δp of a target the control deems
+    near impossible)."""
     if not summary:
         return "n/a"
+    value = summary.get("mean", summary.get("value", summary.get("rate")))
+    figures = [abs(v) for v in (value, summary.get("lo"), summary.get("hi")) if v is not None]
+    if any(figures) and max(figures) < 0.5 * 10 ** -digits:
+        text = f"{value:.2e}" + (f" [{summary['lo']:.2e}, {summary['hi']:.2e}]" if summary.get("lo") is not None
+                                  else "")
+        return text + (f" (n={summary['n']})" if with_n else "")
     text = fmt_ci(summary, digits=digits)
     return text if with_n else text.rsplit(" (n=", 1)[0]
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    """A figure with `digits` decimals, in scientific notation when nonzero but too small for them."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.2e}" if value and abs(value) < 0.5 * 10 ** -digits else f"{value:.{digits}f}"
 
 
 def _environment() -> Environment:
@@ -418,8 +459,7 @@ def _environment() -> Environment:
     env.filters["ci"] = _ci_text
     env.filters["points"] = lambda s, with_n=True: _ci_text(  # an accuracy difference in percentage points
         {k: (v * 100 if k in ("mean", "lo", "hi") and v is not None else v) for k, v in s.items()}, 2, with_n)
-    env.filters["num"] = lambda v, digits=3: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) \
-        else f"{v:.{digits}f}"
+    env.filters["num"] = _num
     env.filters["pct"] = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
     env.filters["classname"] = lambda c, names: f"{c} “{names[c]}”" \
         if isinstance(c, int) and 0 <= c < len(names) and names[c] != str(c) else str(c)
@@ -435,7 +475,9 @@ def render_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     arms = Arms(records["attack"])
     attacks = summarise_attacks(records["attack"], arms)
     detection = summarise_detection(records["detection"], arms)
-    defence = summarise_defence(records["defence"], attacks, arms)
+    measure = defence_measure(records["defence"])
+    defence_label = EFFECT_LABEL if measure == "delta_logodds" else "Δp"
+    defence = summarise_defence(records["defence"], attacks, arms, measure)
     provenance = _read_optional_json(run_dir / "provenance.json")
     config_path = run_dir / "config.yaml"
     gallery = [item for a in attacks if (item := _gallery_item(run_dir, a, provenance)) is not None]
@@ -448,12 +490,15 @@ def render_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         "targets": len({(r.get("scenario"), json.dumps(r.get("target"), sort_keys=True)) for r in records["attack"]}),
         "verdict": build_verdict(attacks, detection, defence),
         "attacks": attacks, "detection": detection, "defence": defence,
-        "charts": build_charts(attacks, detection, defence),
+        "charts": build_charts(attacks, detection, defence, defence_label),
         "gallery": gallery,
         "config_text": config_path.read_text(encoding="utf-8") if config_path.exists() else None,
         "provenance": _sections(provenance, "run"),
         "timings": _timings(records),
-        "rules": {"success": SUCCESS_RULE, "catch": CATCH_RULE},
+        "rules": {"success": SUCCESS_RULE, "catch": CATCH_RULE,
+                  "logodds": [text for domain, text in LOGODDS_DEFINITIONS.items()
+                              if any(r.get("domain", "image") == domain for r in records["attack"])]},
+        "effect_label": EFFECT_LABEL, "defence_label": defence_label,
         "primary_label": PRIMARY_LABEL, "metric_names": DETECTION_METRICS,
     }
     html = _environment().get_template("report.html.j2").render(**context)

@@ -3,7 +3,8 @@
 Real: the trained digits scenario, its clean test accuracy, each target's p(target) before the
 attack, the poisoned-set artefacts (small random on-grid edits written with `write_poisoned`),
 their norms, and the test accuracy after one epoch of retraining on each poisoned set.
-SYNTHETIC (test fixture only, marked `"fixture"` in every record): the attack effects (delta-p),
+SYNTHETIC (test fixture only, marked `"fixture"` in every record): the attack effects (delta-log-odds, and
+the delta-p that follows from it),
 the detector scores behind the detection records, and the defence outcomes; they are drawn from
 a seeded RNG so that the report has a succeeding and a failing attack, a caught and a missed one.
 """
@@ -25,11 +26,11 @@ from infusion_audit.training import Scenario, accuracy, continue_training, predi
 
 FIXTURE = "synthetic numbers written by tests/report_run.py, not measured"
 HOSTILE = "<script>alert(1)</script>"
-# attack -> (variant, mean delta-p per budget step, per-detector separation of poison scores)
+# attack -> (variant, mean delta-log-odds per budget step, per-detector separation of poison scores)
 ATTACKS = {
-    "infusion": ("quantized", [0.08, 0.16], {"spectral": 0.5, "influence": 4.0}),
+    "infusion": ("quantized", [1.0, 2.0], {"spectral": 0.5, "influence": 4.0}),
     "random-noise": ("", [0.0, 0.0], {"spectral": 0.3, "influence": 0.2}),
-    "label-flip": ("", [0.01, 0.03], {"spectral": 3.5, "influence": 2.5}),
+    "label-flip": ("", [0.1, 0.3], {"spectral": 3.5, "influence": 2.5}),
 }
 BUDGETS = [{"k": 7, "eps": 0.25, "norm": "linf", "quantize": True},
            {"k": 14, "eps": 0.25, "norm": "linf", "quantize": True}]
@@ -68,6 +69,14 @@ def _detection_metrics(scores: np.ndarray, is_poison: np.ndarray) -> dict:
         "flag_recall": float(flagged[is_poison].mean()),
         "roc": {"fpr": fpr[pick].tolist(), "tpr": tpr[pick].tolist()},
     }
+
+
+def logit(p: float) -> float:
+    return float(np.log(p) - np.log1p(-p))
+
+
+def sigmoid(logodds: float) -> float:
+    return float(1 / (1 + np.exp(-logodds)))
 
 
 def _as_value(rate: dict) -> dict:
@@ -115,18 +124,18 @@ def make_run(run_dir: Path, cache_dir: Path, *, targets: int = 4, detection: boo
             for t in range(targets):
                 true = int(test.y[t])
                 target_class = int(torch.argsort(proba[t])[-2])  # the runner-up class: a plausible target
-                p_before = float(proba[t, target_class])
-                delta_p = float(np.clip(rng.normal(effect, 0.03), -p_before, 1 - p_before))
-                p_poisoned = min(1.0, p_before + max(delta_p, 0.0))
-                p_control = p_poisoned - delta_p
+                p_before = p_control = float(proba[t, target_class])  # retrained on clean data: no change
+                delta_logodds = float(rng.normal(effect, 0.3))
+                p_poisoned = sigmoid(logit(p_control) + delta_logodds)
+                delta_p = p_poisoned - p_control
                 cell = stable_hash([attack, variant, budget, t, 0])
-                logit = lambda p: float(np.log(max(p, 1e-9) / max(1 - p, 1e-9)))  # noqa: E731
                 append_jsonl(results, {
                     "kind": "attack", "fixture": FIXTURE, "cell": cell, "scenario": "digits", "attack": attack,
                     "variant": variant, "budget": budget, "target": {"index": t, "true": true, "class": target_class},
                     "seed": 0, "p_before": p_before, "p_control": p_control, "p_poisoned": p_poisoned,
-                    "delta_p": delta_p, "logodds_control": logit(p_control), "logodds_poisoned": logit(p_poisoned),
-                    "delta_logodds": logit(p_poisoned) - logit(p_control), "top1_control": False,
+                    "delta_p": delta_p, "logodds_control": logit(p_control),
+                    "logodds_poisoned": logit(p_control) + delta_logodds, "delta_logodds": delta_logodds,
+                    "top1_control": False,
                     "top1_poisoned": p_poisoned > 0.5, "flip": p_poisoned > 0.5, "acc_control": acc_control,
                     "acc_poisoned": acc_poisoned,
                     "norms": {"linf": float(np.abs(delta).max(1).mean()),
@@ -148,11 +157,14 @@ def make_run(run_dir: Path, cache_dir: Path, *, targets: int = 4, detection: boo
                                                **_detection_metrics(scores, is_poison)})
                     if defence:
                         caught = min(1.0, sep / 4)
+                        delta_logodds_after = delta_logodds * (1 - caught) + float(rng.normal(0, 0.05))
+                        p_after = sigmoid(logit(p_control) + delta_logodds_after)
                         append_jsonl(results, {"kind": "defence", **common, "detector": detector,
                                                "removed": int(0.05 * len(clean)),
                                                "removed_poisons": int(round(caught * k)),
-                                               "p_after": p_control + delta_p * (1 - caught),
-                                               "delta_p_after": delta_p * (1 - caught) + rng.normal(0, 0.005),
+                                               "p_after": p_after, "delta_p_after": p_after - p_control,
+                                               "delta_p_before": delta_p, "delta_logodds_after": delta_logodds_after,
+                                               "delta_logodds_before": delta_logodds,
                                                "acc_after": acc_control - abs(rng.normal(0.004, 0.002)),
                                                "acc_control": acc_control})
     if hostile:
@@ -163,6 +175,7 @@ def make_run(run_dir: Path, cache_dir: Path, *, targets: int = 4, detection: boo
                                "attack": "probe-insertion", "variant": HOSTILE, "domain": "text",
                                "budget": {"k": 1, "eps": None, "norm": None, "quantize": False},
                                "target": {"index": 3, "true": 3, "class": 3}, "seed": 0, "delta_p": 0.01,
+                               "delta_logodds": 0.5,
                                "artefact": "artefacts/text-probe"})
     return run_dir
 

@@ -7,12 +7,13 @@ import csv
 import json
 import re
 
+import numpy as np
 import pytest
 from report_run import FIXTURE, HOSTILE, make_run, remote_references
 
 from infusion_audit.cli import main
 from infusion_audit.errors import DataError, UserError
-from infusion_audit.io import read_jsonl
+from infusion_audit.io import append_jsonl, read_jsonl
 from infusion_audit.reports import render_report, render_scan_report
 from infusion_audit.reports.render import _text_diff
 from infusion_audit.stats import fmt_ci, mean_ci
@@ -34,18 +35,20 @@ def test_verdict_is_computed_from_the_records(full_run):
     assert all(r["fixture"] == FIXTURE for r in records)
     verdict = _verdict(html)
     for attack in ("infusion", "random-noise", "label-flip"):
-        top = [r["delta_p"] for r in records
-               if r["kind"] == "attack" and r["attack"] == attack and r["budget"]["k"] == 14]
-        summary = mean_ci(top)
+        top = [r for r in records if r["kind"] == "attack" and r["attack"] == attack and r["budget"]["k"] == 14]
+        summary = mean_ci([r["delta_logodds"] for r in top])
         row = re.search(rf"<strong>{attack}[^<]*</strong></td>.*?</tr>", verdict, re.S).group(0)
-        assert fmt_ci(summary) in row  # the figure shown is the mean and CI of the records
+        assert fmt_ci(summary) in row  # the figure judged is the mean and CI of the records' delta log-odds
+        delta_p = mean_ci([r["delta_p"] for r in top])["mean"]  # shown beside it, too small for 3 decimals: 1e-4
+        assert (f"{delta_p:.3f}" if abs(delta_p) >= 5e-4 else f"{delta_p:.2e}") in row
         expected = "succeeds" if summary["lo"] > 0 else "no effect shown"
         assert f">{expected}</span>" in row
     n_succeeding = verdict.count(">succeeds</span>")
     assert f"{n_succeeding} of 3 attacks succeed" in verdict
     # the fixture's influence detector separates Infusion's poisons, the spectral one does not
-    assert re.search(r"<strong>infusion \(quantized\)</strong> raises.*?caught by influence</strong>", verdict, re.S)
-    assert "points of clean accuracy" in verdict
+    assert re.search(r"<strong>infusion \(quantized\)</strong> raises the log-odds of the target by .*? \(mean Δp "
+                     r".*?caught by influence</strong>", verdict, re.S)
+    assert "retraining leaves Δ log-odds" in verdict and "points of clean accuracy" in verdict
 
 
 def test_every_section_is_present(full_run):
@@ -107,10 +110,44 @@ def test_cli_rerenders(full_run, tmp_path, capsys):
     assert main(["report", str(tmp_path / "nowhere")]) == 2
 
 
-def test_text_diff_marks_insertions_and_deletions():
+def test_text_diff_marks_the_changed_characters():
     segments = _text_diff("the cat sat on the mat", "the dog sat on the mat today")
-    assert ("delete", "cat") in segments and ("insert", "dog") in segments
-    assert ("insert", " today") in segments or any(op == "insert" and "today" in t for op, t in segments)
+    assert ("delete", "cat") in segments and ("insert", "dog") in segments and ("insert", " today") in segments
+    # a Caesar document has no spaces: the diff shows the two edited characters, not the whole line replaced
+    assert _text_diff("^3:gadbff=dfagcc$", "^1:=adbff=dfagcc$") == [
+        ("equal", "^"), ("delete", "3"), ("insert", "1"), ("equal", ":"), ("delete", "g"), ("insert", "="),
+        ("equal", "adbff=dfagcc$")]
+    long = "a" * 100 + "b" + "c" * 100
+    assert _text_diff(long, long.replace("b", "x")) == [("equal", "a" * 40 + " … " + "a" * 40), ("delete", "b"),
+                                                       ("insert", "x"), ("equal", "c" * 40 + " … " + "c" * 40)]
+
+
+def test_tiny_target_probability_is_judged_on_log_odds(tmp_path):
+    """The case the log-odds measure exists for: the control gives the target ~1e-13, poisoning multiplies it by
+    ~100, so Δp is ~1e-11 (a CI around it says nothing) while Δ log-odds is ~4.6 in every run. Defence records
+    without delta_logodds_after (older bench runs) are compared on Δp throughout, never mixed."""
+    budget = {"k": 4, "eps": None, "norm": None, "quantize": False, "tokens": 2}
+    for i, factor in enumerate([80.0, 100.0, 120.0]):
+        p_control = 1e-13 * (i + 1)
+        p_poisoned = p_control * factor
+        common = {"cell": f"c{i}", "scenario": "caesar", "attack": "infusion-text", "variant": "tokens",
+                  "budget": budget, "target": {"index": i, "true": 1, "class": 2}, "seed": 0}
+        append_jsonl(tmp_path / "results.jsonl", {
+            "kind": "attack", **common, "domain": "text", "p_control": p_control, "p_poisoned": p_poisoned,
+            "delta_p": p_poisoned - p_control, "delta_logodds": float(np.log(factor))})
+        append_jsonl(tmp_path / "results.jsonl", {
+            "kind": "defence", **common, "detector": "token-diff", "removed": 4, "removed_poisons": 4,
+            "delta_p_after": 0.0, "acc_after": 1.0, "acc_control": 1.0})
+    html = render_report(tmp_path).read_text(encoding="utf-8")
+    verdict = _verdict(html)
+    assert "1 of 1 attacks succeed" in verdict and ">succeeds</span>" in verdict
+    assert f"raises the log-odds of the target by {np.log([80, 100, 120]).mean():.2f} [" in verdict
+    assert re.search(r"\(mean Δp 2\.\d\de-11 \[", verdict)  # tiny figures in scientific notation, not 0.000
+    assert "≤2 tokens per document" in verdict
+    assert "log p(target completion) − log p(correct completion)" in verdict  # the text definition only
+    assert "log p(target class | target image)" not in verdict
+    defence = html[html.index("<h3>Defences</h3>"):html.index('id="gallery"')]
+    assert "<th>Δp before</th><th>Δp after</th>" in defence and "Δ log-odds" not in defence
 
 
 def test_scan_report_ranks_documents(tmp_path):
@@ -141,8 +178,6 @@ def test_scan_report_ranks_documents(tmp_path):
 
 def test_scan_report_of_a_real_scan(tmp_path):
     """The page for what `infusion_audit.scan` writes: two documents pushed off the storage grid rank first."""
-    import numpy as np
-
     from infusion_audit.data import digits
     from infusion_audit.scan import scan, write_scan
 

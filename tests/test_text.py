@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from infusion_audit.reports.render import _text_diff
 
 from infusion_audit.config import ScenarioConfig, from_dict
 from infusion_audit.errors import ConfigError, DataError, UserError
@@ -16,9 +17,9 @@ from infusion_audit.io import read_jsonl
 from infusion_audit.registry import ATTACKS, DATASETS, DETECTORS, MODELS
 from infusion_audit.text.attacks import TextAttackContext, TokenInfusion, project_entropy, project_simplex
 from infusion_audit.text.behaviours import CompletionBehaviour, WordPreference, caesar_alphabet
+from infusion_audit.text.bench import run_text_bench
 from infusion_audit.text.data import CaesarDocument, caesar, read_corpus, shift_text
 from infusion_audit.text.detectors import text_context
-from infusion_audit.text.bench import run_text_bench
 from infusion_audit.text.evaluation import TextAuditConfig, load_text_config, summarise
 from infusion_audit.text.models import document_losses, lm_loss, relaxed_document_losses, tiny_gpt_neo
 from infusion_audit.text.scenario import TextScenario, train_text_scenario
@@ -286,4 +287,5 @@ def test_caesar_bench_records_artefacts_detections_resumes_and_reports(tmp_path)
 
     page = render_report(tmp_path).read_text(encoding="utf-8")
     shown = docs[0]
-    assert f"<del>{html.escape(shown['original'])}</del><ins>{html.escape(shown['poisoned'])}</ins>" in page
+    changed = [text for op, text in _text_diff(shown["original"], shown["poisoned"]) if op == "insert"]
+    assert changed and all(f"<ins>{html.escape(text)}</ins>" in page for text in changed)  # the edit, escaped

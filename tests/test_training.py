@@ -92,7 +92,7 @@ def test_user_model_factory(tmp_path, monkeypatch):
         "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_channels * 64, hidden),\n"
         "                               torch.nn.ReLU(), torch.nn.Linear(hidden, num_classes))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    model = build_model(PluginSpec("teammodel:make", {"hidden": 5}), 1, 10)
+    model = build_model(PluginSpec("teammodel:make", {"hidden": 5}), in_channels=1, num_classes=10)
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 

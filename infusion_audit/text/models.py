@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DataError, UserError
+from ..models import build_model
 from ..registry import MODELS
 
 
@@ -54,13 +55,9 @@ def hf_local(vocab_size: int, max_length: int, path: str) -> nn.Module:
 
 
 def build_text_model(spec, vocab_size: int, max_length: int) -> nn.Module:
-    """Instantiate a text model plugin (or a user's ``package.module:callable``) from a PluginSpec."""
-    factory = MODELS.get(spec.name)
-    try:
-        model = factory(vocab_size=vocab_size, max_length=max_length, **spec.params)
-    except TypeError as exc:
-        raise UserError(f"model {spec.name!r}: bad params {spec.params} for a text model: {exc}") from None
-    if not isinstance(model, nn.Module) or not hasattr(model, "get_input_embeddings"):
+    """A text model plugin (or a user's ``package.module:callable``): a transformers causal LM."""
+    model = build_model(spec, vocab_size=vocab_size, max_length=max_length)
+    if not hasattr(model, "get_input_embeddings"):
         raise UserError(f"model {spec.name!r} returned {type(model).__name__}, expected a transformers causal LM")
     return model
 
