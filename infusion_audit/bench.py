@@ -155,11 +155,11 @@ class BenchRunner:
                         "context_seconds": scan_seconds})
             if not self.config.defence.enabled:
                 continue
-            keep = np.flatnonzero(~run.flagged)
+            flagged = np.flatnonzero(run.flagged)
             t1 = time.perf_counter()
-            defended = victim.retrain(poisoned_set.subset(keep))
+            defended = victim.retrain(poisoned_set.without(flagged))
             # the same documents removed from the clean set: what is left is the attack's, not the removal's
-            removed_control = victim.retrain(clean.subset(keep))
+            removed_control = victim.retrain(clean.without(flagged))
             after, baseline = measure(defended, x_star, target.cls), measure(removed_control, x_star, target.cls)
             truth = np.zeros(len(clean), dtype=bool)
             truth[crafted.poisoning.indices] = True

@@ -41,6 +41,8 @@ class ImageDataset:
     grid: float | None = None
     name: str = "images"
     class_names: list[str] = field(default_factory=list)
+    # (size of the parent, positions kept) when documents were removed: training replays the parent's order
+    parent_positions: tuple[int, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         self.x = np.ascontiguousarray(self.x, dtype=np.float32)
@@ -65,6 +67,11 @@ class ImageDataset:
     def subset(self, index: np.ndarray | Sequence[int]) -> "ImageDataset":
         index = np.asarray(index, dtype=np.int64)
         return replace(self, x=self.x[index], y=self.y[index])
+
+    def without(self, index: np.ndarray | Sequence[int]) -> "ImageDataset":
+        """The dataset with documents `index` removed (a defence): same order as this one, minus them."""
+        keep = np.setdiff1d(np.arange(len(self)), np.asarray(index, dtype=np.int64))
+        return replace(self, x=self.x[keep], y=self.y[keep], parent_positions=(len(self), keep))
 
     def with_documents(self, index: Sequence[int], x: np.ndarray, y: np.ndarray | None = None) -> "ImageDataset":
         """A copy with documents `index` replaced (same size and order: the retrain replays the same order)."""

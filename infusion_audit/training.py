@@ -42,6 +42,19 @@ def data_order(n: int, cfg: TrainConfig, epoch: int) -> np.ndarray:
     return np.random.default_rng([cfg.seed, epoch]).permutation(n)
 
 
+def epoch_order(dataset, cfg: TrainConfig, epoch: int) -> np.ndarray:
+    """`data_order` for `dataset`. A dataset with documents removed replays its parent's order skipping
+    them, so a retrain after a defence differs from the full retrain only by what was removed."""
+    parent = getattr(dataset, "parent_positions", None)
+    if parent is None:
+        return data_order(len(dataset), cfg, epoch)
+    n_parent, kept = parent
+    position = np.full(n_parent, -1)
+    position[kept] = np.arange(len(kept))
+    order = position[data_order(n_parent, cfg, epoch)]
+    return order[order >= 0]
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -119,7 +132,7 @@ def train(model: nn.Module, dataset, cfg: TrainConfig, *, start: Checkpoint | No
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, epoch)
         model.train()
-        order = data_order(n, cfg, epoch)
+        order = epoch_order(dataset, cfg, epoch)
         total = 0.0
         for s in range(steps):
             batch = dataset.batch(order[s * cfg.batch_size:(s + 1) * cfg.batch_size], device)

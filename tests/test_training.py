@@ -7,10 +7,19 @@ import pytest
 import torch
 
 from infusion_audit.config import PluginSpec, ScenarioConfig, TrainConfig
+from infusion_audit.data import digits
 from infusion_audit.errors import DataError
 from infusion_audit.models import DigitsCNN, SimpleCNN, TinyResNet, build_model, num_parameters
-from infusion_audit.training import (Checkpoint, Scenario, accuracy, continue_training, data_order,
-                                     retrain_from_scratch, train_scenario)
+from infusion_audit.training import (
+    Checkpoint,
+    Scenario,
+    accuracy,
+    continue_training,
+    data_order,
+    epoch_order,
+    retrain_from_scratch,
+    train_scenario,
+)
 
 
 def test_paper_architectures():
@@ -20,6 +29,18 @@ def test_paper_architectures():
     for model in (TinyResNet(), SimpleCNN()):
         assert model(x).shape == (2, 10) and model.features(x).shape == (2, 128)
     assert DigitsCNN()(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_removing_documents_keeps_the_order_of_the_rest():
+    ds = digits().train.subset(range(40))
+    cfg = TrainConfig(order="reshuffle", seed=1)
+    removed = [3, 17, 30]
+    smaller = ds.without(removed)
+    full = epoch_order(ds, cfg, 2)
+    kept_in_order = [i for i in full if i not in removed]
+    # positions in the smaller set map back to the same documents, seen in the same relative order
+    np.testing.assert_array_equal(smaller.parent_positions[1][epoch_order(smaller, cfg, 2)], kept_in_order)
+    np.testing.assert_array_equal(smaller.x, np.delete(ds.x, removed, axis=0))
 
 
 def test_data_order_fixed_or_reshuffled():
