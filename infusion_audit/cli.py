@@ -16,21 +16,24 @@ log = logging.getLogger("infusion_audit")
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "plugins": ("infusion_audit.cli", "list attacks, detectors, datasets and models, and where each came from"),
-    "train": ("infusion_audit.cli", "train a scenario; writes a checkpoint per epoch and metrics.json"),
-    "attack": ("infusion_audit.evaluation", "craft poisoned training sets (Infusion and baselines) and measure them against a clean control"),
-    "report": ("infusion_audit.reports.render", "re-render the HTML report of a run directory"),
     "bench": ("infusion_audit.bench", "attack-then-defend benchmark and its HTML report (default: quick digits benchmark)"),
+    "attack": ("infusion_audit.evaluation",
+               "craft poisoned training sets (Infusion and baselines) and measure them against a clean control"),
     "scan": ("infusion_audit.scan", "score every document of a suspect dataset by several detectors; ranked CSV + summary"),
+    "report": ("infusion_audit.reports.render", "re-render the HTML report of a run directory"),
+    "train": ("infusion_audit.cli", "train a scenario; writes a checkpoint per epoch and metrics.json"),
+    "plugins": ("infusion_audit.cli", "list attacks, detectors, datasets and models, and where each came from"),
 }
 
 EPILOG = """\
 examples:
-  infusion-audit bench                        built-in quick benchmark on sklearn digits
+  infusion-audit bench                        quick attack-then-defend benchmark on sklearn digits
+  infusion-audit bench bench-caesar --out runs/caesar   the same on the Caesar-cipher language task
   infusion-audit attack digits --out runs/a   craft Infusion poisons on digits and measure them
-  infusion-audit scan poisoned.npz --out runs/s
+  infusion-audit scan suspect.npz --reference clean.npz --out runs/s
   infusion-audit plugins
-Built-in config names (digits, cifar10-paper, ...) can stand in for a CONFIG path."""
+Built-in config names (digits, bench-digits, bench-digits-thorough, bench-caesar, caesar,
+cifar10-paper) can stand in for a CONFIG path."""
 
 
 def build_parser() -> argparse.ArgumentParser:
