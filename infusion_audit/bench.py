@@ -125,9 +125,11 @@ class BenchRunner:
         for name, victim in self.victims.items():
             record, poisoned_model = self.evaluation.record(crafted, victim)
             record["victim"] = name
-            records.append(record)
             if main is None:
                 main = (record, poisoned_model, victim)
+            else:  # a transfer victim is its own arm in tables and charts
+                record["variant"] = f"{record['variant']} → {name}".lstrip(" →")
+            records.append(record)
         return records + self.detect_and_defend(crafted, *main)
 
     def detect_and_defend(self, crafted, record: dict, poisoned_model, victim: Victim) -> list[dict]:

@@ -97,13 +97,15 @@ def test_transfer_victims_are_measured_separately(tmp_path):
     config.attack.targets.n = 1
     config.attack.attacks = config.attack.attacks[:1]
     config.victims = [{"name": "digits-cnn", "params": {"width": 8}}]
+    config.scan.detectors = [{"name": "loss-outlier"}]
+    config.defence.enabled = False
     config = load_bench_config_from(config, tmp_path)
     runner = BenchRunner(config, tmp_path / "transfer", progress=False)
     assert len(runner.victims) == 2
-    crafted = runner.evaluation.craft(config.attack.attacks[0], runner.cells()[0].target, 0)
-    records = [runner.evaluation.record(crafted, victim)[0] for victim in runner.victims.values()]
-    assert records[0]["cell"] == records[1]["cell"]
+    records = [r for r in runner.run_cell(runner.cells()[0]) if r["kind"] == "attack"]
+    assert len(records) == 2 and records[0]["cell"] == records[1]["cell"]
     assert records[0]["acc_control"] != records[1]["acc_control"]  # a different model, its own control
+    assert records[1]["variant"].endswith("→ " + records[1]["victim"])  # its own arm in the report
 
 
 @pytest.mark.parametrize("text, message", [
