@@ -98,14 +98,6 @@ def array_hash(*arrays: np.ndarray, length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
-def file_hash(path: str | os.PathLike, length: int = 16) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:length]
-
-
 def iter_chunks(n: int, size: int) -> Iterable[slice]:
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))
