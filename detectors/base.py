@@ -280,6 +280,12 @@ class Detector:
         return f"{type(self).__name__}({params})"
 
 
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """A detector parameter that must be one of `choices` (build_detector turns this into a one-line error)."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
     """The k highest scores (ties broken by position, deterministically)."""
     mask = np.zeros(len(scores), dtype=bool)

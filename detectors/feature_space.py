@@ -13,7 +13,7 @@ import numpy as np
 
 from infusion_audit.registry import DETECTORS
 
-from .base import AuditContext, Detector, per_class_top_mask
+from .base import AuditContext, Detector, check_choice, per_class_top_mask
 
 
 @DETECTORS.register("spectral-signature")
@@ -77,8 +77,7 @@ class ActivationClustering(Detector):
     def __init__(self, n_dims: int = 10, criterion: str = "size", size_threshold: float = 0.35,
                  silhouette_threshold: float = 0.1, n_init: int = 10, seed: int = 0,
                  silhouette_sample: int = 2000):
-        if criterion not in self.CRITERIA:
-            raise ValueError(f"criterion must be one of {', '.join(self.CRITERIA)}, got {criterion!r}")
+        check_choice("criterion", criterion, self.CRITERIA)
         self.n_dims = n_dims
         self.criterion = criterion
         self.size_threshold = size_threshold

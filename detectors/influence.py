@@ -15,7 +15,7 @@ import torch
 from infusion_audit.errors import PluginError
 from infusion_audit.registry import DETECTORS
 
-from .base import ENABLE_HINTS, AuditContext, Detector, robust_z
+from .base import ENABLE_HINTS, AuditContext, Detector, check_choice, robust_z
 
 
 @DETECTORS.register("influence-outlier")
@@ -39,8 +39,7 @@ class InfluenceOutlier(Detector):
     MODES = ("auto", "forensic", "probe", "self")
 
     def __init__(self, mode: str = "auto", probe_size: int = 100, chunk_size: int = 256, seed: int = 0):
-        if mode not in self.MODES:
-            raise ValueError(f"mode must be one of {', '.join(self.MODES)}, got {mode!r}")
+        check_choice("mode", mode, self.MODES)
         self.mode = mode
         self.probe_size = probe_size
         self.chunk_size = chunk_size

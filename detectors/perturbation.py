@@ -12,7 +12,7 @@ import numpy as np
 from infusion_audit.io import iter_chunks
 from infusion_audit.registry import DETECTORS
 
-from .base import AuditContext, Detector, robust_z
+from .base import AuditContext, Detector, check_choice, robust_z
 
 # Storage grids a float file may hold without saying so: sklearn digits (17 grey levels), 8-bit images.
 KNOWN_GRIDS = (1.0 / 16.0, 1.0 / 255.0)
@@ -63,8 +63,7 @@ class PerturbationNorm(Detector):
 
     def __init__(self, norm: str = "l2", use_reference: bool = True, grid: float | str | None = "auto",
                  z_threshold: float = 4.0):
-        if norm not in self.NORMS:
-            raise ValueError(f"norm must be one of {', '.join(self.NORMS)}, got {norm!r}")
+        check_choice("norm", norm, self.NORMS)
         if not (grid in ("auto", None) or (isinstance(grid, (int, float)) and grid > 0)):
             raise ValueError(f"grid must be 'auto', null or a positive step, got {grid!r}")
         self.norm = norm

@@ -7,7 +7,7 @@ import torch
 
 from infusion_audit.registry import DETECTORS
 
-from .base import AuditContext, Detector
+from .base import AuditContext, Detector, check_choice
 
 
 @DETECTORS.register("loss-outlier")
@@ -24,8 +24,7 @@ class LossOutlier(Detector):
     SIGNALS = ("loss", "grad-norm", "head-grad-norm")
 
     def __init__(self, signal: str = "loss"):
-        if signal not in self.SIGNALS:
-            raise ValueError(f"signal must be one of {', '.join(self.SIGNALS)}, got {signal!r}")
+        check_choice("signal", signal, self.SIGNALS)
         self.signal = signal
 
     def score(self, context: AuditContext) -> np.ndarray:

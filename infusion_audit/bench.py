@@ -152,6 +152,7 @@ class BenchRunner:
         out = []
         x_star = test.batch([target.index])[0][0]
         control = victim.control()
+        truth = result.truth
         for (label, run) in result.completed:
             out.append({"kind": "detection", **common, **result.detection[label], "detector": label,
                         "context_seconds": scan_seconds})
@@ -163,8 +164,6 @@ class BenchRunner:
             # the same documents removed from the clean set: what is left is the attack's, not the removal's
             removed_control = victim.retrain(clean.without(flagged))
             after, baseline = measure(defended, x_star, target.cls), measure(removed_control, x_star, target.cls)
-            truth = np.zeros(len(clean), dtype=bool)
-            truth[crafted.poisoning.indices] = True
             out.append({"kind": "defence", **common, "detector": label, "knowledge": run.knowledge,
                         "removed": int(run.flagged.sum()), "removed_poisons": int((run.flagged & truth).sum()),
                         "p_after": after["p"], "p_control_removed": baseline["p"],
