@@ -38,6 +38,12 @@ class Poisoning:
         """The poisoned training set: same size and order as `clean`, so the retrain replays its order."""
         return clean.with_documents(self.indices, self.x, self.y)
 
+    def unedited(self, clean) -> "Poisoning":
+        """The same documents as they are in `clean` (content and labels): the null of a detection figure,
+        what a detector finds in the selection alone, before any edit."""
+        return Poisoning(self.indices.copy(), clean.x[self.indices].copy(), clean.y[self.indices].copy(),
+                         {"unedited": True})
+
     def norms(self, clean) -> dict:
         """Mean L-inf, L2 and number of values changed over the edited documents, and how many values
         left the storage grid or the value range (what a defender could see)."""
@@ -70,6 +76,7 @@ class AttackContext:
         self._ihvp: IHVP | None = None
         self._queries: dict[Target, torch.Tensor] = {}
         self._scores: dict[Target, np.ndarray] = {}
+        self._shared: dict[str, object] = {}
 
     @property
     def train(self):
@@ -129,6 +136,14 @@ class AttackContext:
         if key is None:
             raise UserError(f"unknown selection {rule!r}; use most-negative, most-absolute, random or most-positive")
         return np.sort(pool[np.argsort(key, kind="stable")[:k]])
+
+    def cached(self, key: str, compute):
+        """Something target-independent an attack derives once per context (detector scores on the clean set)."""
+        if key not in self._shared:
+            t0 = time.perf_counter()
+            self._shared[key] = compute()
+            self.timings[key] = time.perf_counter() - t0
+        return self._shared[key]
 
     def stage_seconds(self, target: Target) -> dict:
         """The shared stages' time spent for this target (IHVP solve, scores)."""

@@ -55,7 +55,8 @@ class Infusion(Attack):
         if self.selection != "random":
             context.scores(target)  # timed as its own (per-target, shared) stage
         t0 = time.perf_counter()
-        index = context.select(target, context.budget_k(self.k), self.selection, self.seed)
+        index = context.select(target, context.budget_k(self.k), self.selection, self.seed,
+                               eligible=self._eligible(context))
         t_select = time.perf_counter() - t0
         t0 = time.perf_counter()
         train = context.train
@@ -78,13 +79,22 @@ class Infusion(Attack):
         x0, y = x0.to(device), y.to(device)
         x = x0.clone()
         for _ in range(self.steps):
-            g = input_gradient(context.model, x, y, v, n)
+            g = self._ascent(context, v, x, y, n)
             if self.norm == "linf":
                 x = x + step * g.sign()
             else:
                 x = x + step * g / g.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *[1] * (x.dim() - 1))
             x = project(x, x0, self.eps, self.norm, context.train.value_range)
         return x.detach()
+
+    def _eligible(self, context: AttackContext) -> np.ndarray | None:
+        """Which documents may be chosen (a mask; None: all). Subclasses narrow it (detector-aware selection)."""
+        return None
+
+    def _ascent(self, context: AttackContext, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                n: int) -> torch.Tensor:
+        """The direction PGD climbs from documents x: the input-gradient of their influence on f."""
+        return input_gradient(context.model, x, y, v, n)
 
     @staticmethod
     def _predicted_delta_f(context: AttackContext, v: torch.Tensor, x: np.ndarray, index: np.ndarray) -> float:

@@ -8,7 +8,10 @@ runner skips a detector whose needs are not met and says what would enable it.
 
 The context is the part the library computes: penultimate features, logits, losses, per-example
 gradients and the inverse-Hessian solver are each computed on first use and cached, so five
-detectors that read features pay for one forward pass. A caller that already holds some of these
+detectors that read features pay for one forward pass. The model is taken as it is: features come
+from a hook (see ``features.FeatureExtractor``), and a detector asks only for what it reads
+("logits", "features", ...), so one that needs features is skipped, with the reason, on a model
+they cannot be taken from while the others still run. A caller that already holds some of these
 (a text pipeline, a benchmark that kept them) hands them in with ``provide``.
 """
 
@@ -28,7 +31,11 @@ from tqdm.auto import tqdm
 from infusion_audit.errors import DataError, PluginError
 from infusion_audit.io import iter_chunks
 
+from .features import FeatureExtractor
+
 log = logging.getLogger(__name__)
+# Why a detector did not run or failed; a benchmark silences it per cell and logs each reason once per run.
+SKIP_LOG = logging.getLogger(f"{__name__}.skipped")
 
 # EK-FAC scales to any model kronfluence can fit; damping as the attack's digits config uses.
 DEFAULT_INFLUENCE = {"backend": "ekfac", "damping": 1e-3}
@@ -36,10 +43,16 @@ DEFAULT_INFLUENCE = {"backend": "ekfac", "damping": 1e-3}
 # What each need is, in words a user can act on.
 ENABLE_HINTS = {
     "model": "a model trained on the suspect data (give --model CKPT, or let scan train one)",
+    "logits": "a model trained on the suspect data that outputs one row of class scores per document",
+    "losses": "per-document losses, from a model trained on the suspect data that outputs class scores",
+    "features": "penultimate features of a model trained on the suspect data (the input of its last nn.Linear, "
+                "its features() and head, or the module named in scan.features_layer)",
     "reference": "a trusted reference copy of the data (--reference CLEAN)",
     "behaviour": "the suspicious behaviour, a test input and the class it is pushed towards (--behaviour)",
     "gradients": "a model whose per-example gradients can be computed",
 }
+# The needs a model trained on the suspect data meets (scan trains one only when a detector has one).
+MODEL_NEEDS = frozenset({"model", "logits", "losses", "features", "gradients"})
 
 
 @dataclass(frozen=True)
@@ -65,9 +78,10 @@ class AuditContext:
     """What the defender has, plus a cache of what detectors derive from it.
 
     `data` is the suspect dataset (an ImageDataset, or any dataset whose ``batch(idx)`` feeds
-    `model` and `loss_fn`); `reference` a trusted copy in the same order; `model` a network trained
-    on `data` exposing ``features(x)`` (penultimate layer) and ``head``; `behaviour` the suspicious
-    prediction (a Behaviour); `probe` held-out inputs for influence probes (a dataset with ``x``);
+    `model` and `loss_fn`); `reference` a trusted copy in the same order; `model` any network
+    trained on `data` (its penultimate features are the output of the module named
+    `features_layer`, else found as FeatureExtractor says); `behaviour` the suspicious prediction
+    (a Behaviour); `probe` held-out inputs for influence probes (a dataset with ``x``);
     `expected_fraction` the poison fraction ε that removal budgets assume; `influence` the IHVP
     backend and its parameters (see ``infusion_audit.influence.make_ihvp``).
     """
@@ -84,8 +98,11 @@ class AuditContext:
     progress: bool = True
     influence: dict = field(default_factory=lambda: dict(DEFAULT_INFLUENCE))
     gradient_cache_bytes: int = 1 << 30
+    features_layer: str | None = None
     timings: dict = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, repr=False)
+    extractor: FeatureExtractor | None = field(default=None, init=False, repr=False)  # set from model, features_layer
+    _output_problems: dict | None = field(default=None, init=False, repr=False)  # need -> why the model lacks it
 
     def __post_init__(self) -> None:
         if not 0 < self.expected_fraction < 0.5:
@@ -96,6 +113,7 @@ class AuditContext:
                                 f"{self.data.x.shape}; a reference must hold the same documents in the same order")
         if self.model is not None:
             self.model.to(self.device).eval()
+            self.extractor = FeatureExtractor(self.model, self.features_layer)
 
     # ------------------------------------------------------------------ what the defender has
     def __len__(self) -> int:
@@ -112,17 +130,26 @@ class AuditContext:
         return int(getattr(self.data, "num_classes", int(self.labels.max()) + 1))
 
     def has(self, need: str) -> bool:
-        if need == "data":
-            return True
-        if need == "model":
-            return self.model is not None or "features" in self._cache
-        if need == "gradients":  # influence needs the model itself, for the inverse Hessian too
-            return self.model is not None
-        if need == "reference":
-            return self.reference is not None
-        if need == "behaviour":
-            return self.behaviour is not None
-        raise PluginError(f"unknown detector need {need!r}; known: data, model, gradients, reference, behaviour")
+        return self.lacks(need) is None
+
+    def lacks(self, need: str) -> str | None:
+        """None when the context can give `need`, else what would enable it (and why this model does not).
+
+        Logits, losses and features are handed in or taken from the model: asking runs the one
+        forward pass over the data that computes and caches both logits and features."""
+        met = {"data": True, "model": self.model is not None or "features" in self._cache,
+               "gradients": self.model is not None,  # influence needs the model itself, for the inverse Hessian too
+               "reference": self.reference is not None, "behaviour": self.behaviour is not None}
+        if need in met:
+            return None if met[need] else ENABLE_HINTS.get(need, need)
+        if need not in ("logits", "losses", "features"):
+            raise PluginError(f"unknown detector need {need!r}; known: data, {', '.join(sorted(ENABLE_HINTS))}")
+        if need in self._cache or (need == "losses" and "logits" in self._cache):
+            return None
+        if self.model is None:
+            return ENABLE_HINTS["model"]
+        cause = self._forward_cached().get("logits" if need == "losses" else need)
+        return None if cause is None else f"{need} from this model: {cause}"
 
     def provide(self, **arrays: Any) -> "AuditContext":
         """Hand in precomputed `features`, `logits`, `losses` or `gradients` (one row per document)."""
@@ -148,38 +175,61 @@ class AuditContext:
         return self.model
 
     @torch.no_grad()
-    def _forward_all(self) -> tuple[np.ndarray, np.ndarray]:
-        model = self._require_model("features")
+    def _forward_all(self) -> tuple[np.ndarray | None, np.ndarray]:
+        """Logits (N, C) and flattened penultimate features (None where the extractor found none) of every document."""
+        extractor = self.extractor
         n = len(self.data)
         feats, logits = [], []
         bar = tqdm(total=n, desc="features", unit="doc", disable=not self.progress, leave=False)
-        for chunk in iter_chunks(n, self.batch_size):
-            x, _ = self.data.batch(np.arange(chunk.start, chunk.stop), self.device)
-            h = model.features(x)
-            feats.append(h.reshape(len(h), -1).float().cpu().numpy())
-            logits.append(model.head(h).float().cpu().numpy())
-            bar.update(chunk.stop - chunk.start)
-        bar.close()
-        return np.concatenate(feats), np.concatenate(logits)
+        try:
+            for chunk in iter_chunks(n, self.batch_size):
+                x, _ = self.data.batch(np.arange(chunk.start, chunk.stop), self.device)
+                h, out = extractor(x)
+                if out.ndim != 2 or len(out) != len(x):  # a language model's per-token logits, a segmentation map
+                    raise PluginError(f"its output has shape {tuple(out.shape)}, not one row of class scores per "
+                                      "document")
+                logits.append(out.float().cpu().numpy())
+                if h is not None:
+                    feats.append(h.reshape(len(h), -1).float().cpu().numpy())
+                bar.update(chunk.stop - chunk.start)
+        finally:
+            bar.close()
+        return (np.concatenate(feats) if extractor.problem is None else None), np.concatenate(logits)
 
-    def _forward_cached(self) -> None:
-        if "features" not in self._cache or "logits" not in self._cache:
+    def _forward_cached(self) -> dict:
+        """Run the forward pass once (caching logits and features); why either could not be had, by need."""
+        if self._output_problems is None:
             t0 = time.perf_counter()
-            feats, logits = self._forward_all()
+            try:
+                feats, logits = self._forward_all()
+            except Exception as exc:  # a model that cannot score these inputs: the detectors that need it are skipped
+                log.debug("forward pass failed", exc_info=True)
+                cause = str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {_first_line(exc)}"
+                self._output_problems = {"logits": cause, "features": self.extractor.problem or cause}
+                return self._output_problems
             self.timings["forward"] = time.perf_counter() - t0
-            self._cache.setdefault("features", feats)
             self._cache.setdefault("logits", logits)
+            self._output_problems = {}
+            if feats is None:
+                self._output_problems["features"] = self.extractor.problem
+            else:
+                self._cache.setdefault("features", feats)
+                log.debug("context: penultimate features (%d values per document) are %s",
+                          feats.shape[1], self.extractor.source)
+        return self._output_problems
+
+    def _take(self, need: str) -> np.ndarray:
+        lacking = self.lacks(need)
+        if lacking is not None:
+            raise PluginError(f"{need}: needs {lacking}")
+        return self._cache[need]
 
     def features(self) -> np.ndarray:
         """Penultimate-layer representations (N, D), flattened per document."""
-        if "features" not in self._cache:
-            self._forward_cached()
-        return self._cache["features"]
+        return self._take("features")
 
     def logits(self) -> np.ndarray:
-        if "logits" not in self._cache:
-            self._forward_cached()
-        return self._cache["logits"]
+        return self._take("logits")
 
     def losses(self) -> np.ndarray:
         """Each document's cross-entropy loss under the model trained on it."""
@@ -194,17 +244,21 @@ class AuditContext:
         """Per-example loss gradients (rows of length P) chunk by chunk.
 
         When all N x P gradients fit in `gradient_cache_bytes` they are computed once and kept for
-        every later detector; otherwise they are recomputed per pass in O(chunk x P) memory."""
+        every later detector; otherwise they are recomputed per pass in chunks that fit in it."""
         if "gradients" not in self._cache and self.model is not None:
-            n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-            if len(self.data) * n_params * 4 <= self.gradient_cache_bytes:
+            if len(self.data) * self.gradient_bytes() <= self.gradient_cache_bytes:
                 self.cached("gradients", lambda: torch.cat([g for _, g in self._compute_gradients(chunk_size)]))
         if "gradients" in self._cache:
             grads = self._cache["gradients"]
             for chunk in iter_chunks(len(grads), chunk_size):
                 yield chunk, torch.as_tensor(grads[chunk])
             return
-        yield from self._compute_gradients(chunk_size)
+        yield from self._compute_gradients(max(1, min(chunk_size, self.gradient_cache_bytes // self.gradient_bytes())))
+
+    def gradient_bytes(self) -> int:
+        """Bytes of one document's loss gradient (float32, every trainable parameter of the model)."""
+        model = self._require_model("per-example gradients")
+        return 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def _compute_gradients(self, chunk_size: int) -> Iterator[tuple[slice, torch.Tensor]]:
         from infusion_audit.influence import per_example_gradients
@@ -249,15 +303,19 @@ class Detector:
     def applies_to(self, data: Any) -> bool:
         return self.data_kinds is None or getattr(data, "kind", "image") in self.data_kinds
 
+    def required(self) -> frozenset:
+        """What this configuration needs: the class's `needs`, unless a parameter changes them."""
+        return self.needs
+
     def missing(self, context: AuditContext) -> str | None:
         """None when the context has what this detector needs, else what would enable it."""
         if not self.applies_to(context.data):
             return (f"scores {' or '.join(sorted(self.data_kinds))} data, not "
                     f"{getattr(context.data, 'kind', 'image')} data")
-        lacking = [need for need in sorted(self.needs) if not context.has(need)]
+        lacking = dict.fromkeys(hint for need in sorted(self.required()) if (hint := context.lacks(need)) is not None)
         if not lacking:
             return None
-        return "needs " + " and ".join(ENABLE_HINTS.get(n, n) for n in lacking)
+        return "needs " + " and ".join(lacking)
 
     def knowledge_level(self, context: AuditContext) -> str:
         """The defender's knowledge this run used (some detectors use more when more is given)."""
@@ -352,12 +410,12 @@ def build_detector(name: str, params: dict | None = None) -> Detector:
 def run_detector(detector: Detector, context: AuditContext) -> DetectorRun:
     """Score and flag, timing the detector; a detector whose needs are unmet is skipped with the reason."""
     run = DetectorRun(detector.name, detector.get_params())
+    t0 = time.perf_counter()  # checking the needs may run the shared forward pass: the first detector pays for it
     reason = detector.missing(context)
     if reason is not None:
         run.skipped = reason
-        log.info("skipping %s: %s", detector.name, reason)
+        SKIP_LOG.debug("%s not run: %s", detector.name, reason)  # the caller reports it (CLI summary, bench driver)
         return run
-    t0 = time.perf_counter()
     try:
         scores = np.asarray(detector.score(context), dtype=np.float64)
         if scores.shape != (len(context),):
@@ -366,9 +424,8 @@ def run_detector(detector: Detector, context: AuditContext) -> DetectorRun:
             raise PluginError("returned non-finite scores")
         flagged = np.asarray(detector.flag(scores, context), dtype=bool)
     except Exception as exc:  # one broken detector must not cost the defender the others' results
-        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-        run.skipped = f"failed: {type(exc).__name__}: {first_line}"
-        log.warning("detector %s %s", detector.name, run.skipped)
+        run.skipped = f"failed: {type(exc).__name__}: {_first_line(exc)}"
+        SKIP_LOG.warning("detector %s %s", detector.name, run.skipped)
         log.debug("detector %s failed", detector.name, exc_info=True)
         return run
     run.scores, run.flagged = scores, flagged
@@ -376,3 +433,7 @@ def run_detector(detector: Detector, context: AuditContext) -> DetectorRun:
     run.knowledge = detector.knowledge_level(context)
     run.details = dict(getattr(detector, "details_", {}))
     return run
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]

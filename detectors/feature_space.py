@@ -27,7 +27,7 @@ class SpectralSignature(Detector):
     flag rule (top multiplier·ε·n_c of each class) is unaffected.
     """
 
-    needs = frozenset({"model"})
+    needs = frozenset({"features"})
     knowledge = "model"
 
     def __init__(self, multiplier: float = 1.5, centre: bool = True, normalise: bool = True):
@@ -70,7 +70,7 @@ class ActivationClustering(Detector):
     plus 2 when its class is judged poisoned: flagged documents rank above all others.
     """
 
-    needs = frozenset({"model"})
+    needs = frozenset({"features"})
     knowledge = "model"
     CRITERIA = ("size", "silhouette", "size-or-silhouette", "smaller")
 
@@ -143,7 +143,7 @@ class KNNLabel(Detector):
     fraction of neighbours that carry another label.
     """
 
-    needs = frozenset({"model"})
+    needs = frozenset({"features"})
     knowledge = "model"
 
     def __init__(self, k: int | None = None, metric: str = "euclidean"):

@@ -52,9 +52,20 @@ class InfluenceOutlier(Detector):
 
     def missing(self, context: AuditContext) -> str | None:
         lacking = super().missing(context)
-        if lacking is None and self.resolved_mode(context) == "forensic" and not context.has("behaviour"):
+        if lacking is not None:
+            return lacking
+        mode = self.resolved_mode(context)
+        if mode == "forensic" and not context.has("behaviour"):
             return f"mode 'forensic' needs {ENABLE_HINTS['behaviour']}"
-        return lacking
+        if mode == "probe":  # every probe x class gradient is held at once, and once more preconditioned
+            queries = min(self.probe_size, len(context.probe if context.probe is not None else context)) \
+                * context.num_classes
+            held = 2 * queries * context.gradient_bytes()
+            if held > context.gradient_cache_bytes:
+                return (f"mode 'probe' would hold {queries} probe gradients of this model, {held / 2 ** 30:.1f} GiB, "
+                        f"more than the {context.gradient_cache_bytes / 2 ** 30:.1f} GiB allowed for gradients; "
+                        "use mode 'self' or 'forensic', or a smaller probe_size")
+        return None
 
     def knowledge_level(self, context: AuditContext) -> str:
         return "forensic" if self.resolved_mode(context) == "forensic" else "model"

@@ -14,18 +14,24 @@ from .base import AuditContext, Detector, check_choice
 class LossOutlier(Detector):
     """Training loss or gradient norm of each document under the model trained on it.
 
-    `signal`: "loss" (cross-entropy), "grad-norm" (norm of the full per-example gradient, streamed
-    in chunks) or "head-grad-norm" (exact norm of the last layer's gradient,
-    ||softmax - onehot|| · sqrt(||h||² + 1), from features and logits alone: cheap at any scale).
+    `signal`: "loss" (cross-entropy; needs only the logits), "grad-norm" (norm of the full
+    per-example gradient, streamed in chunks) or "head-grad-norm" (norm of the last layer's
+    gradient, ||softmax - onehot|| · sqrt(||h||² + 1), from penultimate features and logits alone:
+    cheap at any scale; exact when the features are the input of a Linear head with a bias).
     """
 
-    needs = frozenset({"model"})
+    needs = frozenset({"losses"})
     knowledge = "model"
     SIGNALS = ("loss", "grad-norm", "head-grad-norm")
+    SIGNAL_NEEDS = {"loss": needs, "grad-norm": frozenset({"gradients"}),
+                    "head-grad-norm": frozenset({"logits", "features"})}
 
     def __init__(self, signal: str = "loss"):
         check_choice("signal", signal, self.SIGNALS)
         self.signal = signal
+
+    def required(self) -> frozenset:
+        return self.SIGNAL_NEEDS[self.signal]
 
     def score(self, context: AuditContext) -> np.ndarray:
         if self.signal == "loss":

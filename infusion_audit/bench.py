@@ -17,19 +17,23 @@ import os
 import platform
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .behaviour import Target, measure
-from .config import PluginSpec, ScenarioConfig, dump_yaml, from_dict, load_config, load_yaml, resolve_config_path, to_dict
+from .config import (PluginSpec, ScenarioConfig, dump_yaml, from_dict, from_sections, load_yaml, resolve_config_path,
+                     to_dict)
 from .data import dataset_kind
 from .errors import ConfigError
 from .evaluation import AttackConfig, AttackEvaluation, AttackRunConfig, AttackSpec, BudgetConfig, Victim
 from .scan import ScanConfig
-from .io import append_jsonl_many, atomic_write_text, read_jsonl, repair_jsonl, stable_hash, write_json
+from .io import append_jsonl_many, atomic_write_text, read_jsonl, repair_jsonl, run_lock, stable_hash, write_json
+from .runtime import set_threads, threads_info
 from .training import accuracy
 
 log = logging.getLogger(__name__)
@@ -134,6 +138,7 @@ class BenchRunner:
 
     def detect_and_defend(self, crafted, record: dict, poisoned_model, victim: Victim) -> list[dict]:
         from .detectors import Behaviour
+        from .detectors.base import SKIP_LOG
         from .scan import scan
 
         clean = self.evaluation.scenario.data.train
@@ -142,10 +147,11 @@ class BenchRunner:
         target = crafted.target
         t0 = time.perf_counter()
         options = self.config.scan
-        result = scan(poisoned_set, detectors=options.detectors or None, model=poisoned_model, reference=clean,
-                      behaviour=Behaviour.from_target(target, test), truth=crafted.poisoning.indices,
-                      expected_fraction=options.expected_fraction, influence=options.influence,
-                      bootstrap=options.bootstrap, progress=False)
+        with _silenced(SKIP_LOG):  # skip reasons go in the records; the driver says each once per run
+            result = scan(poisoned_set, detectors=options.detectors or None, model=poisoned_model, reference=clean,
+                          behaviour=Behaviour.from_target(target, test), truth=crafted.poisoning.indices,
+                          expected_fraction=options.expected_fraction, influence=options.influence,
+                          bootstrap=options.bootstrap, progress=False, features_layer=options.features_layer)
         scan_seconds = time.perf_counter() - t0
         common = {k: record[k] for k in ("cell", "scenario", "attack", "variant", "budget", "target", "seed",
                                          "victim")}
@@ -174,10 +180,27 @@ class BenchRunner:
                         "acc_after": accuracy(defended, test), "acc_control": control["accuracy"],
                         "acc_control_removed": accuracy(removed_control, test),
                         "seconds": time.perf_counter() - t1})
-        for label, run in zip(result.labels, result.runs):
-            if run.skipped:
-                log.debug("cell %s: %s skipped: %s", record["cell"], label, run.skipped)
+        out += [{"kind": "skip", **common, "detector": label, "reason": run.skipped}
+                for label, run in zip(result.labels, result.runs) if run.skipped]
         return out
+
+
+@contextmanager
+def _silenced(logger: logging.Logger):
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
+def _append_cell(results: Path, records: list[dict], said: set) -> None:
+    """Append a cell's records; log each distinct reason a detector did not run once per run, not once per cell."""
+    append_jsonl_many(results, records)
+    for r in records:
+        if r["kind"] == "skip" and (r["detector"], r["reason"]) not in said:
+            said.add((r["detector"], r["reason"]))
+            log.warning("%s not run: %s", r["detector"], r["reason"])
 
 
 # --------------------------------------------------------------------------- parallel workers
@@ -186,9 +209,7 @@ _WORKER: BenchRunner | None = None
 
 def _init_worker(config: BenchConfig, run_dir: str, threads: int) -> None:
     global _WORKER
-    import torch
-
-    torch.set_num_threads(threads)
+    set_threads(threads)
     logging.getLogger().setLevel(logging.WARNING)
     _WORKER = BenchRunner(config, run_dir, progress=False)
 
@@ -199,38 +220,78 @@ def _run_in_worker(cell: Cell) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- the entry point
-def load_bench_config(name_or_path: str | Path | None = None):
-    """A BenchConfig, or a TextAuditConfig when the scenario's dataset is a text corpus."""
-    path = resolve_config_path(name_or_path or DEFAULT_CONFIG)
-    data, source = load_yaml(path)
+def load_bench_config(config=None):
+    """A BenchConfig, or a TextAuditConfig when the scenario's dataset is a text corpus, from a YAML path,
+    a built-in name (default: the quick digits benchmark) or a dict of sections, checked as a file is."""
+    if isinstance(config, dict):
+        data, source = config, "<dict>"
+    else:
+        data, source = load_yaml(resolve_config_path(config or DEFAULT_CONFIG))
     scenario = from_dict(ScenarioConfig, data.get("scenario"), source, "scenario")
     if dataset_kind(scenario.dataset) == "text":
         from .text.evaluation import TextAuditConfig
 
-        return load_config(TextAuditConfig, path)
-    return load_config(BenchConfig, path)
+        return from_sections(TextAuditConfig, data, source)
+    return from_sections(BenchConfig, data, source)
+
+
+@dataclass(repr=False)
+class BenchResult:
+    """A benchmark's run directory, read back: its records by kind, the per-arm summaries, its report."""
+
+    run_dir: Path
+    report: Path | None = None  # report.html, when `bench` rendered it
+
+    @cached_property
+    def records(self) -> dict[str, list[dict]]:
+        """results.jsonl by kind: 'attack', 'detection' and 'defence' records (one dict each)."""
+        from .reports.render import load_records
+
+        return load_records(self.run_dir)
+
+    @cached_property
+    def summaries(self) -> dict:
+        """Per arm (attack, variant) and budget, with 95% CIs, as the report shows them: 'attacks' (effect),
+        'detection' (one row per detector), 'defence' (what removing each detector's flags left) and the
+        'defence_measure' those rows compare ('delta_logodds')."""
+        from .reports.render import summarise_run
+
+        return summarise_run(self.records)
+
+    def write_report(self, path: str | Path | None = None) -> Path:
+        """Render the HTML report (default: run_dir/report.html); returns its path."""
+        from .reports import render_report
+
+        return render_report(self.run_dir, path)
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{kind}={len(rows)}" for kind, rows in self.records.items())
+        return f"BenchResult(run_dir={str(self.run_dir)!r}, {counts}, report={self.report and str(self.report)!r})"
 
 
 def bench(config=None, out: str | Path = "runs/bench", jobs: int = 1, progress: bool = True,
-          report: bool = True) -> Path:
-    """Run (or resume) a benchmark into `out`: a BenchConfig, a text config, a YAML path or a built-in name
-    (default: the quick digits benchmark). Returns the report's path (results.jsonl without a report)."""
-    if config is None or isinstance(config, (str, Path)):
+          report: bool = True) -> BenchResult:
+    """Run (or resume) a benchmark into `out`: a BenchConfig, a text config, a dict of config sections, a YAML
+    path or a built-in name (default: the quick digits benchmark). Returns the run read back as a BenchResult."""
+    if config is None or isinstance(config, (dict, str, Path)):
         config = load_bench_config(config)
+    elif not hasattr(config, "scenario"):
+        raise ConfigError("<config>", "", "a dict of sections, a YAML path, a built-in name or a BenchConfig",
+                          type(config).__name__)
     out = Path(out)
-    atomic_write_text(out / "config.yaml", dump_yaml(config))
-    repair_jsonl(out / "results.jsonl")
-    if isinstance(config, BenchConfig):
-        run_image_bench(config, out, jobs, progress)
-    else:
-        from .text.bench import run_text_bench
+    with run_lock(out):  # one writer per run directory: a second bench here is refused, not interleaved
+        atomic_write_text(out / "config.yaml", dump_yaml(config))
+        repair_jsonl(out / "results.jsonl")
+        if isinstance(config, BenchConfig):
+            run_image_bench(config, out, jobs, progress)
+        else:
+            from .text.bench import run_text_bench
 
-        run_text_bench(config, out, progress)
-    if not report:
-        return out / "results.jsonl"
-    from .reports import render_report
-
-    return render_report(out)
+            run_text_bench(config, out, progress)
+        result = BenchResult(out)
+        if report:
+            result.report = result.write_report()
+    return result
 
 
 def run_image_bench(config: BenchConfig, out: Path, jobs: int = 1, progress: bool = True) -> None:
@@ -243,20 +304,21 @@ def run_image_bench(config: BenchConfig, out: Path, jobs: int = 1, progress: boo
     log.info("%d cells, %d already finished, %d to run", len(cells), len(cells) - len(todo), len(todo))
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="bench cells", unit="cell",
                disable=not progress)
+    said: set = set()  # (detector, reason) already logged
     if jobs <= 1 or len(todo) <= 1:
         for cell in todo:
-            append_jsonl_many(results, runner.run_cell(cell))
+            _append_cell(results, runner.run_cell(cell), said)
             bar.update(1)
     else:
         import multiprocessing
 
-        threads = max(1, (os.cpu_count() or 1) // jobs)
+        threads = threads_info()["torch_threads"]  # the workers compute as this process does (--threads)
         with futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_init_worker, initargs=(config, str(out), threads)) as pool:
             pending = [pool.submit(_run_in_worker, cell) for cell in todo]
             try:
                 for future in futures.as_completed(pending):
-                    append_jsonl_many(results, future.result())
+                    _append_cell(results, future.result(), said)
                     bar.update(1)
             except BaseException:
                 for future in pending:
@@ -283,7 +345,7 @@ def provenance(config: BenchConfig, runner: BenchRunner, seconds: float, cells_r
     """What a reviewer needs to trust or repeat the run: versions, seeds, data hashes, timings."""
     data = runner.evaluation.scenario.data
     return {
-        "packages": package_versions(), "config_hash": stable_hash(to_dict(config)),
+        "packages": package_versions(), "compute": threads_info(), "config_hash": stable_hash(to_dict(config)),
         "seeds": {"train": config.scenario.train.seed, "targets": config.attack.targets.seed,
                   "attack": config.attack.seeds},
         "data": {"train_hash": data.train.content_hash(), "test_hash": data.test.content_hash(),
@@ -291,6 +353,7 @@ def provenance(config: BenchConfig, runner: BenchRunner, seconds: float, cells_r
         "class_names": data.train.class_names,
         "training": {name: {k: v for k, v in victim.trained.metrics.items() if k != "history"}
                      for name, victim in runner.victims.items()},
+        "task_quality": runner.evaluation.quality,
         "seconds_this_invocation": round(seconds, 2), "cells_run_this_invocation": cells_run,
         "shared_stage_seconds": {"influence_factors": runner.evaluation.context.timings.get("factors")},
     }
@@ -303,8 +366,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "bench-digits-thorough for more targets)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="run directory (default: runs/bench)")
     p.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
-                   help=f"cells run in parallel processes, one thread each (default: {DEFAULT_JOBS}, this machine's "
-                        "cores up to 4)")
+                   help=f"cells run in parallel processes, each with --threads torch threads (default: "
+                        f"{DEFAULT_JOBS}, this machine's cores up to 4)")
     p.add_argument("--no-report", action="store_true", help="skip rendering report.html")
 
 
@@ -312,9 +375,9 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ConfigError("--jobs", "", "an integer >= 1", args.jobs)
     started = time.perf_counter()
-    path = bench(args.config, args.out, jobs=args.jobs, progress=not args.quiet, report=not args.no_report)
+    result = bench(args.config, args.out, jobs=args.jobs, progress=not args.quiet, report=not args.no_report)
     print(f"finished in {time.perf_counter() - started:.0f} s")
     print(f"results: {args.out / 'results.jsonl'}")
-    if not args.no_report:
-        print(f"report: {path}")
+    if result.report is not None:
+        print(f"report: {result.report}")
     return 0

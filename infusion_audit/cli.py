@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import UserError
+from .errors import ConfigError, UserError
+from .runtime import DEFAULT_THREADS, set_threads
 
 log = logging.getLogger("infusion_audit")
 
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"infusion-audit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                        help=f"torch threads per process (default: {DEFAULT_THREADS}, the same arithmetic on every "
+                             "machine; bench workers use it too)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
@@ -62,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.threads < 1:
+            raise ConfigError("--threads", "", "an integer >= 1", args.threads)
+        set_threads(args.threads)
         return int(args.handler(args) or 0)
     except UserError as exc:
         print(f"infusion-audit: error: {exc}", file=sys.stderr)
@@ -101,15 +108,28 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from .config import TrainRunConfig, dump_yaml, load_config
+    from .data import dataset_kind
     from .io import atomic_write_text
-    from .training import Scenario, train_scenario
 
     cfg = load_config(TrainRunConfig, args.config)
     atomic_write_text(args.out / "config.yaml", dump_yaml(cfg))
-    trained = train_scenario(Scenario.from_config(cfg.scenario), args.out / "artefacts", progress=not args.quiet)
-    m = trained.metrics
-    print(f"test accuracy {m['test_accuracy']:.4f} (n={m['n_test']}), train accuracy {m['train_accuracy']:.4f}, "
-          f"{m['train_seconds']:.1f}s; checkpoints in {trained.checkpoints[0].parent}")
+    if dataset_kind(cfg.scenario.dataset) == "text":
+        from .text.scenario import TextScenario, train_text_scenario
+
+        trained = train_text_scenario(TextScenario.from_config(cfg.scenario), args.out / "artefacts",
+                                      progress=not args.quiet)
+        m = trained.metrics
+        figures = [f"test loss {m['test']['loss']:.4f}", f"token accuracy {m['test']['token_accuracy']:.4f}"]
+        if "decryption_accuracy" in m["test"]:
+            figures.append(f"decryption accuracy {m['test']['decryption_accuracy']:.4f}")
+        summary = ", ".join(figures) + f" (n={m['n_test']})"
+    else:
+        from .training import Scenario, train_scenario
+
+        trained = train_scenario(Scenario.from_config(cfg.scenario), args.out / "artefacts", progress=not args.quiet)
+        m = trained.metrics
+        summary = f"test accuracy {m['test_accuracy']:.4f} (n={m['n_test']}), train accuracy {m['train_accuracy']:.4f}"
+    print(f"{summary}, {m['train_seconds']:.1f}s; checkpoints in {trained.checkpoints[0].parent}")
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 
 BUILTIN_CONFIGS = Path(__file__).parent / "configs"
 
@@ -50,11 +50,16 @@ class TrainConfig:
     momentum: float = bounded(0.0, min=0, max=1)
     weight_decay: float = bounded(0.0, min=0)
     lr_milestones: list[int] = bounded([], help="epochs after which lr is multiplied by 0.1")
+    adam_betas: list[float] = bounded([0.9, 0.999], help="Adam's decay rates of its moment estimates")
     batch_size: int = bounded(16, min=1)
     epochs: int = bounded(10, min=1)
     seed: int = 0
     order: Literal["fixed", "reshuffle"] = "fixed"
     device: str = "cpu"
+
+    def validate(self, source: str, prefix: str) -> None:
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(source, f"{prefix}.adam_betas", "two numbers in [0, 1)", self.adam_betas)
 
 
 @dataclass
@@ -64,6 +69,18 @@ class ScenarioConfig:
     dataset: PluginSpec = field(default_factory=lambda: PluginSpec("digits"))
     model: PluginSpec = field(default_factory=lambda: PluginSpec("digits-cnn"))
     train: TrainConfig = field(default_factory=TrainConfig)
+    quality_floor: float = bounded(0.0, min=0, max=1, help="attacks refuse a trained model whose task quality "
+                                   "(test accuracy; decryption accuracy on Caesar) is below this")
+
+    def identity(self) -> dict:
+        """What a trained model depends on: everything but the quality floor, which only gates attacks."""
+        return {k: v for k, v in to_dict(self).items() if k != "quality_floor"}
+
+    def check_quality(self, figure: str, value: float) -> None:
+        """Refuse to attack a model that has not learned its task: an audit of it would measure nothing."""
+        if not value >= self.quality_floor:
+            raise UserError(f"the trained model's {figure} is {value:.3f}, below the scenario's quality floor "
+                            f"{self.quality_floor:g}; fix the training recipe (or lower scenario.quality_floor)")
 
 
 # --------------------------------------------------------------------------- loading
@@ -214,6 +231,13 @@ SECTIONS = ("scenario", "attack", "budgets", "victims", "scan", "defence")
 def load_config(cls: type, name_or_path: str | Path) -> Any:
     """Load the sections `cls` declares from a YAML file (a path or a built-in name)."""
     data, source = load_yaml(resolve_config_path(name_or_path))
+    return from_sections(cls, data, source)
+
+
+def from_sections(cls: type, data: Any, source: str = "<dict>") -> Any:
+    """Build `cls` from a mapping of top-level sections (a config given in Python), checked as a file is."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, "(top level)", "a mapping of sections", data)
     unknown = sorted(set(data) - set(SECTIONS), key=str)
     if unknown:
         raise ConfigError(source, str(unknown[0]), f"a known section ({', '.join(SECTIONS)})")

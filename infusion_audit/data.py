@@ -8,10 +8,13 @@ the poison to survive being saved must stay on it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import pickle
+import lzma
+import math
 import zipfile
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -112,7 +115,9 @@ def check_images(x: np.ndarray, y: np.ndarray, num_classes: int, name: str) -> N
     if not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).reshape(len(x), -1).any(1).sum())
         raise DataError(f"{name}: {bad} images contain NaN or infinite values")
-    if y.min() < 0 or y.max() >= num_classes:
+    if y.min() < 0:
+        raise DataError(f"{name}: labels must lie in 0..num_classes-1; found a negative label ({int(y.min())})")
+    if y.max() >= num_classes:
         raise DataError(f"{name}: labels must lie in 0..{num_classes - 1}, found {int(y.min())}..{int(y.max())}")
 
 
@@ -189,8 +194,91 @@ def _uint8_hwc_to_float(data: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- safe loading
-def load_npz(path: str | Path, num_classes: int | None = None) -> ImageDataset:
-    """Load a suspect .npz without ever unpickling: object arrays and odd dtypes are refused."""
+# Every size is checked against these limits and against the bytes actually present before anything is
+# allocated, so a hostile header cannot make the loader ask for more memory than the file can fill.
+MAX_VALUES = 1 << 30  # values in one array or PNG folder (4 GiB as float32)
+NPY_DTYPES = "uifb"  # unsigned, signed, float, bool: read, then judged by the array's role (images or labels)
+ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+# What a corrupt archive or stream can raise while it is read (zlib, bz2 and lzma decoders included)
+_CORRUPT = (OSError, EOFError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, ValueError, NotImplementedError)
+
+
+@dataclass(frozen=True)
+class NpyHeader:
+    """What a .npy header declares: enough to check the array's size before reading it."""
+
+    shape: tuple[int, ...]
+    fortran_order: bool
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def read_npy_header(fh, size: int, name: str) -> NpyHeader:
+    """The header of a .npy stream of `size` bytes, checked (version, dtype, shape, declared size against
+    `size` and MAX_VALUES) before any data are read."""
+    from numpy.lib import format as npy
+
+    try:
+        version = npy.read_magic(fh)
+        if version not in ((1, 0), (2, 0)):
+            raise DataError(f"{name}: unsupported .npy format version {version[0]}.{version[1]}")
+        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        header = NpyHeader(*read_header(fh))
+    except DataError:
+        raise
+    except (ValueError, TypeError, SyntaxError, RecursionError, OverflowError) as exc:
+        raise DataError(f"{name}: not a readable .npy array header ({_first_line(exc)})") from None
+    shape, dtype = header.shape, header.dtype
+    if dtype.hasobject:
+        raise DataError(f"{name}: holds pickled objects; refusing to load them")
+    if dtype.kind not in NPY_DTYPES or dtype.fields is not None or dtype.subdtype is not None:
+        raise DataError(f"{name}: unsupported dtype {dtype}; need uint8 or float images and integer labels")
+    if any(d < 0 for d in shape):
+        raise DataError(f"{name}: invalid shape {shape}")
+    count = math.prod(shape)
+    if count > MAX_VALUES:
+        raise DataError(f"{name}: declares {count:,} values (shape {shape}), more than the limit of {MAX_VALUES:,}")
+    if fh.tell() + header.nbytes != size:
+        raise DataError(f"{name}: header declares shape {shape} of {dtype} ({header.nbytes:,} bytes) but the array "
+                        f"holds {size - fh.tell():,} bytes")
+    return header
+
+
+def read_npy_data(fh, header: NpyHeader, name: str) -> np.ndarray:
+    """The array after `header`, read in blocks as the bytes arrive (nothing allocated ahead of them)."""
+    buf = bytearray()
+    while len(buf) < header.nbytes:
+        block = fh.read(min(1 << 24, header.nbytes - len(buf)))
+        if not block:
+            raise DataError(f"{name}: truncated ({len(buf):,} of {header.nbytes:,} data bytes)")
+        buf += block
+    array = np.frombuffer(buf, dtype=header.dtype)
+    return array.reshape(header.shape[::-1]).T if header.fortran_order else array.reshape(header.shape)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:160]
+
+
+def read_npy(path: str | Path) -> np.ndarray:
+    """A suspect .npy file, its header checked before anything is read; never unpickled."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as fh:
+            return read_npy_data(fh, read_npy_header(fh, path.stat().st_size, str(path)), str(path))
+    except OSError as exc:
+        raise DataError(f"{path}: not a readable .npy ({type(exc).__name__})") from None
+
+
+def read_npz(path: str | Path, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Arrays `names` of a suspect .npz (the documents first, then their labels): every header checked
+    against its zip entry, and the labels' shape against the documents', before any array is read."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -198,20 +286,46 @@ def load_npz(path: str | Path, num_classes: int | None = None) -> ImageDataset:
         if fh.read(4) != b"PK\x03\x04":
             raise DataError(f"{path}: not a readable .npz (not a zip archive)")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = {"x", "y"} - set(archive.files)
+        with zipfile.ZipFile(path) as archive, contextlib.ExitStack() as stack:
+            entries = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+            missing = [n for n in names if n not in entries]
             if missing:
-                raise DataError(f"{path}: missing array(s) {', '.join(sorted(missing))} (need 'x' and 'y')")
-            x, y = archive["x"], archive["y"]
+                need = " and ".join(map(repr, names))
+                raise DataError(f"{path}: missing array(s) {', '.join(missing)} (need {need})")
+            streams = {}
+            for n in names:
+                info, member = entries[n], f"{path}[{n}]"
+                if info.flag_bits & 0x1:
+                    raise DataError(f"{member}: encrypted; refusing it")
+                if info.compress_type not in ZIP_METHODS:
+                    raise DataError(f"{member}: unsupported zip compression method {info.compress_type}")
+                fh = stack.enter_context(archive.open(info))
+                streams[n] = (fh, read_npy_header(fh, info.file_size, member))
+            documents = streams[names[0]][1].shape[:1]
+            for n in names[1:]:
+                if streams[n][1].shape != documents:
+                    raise DataError(f"{path}: labels must have shape ({documents[0] if documents else 0},), "
+                                    f"got shape {streams[n][1].shape}")
+            return {n: read_npy_data(fh, header, f"{path}[{n}]") for n, (fh, header) in streams.items()}
     except DataError:
         raise
-    except ValueError as exc:
-        if "pickle" in str(exc).lower():
-            raise DataError(f"{path}: holds pickled objects; refusing to load them") from None
-        raise DataError(f"{path}: not a readable .npz ({exc})") from None
-    except (OSError, zipfile.BadZipFile, EOFError, pickle.UnpicklingError) as exc:
-        raise DataError(f"{path}: not a readable .npz ({type(exc).__name__})") from None
-    return images_from_arrays(x, y, name=str(path), num_classes=num_classes)
+    except _CORRUPT as exc:
+        raise DataError(f"{path}: not a readable .npz ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def load_npz(path: str | Path, num_classes: int | None = None) -> ImageDataset:
+    """Load a suspect .npz without ever unpickling: object arrays and odd dtypes are refused."""
+    arrays = read_npz(path, ("x", "y"))
+    return images_from_arrays(arrays["x"], arrays["y"], name=str(path), num_classes=num_classes)
+
+
+def unit_float_images(x: np.ndarray, name: str) -> tuple[np.ndarray, float | None]:
+    """uint8 values become float32 on the 1/255 grid; float values are kept (grid None); others refused."""
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 255.0, GRID_8BIT
+    if np.issubdtype(x.dtype, np.floating):
+        return x.astype(np.float32), None
+    raise DataError(f"{name}: images 'x' must be uint8 or float, got dtype {x.dtype}")
 
 
 def images_from_arrays(x: np.ndarray, y: np.ndarray, name: str, num_classes: int | None = None) -> ImageDataset:
@@ -223,14 +337,7 @@ def images_from_arrays(x: np.ndarray, y: np.ndarray, name: str, num_classes: int
             raise DataError(f"{name}: labels 'y' must be integers, got dtype {y.dtype}")
     if x.ndim == 3:  # (N, H, W) greyscale
         x = x[:, None]
-    if x.dtype == np.uint8:
-        grid = GRID_8BIT
-        x = x.astype(np.float32) / 255.0
-    elif np.issubdtype(x.dtype, np.floating):
-        grid = None
-        x = x.astype(np.float32)
-    else:
-        raise DataError(f"{name}: images 'x' must be uint8 or float, got dtype {x.dtype}")
+    x, grid = unit_float_images(x, name)
     if num_classes is None:
         num_classes = int(y.max()) + 1 if len(y) else 0
     ds = ImageDataset(x, y, num_classes=num_classes, grid=grid, name=name)
@@ -241,34 +348,81 @@ def images_from_arrays(x: np.ndarray, y: np.ndarray, name: str, num_classes: int
     return ds
 
 
-def load_png_folder(path: str | Path, class_names: list[str] | None = None) -> ImageDataset:
-    """One sub-folder of PNGs per class (sorted names, or the order given); 8-bit grey or RGB."""
-    from PIL import Image, UnidentifiedImageError
+PNG_MODES = {"1": 1, "L": 1, "LA": 1, "P": 3, "RGB": 3, "RGBA": 3}  # 8-bit modes -> channels kept
 
+
+def png_shape(file: Path) -> tuple[int, int, int]:
+    """(channels, height, width) of a PNG from its header alone, nothing decoded: the format, the mode
+    and PIL's decompression-bomb limit are checked here."""
+    import warnings
+
+    from PIL import Image
+
+    if not file.is_file():
+        raise DataError(f"{file}: not a regular file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file) as im:
+                fmt, mode, (width, height) = im.format, im.mode, im.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"{file}: image too large (over PIL's decompression-bomb limit)") from None
+    except (*_CORRUPT, SyntaxError) as exc:
+        raise DataError(f"{file}: not a readable PNG ({type(exc).__name__})") from None
+    if fmt != "PNG":
+        raise DataError(f"{file}: a {fmt} file named .png; convert it to PNG")
+    if mode not in PNG_MODES:
+        raise DataError(f"{file}: PNG mode {mode!r}; need 8-bit grey or RGB")
+    return PNG_MODES[mode], height, width
+
+
+def read_png(file: Path, channels: int) -> np.ndarray:
+    """A PNG checked by `png_shape` as uint8 (channels, H, W), grey (1) or RGB (3)."""
+    from PIL import Image
+
+    try:
+        with Image.open(file) as im:
+            arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    except (*_CORRUPT, SyntaxError) as exc:
+        raise DataError(f"{file}: not a readable PNG ({type(exc).__name__}: {_first_line(exc)})") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def load_png_folder(path: str | Path, class_names: list[str] | None = None) -> ImageDataset:
+    """One sub-folder of PNGs per class (sorted names, or the order given); 8-bit grey or RGB.
+
+    Every header is read first (formats, modes, sizes, count against MAX_VALUES); only then is
+    anything decoded. A nested folder inside a class folder is refused rather than silently skipped."""
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"{path}: no such folder")
-    names = class_names or sorted(p.name for p in path.iterdir() if p.is_dir())
+    names = class_names or sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not names:
         raise DataError(f"{path}: no class sub-folders found")
-    images, labels, shape = [], [], None
+    files: list[tuple[Path, int]] = []
     for label, cname in enumerate(names):
-        for file in sorted((path / cname).glob("*.png")):
-            try:
-                with Image.open(file) as im:
-                    arr = np.asarray(im.convert("L" if im.mode in ("L", "LA", "1", "I;16") else "RGB"))
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DataError(f"{file}: not a readable PNG ({type(exc).__name__})") from None
-            arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-            if shape is not None and arr.shape != shape:
-                raise DataError(f"{file}: image shape {arr.shape} differs from {shape}")
-            shape = arr.shape
-            images.append(arr)
-            labels.append(label)
-    if not images:
+        folder = path / cname
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                raise DataError(f"{entry}: a folder inside class folder {cname!r}; a class folder holds PNG files only")
+            if entry.suffix.lower() == ".png":
+                files.append((entry, label))
+    if not files:
         raise DataError(f"{path}: no PNG files found")
-    return ImageDataset(np.stack(images).astype(np.float32) / 255.0, np.asarray(labels), num_classes=len(names),
-                        grid=GRID_8BIT, name=str(path), class_names=list(names))
+    shape = png_shape(files[0][0])
+    for file, _ in files[1:]:
+        other = png_shape(file)
+        if other != shape:
+            raise DataError(f"{file}: image shape {other} differs from {shape}")
+    if len(files) * math.prod(shape) > MAX_VALUES:
+        raise DataError(f"{path}: {len(files):,} images of shape {shape} exceed the limit of {MAX_VALUES:,} values")
+    images = [read_png(file, shape[0]) for file, _ in files]
+    return ImageDataset(np.stack(images).astype(np.float32) / 255.0, np.asarray([label for _, label in files]),
+                        num_classes=len(names), grid=GRID_8BIT, name=str(path), class_names=list(names))
 
 
 def load_suspect(path: str | Path) -> ImageDataset:

@@ -179,6 +179,9 @@ class AttackEvaluation:
         self.config, self.run_dir, self.progress = config, Path(run_dir), progress
         self.victim = Victim.train(config.scenario, config.attack.protocol, self.run_dir / "artefacts", progress)
         self.scenario, self.trained = self.victim.scenario, self.victim.trained
+        self.quality = {"figure": "test accuracy", "value": accuracy(self.victim.before, self.scenario.data.test),
+                        "floor": config.scenario.quality_floor}
+        config.scenario.check_quality(self.quality["figure"], self.quality["value"])
         infl = config.attack.influence
         self.context = AttackContext(self.scenario, self.trained, self.victim.attack_epoch, infl.backend,
                                      infl.damping, cache_dir=self.run_dir / "artefacts")

@@ -1,15 +1,22 @@
-"""Atomic file writes, JSON lines and content hashes: results never half-written, caches keyed by content."""
+"""Atomic file writes, JSON lines, content hashes, recorded hashes of cached artefacts and run-directory
+locks: results never half-written, caches keyed by content and checked before reuse, one writer per run."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 _UMASK = os.umask(0)
@@ -130,3 +137,92 @@ def repair_jsonl(path: str | os.PathLike) -> int:
     with open(path, "r+b") as fh:
         fh.truncate(keep)
     return len(data) - keep
+
+
+# --------------------------------------------------------------------------- cached artefacts
+HASH_SUFFIX = ".sha256"
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + HASH_SUFFIX)
+
+
+def content_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, or of a folder's files (their relative names and contents, in sorted order)."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for file in files:
+        if path.is_dir():
+            h.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def record_hash(path: str | os.PathLike) -> Path:
+    """Record the sha256 of a cached artefact (a file or a folder) in PATH.sha256, written after the
+    artefact itself: an artefact without its record was interrupted and is never trusted."""
+    path = Path(path)
+    return atomic_write_text(_sidecar(path), content_sha256(path) + "\n")
+
+
+def verified(path: str | os.PathLike) -> bool:
+    """Whether a cached artefact exists and still matches its recorded hash. A damaged or unrecorded one
+    gets a warning naming it (the caller recomputes it); a missing one is simply not there."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    try:
+        recorded = _sidecar(path).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        log.warning("%s: cached artefact has no readable recorded hash; recomputing it", path)
+        return False
+    if content_sha256(path) != recorded:
+        log.warning("%s: cached artefact does not match its recorded hash (damaged); recomputing it", path)
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- locks
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def waiting_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold an flock on `path`, waiting for it: processes that share a cache (bench workers fitting the same
+    influence factors) take turns, so the second finds the first's verified artefact instead of rewriting it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield path
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def run_lock(directory: str | os.PathLike) -> Iterator[Path]:
+    """Hold DIR/.lock (an flock, released by the kernel when the process dies, however it dies) while a
+    run writes DIR; a second process on the same directory is refused rather than interleaving records."""
+    from .errors import UserError
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise UserError(f"{directory} is in use by another infusion-audit process (pid {holder}); "
+                            "wait for it or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield directory
+    finally:
+        os.close(fd)  # closing the only descriptor releases the lock

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import ScenarioConfig, TrainConfig, to_dict
+from .config import ScenarioConfig, TrainConfig
 from .data import DatasetSplit, build_dataset
 from .errors import DataError
-from .io import stable_hash, write_json
+from .io import record_hash, stable_hash, verified, write_json
 from .models import build_model
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def epoch_order(dataset, cfg: TrainConfig, epoch: int) -> np.ndarray:
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
@@ -196,7 +196,7 @@ class Scenario:
 
     def fingerprint(self) -> str:
         """What the trained checkpoints depend on: the config and the training data's content."""
-        return stable_hash({"scenario": to_dict(self.config), "data": self.data.train.content_hash()})
+        return stable_hash({"scenario": self.config.identity(), "data": self.data.train.content_hash()})
 
 
 @dataclass
@@ -213,21 +213,26 @@ class TrainedScenario:
 
 
 def train_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True) -> TrainedScenario:
-    """Train with a checkpoint per epoch under out_dir/<fingerprint>/; finished epochs are reused (resume)."""
+    """Train with a checkpoint per epoch under out_dir/<fingerprint>/; finished epochs are reused (resume).
+
+    Each checkpoint is reused only while it matches the hash recorded when it was written: training
+    resumes after the last intact epoch, so a damaged one is recomputed (with a warning), never loaded."""
     cfg = scenario.train_cfg
     ckpt_dir = Path(out_dir) / f"train-{scenario.fingerprint()}"
     paths = [ckpt_dir / f"epoch-{e:03d}.pt" for e in range(cfg.epochs + 1)]
     metrics_path = ckpt_dir / "metrics.json"
-    done = [p.exists() for p in paths]
-    if all(done) and metrics_path.exists():
+    intact = 0  # epochs 0..intact-1 verified
+    while intact < len(paths) and verified(paths[intact]):
+        intact += 1
+    if intact == len(paths) and verified(metrics_path):
         import json
 
         return TrainedScenario(scenario, paths, json.loads(metrics_path.read_text()))
     model = scenario.new_model()
     start = None
-    resume = max((e for e, ok in enumerate(done) if ok), default=None)
+    resume = intact - 1 if intact else None
     if resume is None:
-        Checkpoint.capture(0, model, make_optimizer(model, cfg)).save(paths[0])
+        record_hash(Checkpoint.capture(0, model, make_optimizer(model, cfg)).save(paths[0]))
     else:
         start = Checkpoint.load(paths[resume])
         log.info("resuming training from epoch %d", resume)
@@ -235,7 +240,7 @@ def train_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = Tru
     t0 = time.perf_counter()
 
     def on_epoch(ckpt: Checkpoint) -> None:
-        ckpt.save(paths[ckpt.epoch])
+        record_hash(ckpt.save(paths[ckpt.epoch]))
         history.append({"epoch": ckpt.epoch, "test_accuracy": accuracy(model, scenario.data.test)})
 
     train(model, scenario.data.train, cfg, start=start, on_epoch=on_epoch, progress=progress)
@@ -248,7 +253,7 @@ def train_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = Tru
         "n_test": len(scenario.data.test),
         "history": history,
     }
-    write_json(metrics_path, metrics)
+    record_hash(write_json(metrics_path, metrics))
     return TrainedScenario(scenario, paths, metrics)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import difflib
+import io
 import json
 import logging
 import math
@@ -88,9 +89,9 @@ def load_records(run_dir: Path) -> dict[str, list[dict]]:
     path = run_dir / "results.jsonl"
     if not path.exists():
         raise UserError(f"{run_dir}: no results.jsonl here; is this a run directory written by `infusion-audit bench`?")
-    by_kind: dict[str, list[dict]] = {"attack": [], "detection": [], "defence": []}
+    by_kind: dict[str, list[dict]] = {"attack": [], "detection": [], "defence": [], "skip": []}
     needs = {"attack": ["attack", "budget", "delta_p", "delta_logodds"],
-             "detection": ["attack", "budget", "detector", "cell"],
+             "detection": ["attack", "budget", "detector", "cell"], "skip": ["detector", "reason"],
              "defence": ["attack", "budget", "detector", "cell", "delta_p_after", "acc_after", "acc_control"]}
     for i, record in enumerate(read_jsonl(path), start=1):
         kind = record.get("kind") if isinstance(record, dict) else None
@@ -258,6 +259,24 @@ def summarise_defence(records: list[dict], attacks: list[dict], arms: Arms, meas
     return rows
 
 
+def summarise_run(records: dict[str, list[dict]]) -> dict:
+    """Every per-arm summary of a run's records (by kind): 'attacks', 'detection', 'defence', and the
+    'defence_measure' the defence rows compare (see defence_measure)."""
+    arms = Arms(records["attack"])
+    attacks = summarise_attacks(records["attack"], arms)
+    measure = defence_measure(records["defence"])
+    return {"attacks": attacks, "detection": summarise_detection(records["detection"], arms),
+            "defence": summarise_defence(records["defence"], attacks, arms, measure), "defence_measure": measure}
+
+
+def summarise_not_run(records: list[dict]) -> list[dict]:
+    """Each distinct reason a detector did not run (a 'skip' record per cell), with how many runs it held for."""
+    counts: dict[tuple, int] = defaultdict(int)
+    for r in records:
+        counts[(str(r["detector"]), str(r["reason"]))] += 1
+    return [{"detector": d, "reason": reason, "n": n} for (d, reason), n in sorted(counts.items())]
+
+
 def build_verdict(attacks: list[dict], detection: list[dict], defence: list[dict]) -> dict:
     """One row per attack arm at its largest budget: does it work, who catches it, what removal costs."""
     rows = []
@@ -422,6 +441,18 @@ def _timings(records: dict[str, list[dict]]) -> list[dict]:
     return [{"stage": s, "n": len(v), "total": sum(v), "mean": mean_ci(v)} for s, v in sorted(stages.items())]
 
 
+def _task_quality(provenance: Any) -> dict | None:
+    """How well the attacked model does its own task (provenance.json's task_quality), when recorded."""
+    quality = provenance.get("task_quality") if isinstance(provenance, dict) else None
+    if not isinstance(quality, dict) or not isinstance(quality.get("figure"), str):
+        return None
+    value, floor = quality.get("value"), quality.get("floor")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    return {"figure": quality["figure"], "value": float(value),
+            "floor": float(floor) if isinstance(floor, (int, float)) and not isinstance(floor, bool) else None}
+
+
 def _class_names(provenance: Any, scenario: str | None) -> list[str]:
     names = provenance.get("class_names") if isinstance(provenance, dict) else None
     if isinstance(names, dict):
@@ -472,12 +503,9 @@ def render_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
     records = load_records(run_dir)
-    arms = Arms(records["attack"])
-    attacks = summarise_attacks(records["attack"], arms)
-    detection = summarise_detection(records["detection"], arms)
-    measure = defence_measure(records["defence"])
-    defence_label = EFFECT_LABEL if measure == "delta_logodds" else "Δp"
-    defence = summarise_defence(records["defence"], attacks, arms, measure)
+    summaries = summarise_run(records)
+    attacks, detection, defence = summaries["attacks"], summaries["detection"], summaries["defence"]
+    defence_label = EFFECT_LABEL if summaries["defence_measure"] == "delta_logodds" else "Δp"
     provenance = _read_optional_json(run_dir / "provenance.json")
     config_path = run_dir / "config.yaml"
     gallery = [item for a in attacks if (item := _gallery_item(run_dir, a, provenance)) is not None]
@@ -494,7 +522,9 @@ def render_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         "gallery": gallery,
         "config_text": config_path.read_text(encoding="utf-8") if config_path.exists() else None,
         "provenance": _sections(provenance, "run"),
+        "quality": _task_quality(provenance),
         "timings": _timings(records),
+        "not_run": summarise_not_run(records["skip"]), "n_cells": len({r.get("cell") for r in records["attack"]}),
         "rules": {"success": SUCCESS_RULE, "catch": CATCH_RULE,
                   "logodds": [text for domain, text in LOGODDS_DEFINITIONS.items()
                               if any(r.get("domain", "image") == domain for r in records["attack"])]},
@@ -537,14 +567,19 @@ def render_scan_report(scan_dir: str | Path, out: str | Path | None = None) -> P
     if not scores_path.exists():
         raise UserError(f"{scan_dir}: no scores.csv here; is this a directory written by `infusion-audit scan`?")
     summary = _read_optional_json(scan_dir / "summary.json")
-    summary = summary if isinstance(summary, dict) else {}
-    with open(scores_path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        rows = list(reader)
-        fieldnames = list(reader.fieldnames or [])
+    html = scan_report_html(scores_path.read_text(encoding="utf-8"), summary if isinstance(summary, dict) else {},
+                            f"Dataset scan: {scan_dir.resolve().name}", str(scores_path))
+    return atomic_write_text(Path(out) if out else scan_dir / "report.html", html)
+
+
+def scan_report_html(scores_csv: str, summary: dict, title: str, source: str = "scores.csv") -> str:
+    """The scan page from the text of scores.csv and the summary dict (`source` names the CSV in errors)."""
+    reader = csv.DictReader(io.StringIO(scores_csv, newline=""))
+    rows = list(reader)
+    fieldnames = list(reader.fieldnames or [])
     score_cols = _score_columns(fieldnames)
     if not score_cols:
-        raise DataError(f"{scores_path}: no '<detector>_score' columns")
+        raise DataError(f"{source}: no '<detector>_score' columns")
     ranks = {}
     for detector, col in score_cols:
         if f"{detector}_rank" in fieldnames:  # the scan's own ranks (ties share the best rank)
@@ -570,7 +605,7 @@ def render_scan_report(scan_dir: str | Path, out: str | Path | None = None) -> P
     detectors = [d for d in summary.get("detectors") or [] if isinstance(d, dict)]
     data = summary.get("data") if isinstance(summary.get("data"), dict) else {}
     context = {
-        "title": f"Dataset scan: {scan_dir.resolve().name}", "version": __version__,
+        "title": title, "version": __version__,
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "n_documents": len(rows), "score_detectors": [d for d, _ in score_cols], "table": table,
         "columns": columns, "shown": min(SCAN_ROWS, len(rows)),
@@ -582,8 +617,7 @@ def render_scan_report(scan_dir: str | Path, out: str | Path | None = None) -> P
         "summary": _sections({k: v for k, v in summary.items()
                               if k not in ("detection", "detectors", "skipped", "columns") and v is not None}, "scan"),
     }
-    html = _environment().get_template("scan.html.j2").render(**context)
-    return atomic_write_text(Path(out) if out else scan_dir / "report.html", html)
+    return _environment().get_template("scan.html.j2").render(**context)
 
 
 # --------------------------------------------------------------------------- CLI

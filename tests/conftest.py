@@ -62,5 +62,5 @@ def small_bench(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("small-bench")
     (root / "bench.yaml").write_text(SMALL_BENCH)
-    report = bench(root / "bench.yaml", root / "run", progress=False)
-    return root / "run", report
+    result = bench(root / "bench.yaml", root / "run", progress=False)
+    return root / "run", result.report

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..io import array_hash, stable_hash
+from ..io import array_hash, record_hash, stable_hash, verified, waiting_lock
 from ..training import classification_loss
 from .gradients import LossFn, capture_output, flatten, trainable_parameters, unflatten
 
@@ -231,13 +231,18 @@ class EkfacIHVP(IHVP):
             warnings.simplefilter("ignore", FutureWarning)  # kronfluence's deprecated GradScaler call
             analyzer = Analyzer(self.analysis_name, prepared, task, cpu=device.type == "cpu", disable_tqdm=True,
                                 output_dir=str(cache_dir), log_level=logging.WARNING)
-            cached = (Path(cache_dir) / self.analysis_name / "factors_factors" / "lambda_matrix.safetensors").exists()
-            if not cached:
-                collate = lambda idx: dataset.batch(np.asarray(idx), device)  # noqa: E731
-                analyzer.fit_all_factors("factors", _IndexDataset(len(dataset)), per_device_batch_size=batch_size,
-                                         dataloader_kwargs=DataLoaderKwargs(collate_fn=collate),
-                                         factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
-            factors = analyzer.load_all_factors("factors")
+            factors_dir = Path(cache_dir) / self.analysis_name / "factors_factors"
+            with waiting_lock(Path(cache_dir) / f"{self.analysis_name}.lock"):
+                cached = verified(factors_dir)  # a damaged or unrecorded cache is refitted, with a warning
+                if not cached:
+                    collate = lambda idx: dataset.batch(np.asarray(idx), device)  # noqa: E731
+                    analyzer.fit_all_factors("factors", _IndexDataset(len(dataset)),
+                                             per_device_batch_size=batch_size,
+                                             dataloader_kwargs=DataLoaderKwargs(collate_fn=collate),
+                                             factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
+                    if tmp is None:
+                        record_hash(factors_dir)
+                factors = analyzer.load_all_factors("factors")
         if tmp is not None:
             tmp.cleanup()
         return factors, cached

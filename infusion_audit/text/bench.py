@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ..bench import package_versions
 from ..config import to_dict
 from ..io import append_jsonl_many, read_jsonl, repair_jsonl, stable_hash, write_json
+from ..runtime import threads_info
 from .evaluation import CaesarEvaluation, TextAuditConfig
 
 log = logging.getLogger(__name__)
@@ -41,16 +42,19 @@ def run_text_bench(config: TextAuditConfig, out: Path, progress: bool = True) ->
 
 
 def provenance(config: TextAuditConfig, evaluation: CaesarEvaluation, seconds: float, units_run: int) -> dict:
-    """Versions, seeds, corpus hashes, training metrics and setup timings: what a reviewer needs to repeat the run."""
+    """Versions, threads, seeds, corpus hashes, training metrics and setup timings: what a reviewer needs to repeat
+    the run."""
     train, test = evaluation.train_set, evaluation.test_set
     return {
-        "domain": "text", "packages": package_versions(), "config_hash": stable_hash(to_dict(config)),
+        "domain": "text", "packages": package_versions(), "compute": threads_info(),
+        "config_hash": stable_hash(to_dict(config)),
         "seeds": {"data": config.scenario.dataset.params.get("seed"), "train": config.scenario.train.seed,
                   "attack": config.attack.seeds},
         "data": {"train_hash": train.content_hash(), "test_hash": test.content_hash(),
                  "n_train": len(train), "n_test": len(test)},
         "training": {config.scenario.model.name: {k: v for k, v in evaluation.trained.metrics.items()
                                                   if k != "history"}},
+        "task_quality": evaluation.quality,
         "decryption_accuracy": {"trained": evaluation.acc_before, "control": evaluation.acc_control},
         "ihvp": evaluation.ihvp.info,
         "seconds_this_invocation": round(seconds, 2), "units_run_this_invocation": units_run,

@@ -3,8 +3,8 @@
 Token edits are sparse (a couple of tokens in a document), so the text-native signals are per token:
 the most surprising token under the trained model, and, with a trusted copy, the count of changed
 tokens. The shared feature-space and loss detectors run unchanged once the context is handed
-document features (mean last hidden state over real tokens) and document losses: `text_context`
-builds such a context.
+document features (the final hidden state, as the language-model head reads it, averaged over
+real tokens) and document losses: `text_context` builds such a context.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..detectors.base import AuditContext, Detector
+from ..detectors.features import FeatureExtractor
 from ..detectors.influence import InfluenceOutlier
 from ..registry import DETECTORS
 from .behaviours import measurement_gradient
@@ -28,28 +29,35 @@ def _batches(dataset: TextDataset, batch_size: int):
 
 
 @torch.no_grad()
-def document_features(model: nn.Module, dataset: TextDataset, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Per document: the mean last hidden state over real tokens (features) and the mean token loss."""
+def document_features(model: nn.Module, dataset: TextDataset, batch_size: int = 256,
+                      extractor: FeatureExtractor | None = None) -> tuple[np.ndarray | None, np.ndarray]:
+    """Per document: the final hidden state averaged over real tokens (what `extractor` takes, by default
+    the input of the language-model head; None when it takes none) and the mean token loss."""
     model.eval()
     device = next(model.parameters()).device
+    extractor = extractor or FeatureExtractor(model)
     feats, losses = [], []
     for ids, mask in _batches(dataset, batch_size):
         ids, mask = ids.to(device), mask.to(device)
-        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        weights = mask[..., None].float()
-        feats.append(((out.hidden_states[-1] * weights).sum(1) / weights.sum(1)).cpu().numpy())
-        token = F.cross_entropy(out.logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        hidden, logits = extractor(input_ids=ids, attention_mask=mask)
+        if hidden is not None:
+            weights = mask[..., None].float()
+            feats.append(((hidden * weights).sum(1) / weights.sum(1)).float().cpu().numpy())
+        token = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
         real = mask[:, 1:].float()
         losses.append(((token * real).sum(1) / real.sum(1).clamp_min(1)).cpu().numpy())
-    return np.concatenate(feats), np.concatenate(losses).astype(np.float64)
+    features = np.concatenate(feats) if extractor.problem is None else None
+    return features, np.concatenate(losses).astype(np.float64)
 
 
 def text_context(data: TextDataset, model: nn.Module, reference: TextDataset | None = None, behaviour=None,
                  **kw) -> AuditContext:
-    """An audit context for a text corpus: features and losses precomputed, the LM loss for gradients."""
+    """An audit context for a text corpus: features and losses precomputed, the LM loss for gradients.
+
+    Where no features can be taken from the model, the detectors that read them are skipped with the reason."""
     context = AuditContext(data, model=model, reference=reference, behaviour=behaviour, loss_fn=lm_loss, **kw)
-    features, losses = document_features(model, data, context.batch_size)
-    return context.provide(features=features, losses=losses)
+    features, losses = document_features(model, data, context.batch_size, context.extractor)
+    return context.provide(losses=losses, **({} if features is None else {"features": features}))
 
 
 @DETECTORS.register("token-surprisal")

@@ -29,10 +29,10 @@ from ..stats import mean_ci, paired_test, wilson
 from ..training import continue_training
 from .attacks import TextAttackContext, TextPoisoning
 from .behaviours import (CaesarTarget, CompletionBehaviour, caesar_behaviour, caesar_explicit_documents,
-                         decryption_behaviour, measurement_gradient)
+                         measurement_gradient)
 from .data import CaesarDocument, TextDataset, write_poisoned_text
 from .models import lm_loss
-from .scenario import TextScenario, train_text_scenario
+from .scenario import TextScenario, decryption_accuracy, train_text_scenario
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,9 @@ class CaesarEvaluation:
         if epochs < 2:
             raise UserError("text evaluation retrains from epoch E-1: the scenario needs at least 2 epochs")
         self.model = self.trained.model(epochs)
+        figure, value = self.scenario.task_quality(self.model)
+        self.quality = {"figure": figure, "value": value, "floor": config.scenario.quality_floor}
+        config.scenario.check_quality(figure, value)
         self.start = self.trained.checkpoint(epochs - 1)
         self.train_set: TextDataset = self.scenario.data.train
         self.test_set: TextDataset = self.scenario.data.test
@@ -112,9 +115,8 @@ class CaesarEvaluation:
         t0 = time.perf_counter()
         self.control = continue_training(self.scenario, self.start, self.train_set)
         self.timings["control_retrain"] = time.perf_counter() - t0
-        accuracy = decryption_behaviour(self.test_set)
-        self.acc_before = float(accuracy.greedy_hits(self.model).mean())
-        self.acc_control = float(accuracy.greedy_hits(self.control).mean())
+        self.acc_before = decryption_accuracy(self.model, self.test_set)
+        self.acc_control = decryption_accuracy(self.control, self.test_set)
         t0 = time.perf_counter()
         attack = config.attack
         kw = {"cache_dir": self.out_dir / "artefacts" / "ekfac"} if attack.ihvp == "ekfac" else {}
@@ -163,7 +165,7 @@ class CaesarEvaluation:
         """Stable id of one (target, seed): the same scenario and attack settings give the same key, so a rerun
         (even with more targets or seeds) skips what is already in results.jsonl."""
         attack = {k: v for k, v in to_dict(self.config.attack).items() if k not in ("targets", "seeds")}
-        return stable_hash({"scenario": to_dict(self.config.scenario), "attack": attack,
+        return stable_hash({"scenario": self.config.scenario.identity(), "attack": attack,
                             "target": target.as_dict(), "seed": seed})
 
     def run_unit(self, target: CaesarTarget, seed: int = 0) -> list[dict]:
@@ -205,7 +207,7 @@ class CaesarEvaluation:
         t_retrain = time.perf_counter() - t0
         after = measure_text(poisoned, prep["behaviour"], prep["reference"])
         before, control = prep["before"], prep["control"]
-        acc_poisoned = float(decryption_behaviour(self.test_set).greedy_hits(poisoned).mean())
+        acc_poisoned = decryption_accuracy(poisoned, self.test_set)
         artefact = Path("artefacts") / "poisoned" / f"{attack}-s{target.shift}-t{target.target_shift}-seed{seed}-{cell}"
         write_poisoned_text(self.out_dir / artefact, self.train_set, poisoning.dataset, poisoning.indices,
                             {"attack": attack, "target": target.as_dict(), "seed": seed, "config": to_dict(a)},

@@ -1,0 +1,26 @@
+"""The process's compute settings, set one way for every command and recorded with every run.
+
+Torch's CPU kernels split sums across threads, so the thread count changes the order floats are
+added in and with it the last bits of every gradient; a long training run can amplify those bits.
+One thread per process gives the same arithmetic on every machine, which is why it is the default.
+"""
+
+from __future__ import annotations
+
+import os
+
+DEFAULT_THREADS = 1
+
+
+def set_threads(n: int = DEFAULT_THREADS) -> None:
+    """Use `n` torch threads in this process (the CLI's --threads; each bench worker calls it too)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(n)))
+
+
+def threads_info() -> dict:
+    """What provenance.json records about the compute: torch threads in this process and the machine's cores."""
+    import torch
+
+    return {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}

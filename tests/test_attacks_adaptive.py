@@ -1,0 +1,181 @@
+"""Capable attackers: detector-aware Infusion, gradient matching (ours and ART's), and the unedited-selection null."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from infusion_audit.attacks import AttackContext, evasive
+from infusion_audit.attacks.gradient_matching import _mismatch
+from infusion_audit.behaviour import sample_targets
+from infusion_audit.config import ScenarioConfig
+from infusion_audit.detectors import AuditContext
+from infusion_audit.errors import PluginError, UserError
+from infusion_audit.influence import per_example_gradients
+from infusion_audit.metrics import auroc
+from infusion_audit.registry import ATTACKS
+from infusion_audit.training import Scenario, train_scenario
+
+
+@pytest.fixture(scope="module")
+def context(tmp_path_factory):
+    scenario = Scenario.from_config(ScenarioConfig())
+    trained = train_scenario(scenario, tmp_path_factory.mktemp("train"), progress=False)
+    return AttackContext(scenario, trained, damping=1e-3, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def targets(context):
+    return sample_targets(context.test, 2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def clean_losses(context):
+    return AuditContext(context.train, model=context.model, progress=False).losses()
+
+
+def test_adaptive_attacks_are_registered():
+    assert {"infusion-evasive", "gradient-matching", "gradient-matching-art"} <= set(ATTACKS.names())
+
+
+# --------------------------------------------------------------------------- detector-aware Infusion
+def test_evasive_without_detectors_or_stealth_is_infusion(context, targets):
+    plain = ATTACKS.get("infusion")(steps=5).craft(context, targets[0])
+    same = ATTACKS.get("infusion-evasive")(steps=5).craft(context, targets[0])
+    np.testing.assert_array_equal(same.indices, plain.indices)
+    np.testing.assert_array_equal(same.x, plain.x)
+
+
+def test_evasive_selection_takes_the_most_negative_influence_among_documents_the_detector_passes(
+        context, targets, clean_losses, monkeypatch):
+    calls = []
+    real_run = evasive.run_detector
+    monkeypatch.setattr(evasive, "run_detector", lambda *a: calls.append(a[0].name) or real_run(*a))
+    attack = ATTACKS.get("infusion-evasive")(steps=3, evade=["loss-outlier"], evade_quantile=0.9)
+    limit = np.quantile(clean_losses, 0.9)
+    plain = context.select(targets[0], 14, "most-negative", 0)
+    assert (clean_losses[plain] > limit).sum() >= 3  # what plain Infusion picks: the documents loss-outlier ranks high
+    for target in targets:
+        p = attack.craft(context, target)
+        assert (clean_losses[p.indices] <= limit).all()
+        eligible = np.flatnonzero(clean_losses <= limit)
+        scores = context.scores(target)
+        np.testing.assert_array_equal(p.indices, np.sort(eligible[np.argsort(scores[eligible], kind="stable")[:14]]))
+        norms = p.norms(context.train)
+        assert norms["linf"] == pytest.approx(1 / 16) and norms["off_grid"] == 0 and norms["out_of_range"] == 0
+    assert calls == ["loss-outlier"]  # scored once on the clean set, shared by every target
+    assert "evade=loss-outlier@0.9" in attack.variant()
+
+
+def test_stealth_penalty_keeps_edits_closer_to_the_clean_distribution(context, targets):
+    free = ATTACKS.get("infusion-evasive")(steps=10, quantize=False)
+    stealthy = ATTACKS.get("infusion-evasive")(steps=10, quantize=False, stealth=10.0)
+    a, b = free.craft(context, targets[0]), stealthy.craft(context, targets[0])
+    np.testing.assert_array_equal(a.indices, b.indices)
+    y = torch.from_numpy(context.train.y[a.indices])
+    x0 = torch.from_numpy(context.train.x[a.indices])
+    before = stealthy.penalty(context, x0, y).sum().item()
+    free_penalty = stealthy.penalty(context, torch.from_numpy(a.x), y).sum().item()
+    stealth_penalty = stealthy.penalty(context, torch.from_numpy(b.x), y).sum().item()
+    assert before > 0  # the most influential documents are unusual before any edit
+    assert stealth_penalty < min(before, free_penalty)
+    assert np.abs(b.x - context.train.x[b.indices]).max() <= 1 / 16 + 1e-6
+
+
+def test_evasive_bad_options_are_one_line_errors(context, targets):
+    with pytest.raises(PluginError):
+        ATTACKS.get("infusion-evasive")(evade=["no-such-detector"])
+    with pytest.raises(UserError, match="evade_quantile"):
+        ATTACKS.get("infusion-evasive")(evade_quantile=0)
+    with pytest.raises(UserError, match="stealth"):
+        ATTACKS.get("infusion-evasive")(stealth=-1)
+    with pytest.raises(UserError, match="cannot evade 'token-surprisal'"):  # scores text, not these images
+        ATTACKS.get("infusion-evasive")(steps=1, evade=["token-surprisal"]).craft(context, targets[0])
+
+
+# --------------------------------------------------------------------------- gradient matching
+def test_gradient_matching_edits_target_class_documents_towards_the_target_gradient(context, targets):
+    target = targets[0]
+    p = ATTACKS.get("gradient-matching")(steps=30, restarts=2).craft(context, target)
+    train = context.train
+    assert len(p.indices) == 14 and (train.y[p.indices] == target.cls).all()
+    np.testing.assert_array_equal(p.y, train.y[p.indices])  # clean-label
+    norms = p.norms(train)
+    assert norms["linf"] == pytest.approx(1 / 16) and norms["off_grid"] == 0 and norms["out_of_range"] == 0
+    # the k documents of class t with the largest gradient norm
+    of_class = np.flatnonzero(train.y == target.cls)
+    norm = per_example_gradients(context.model, train, of_class).double().norm(dim=1).numpy()
+    np.testing.assert_array_equal(p.indices, np.sort(of_class[np.argsort(-norm)[:14]]))
+    x0, y = train.batch(p.indices)
+    x_star, _ = context.test.batch([target.index])
+    mismatch = _mismatch(context.model, x0, y, x_star, target.cls)
+    unedited = 1 - mismatch(torch.zeros_like(x0)).item()
+    assert p.meta["alignment"] == pytest.approx(1 - mismatch(torch.from_numpy(p.x) - x0).item(), abs=1e-5)
+    assert p.meta["alignment"] == max(p.meta["restart_alignments"]) > unedited + 0.1
+
+
+def test_gradient_matching_random_selection_and_options(context, targets):
+    a = ATTACKS.get("gradient-matching")(steps=2, restarts=1, selection="random").craft(context, targets[1])
+    b = ATTACKS.get("gradient-matching")(steps=2, restarts=1, selection="random", seed=1).craft(context, targets[1])
+    assert (context.train.y[a.indices] == targets[1].cls).all() and not np.array_equal(a.indices, b.indices)
+    with pytest.raises(UserError, match="L-inf"):
+        ATTACKS.get("gradient-matching")(norm="l2")
+    with pytest.raises(UserError, match="exceeds"):
+        ATTACKS.get("gradient-matching")(k=500).craft(context, targets[1])
+
+
+@pytest.mark.slow
+def test_gradient_matching_against_art_on_the_same_targets_and_budget(tmp_path):
+    """ART's GradientMatchingAttack and ours, same scenario, targets, budget and optimisation effort,
+    both measured against the clean control by the project's evaluation."""
+    pytest.importorskip("art")
+    from infusion_audit.config import load_config
+    from infusion_audit.evaluation import AttackEvaluation, AttackRunConfig, AttackSpec, TargetsConfig
+
+    cfg = load_config(AttackRunConfig, "digits")
+    effort = {"steps": 40, "restarts": 2}
+    cfg.attack.attacks = [AttackSpec("gradient-matching", effort), AttackSpec("gradient-matching-art", effort)]
+    cfg.attack.targets = TargetsConfig(n=2, seed=0)
+    cfg.attack.write_artefacts = False
+    evaluation = AttackEvaluation(cfg, tmp_path, progress=False)
+    records = {}
+    for spec, target, seed in evaluation.cells():
+        crafted = evaluation.craft(spec, target, seed)
+        record, _ = evaluation.record(crafted)
+        p = crafted.poisoning
+        train = evaluation.scenario.data.train
+        assert len(p.indices) == 14 and (train.y[p.indices] == target.cls).all()
+        assert record["norms"]["off_grid"] == 0 and record["norms"]["linf"] <= 1 / 16 + 1e-6
+        assert np.isfinite(record["delta_logodds"])
+        x0, y = train.batch(p.indices)
+        x_star, _ = evaluation.scenario.data.test.batch([target.index])
+        mismatch = _mismatch(evaluation.context.model, x0, y, x_star, target.cls)
+        records[spec.name, target] = (record, 1 - mismatch(torch.from_numpy(p.x) - x0).item())
+    for target in evaluation.targets():
+        ours, art = records["gradient-matching", target], records["gradient-matching-art", target]
+        assert ours[1] > art[1]  # ours matches the target gradient better on the same budget
+    mean = {name: np.mean([r[0]["delta_logodds"] for (n, _), r in records.items() if n == name])
+            for name in ("gradient-matching", "gradient-matching-art")}
+    assert mean["gradient-matching"] > 0 and mean["gradient-matching"] >= mean["gradient-matching-art"]
+
+
+# --------------------------------------------------------------------------- the null of a detection figure
+def test_unedited_selection_is_scored_as_the_null_of_a_detection_figure(context, targets, clean_losses):
+    from infusion_audit.scan import scan
+
+    clean = context.train
+    edited = ATTACKS.get("infusion")(steps=3).craft(context, targets[0])
+    null = edited.unedited(clean)
+    np.testing.assert_array_equal(null.indices, edited.indices)
+    assert not np.array_equal(edited.x, null.x) and null.norms(clean)["values_changed"] == 0
+    # Infusion with no budget is the same null: the selection, unedited
+    zero = ATTACKS.get("infusion")(steps=3, eps=0.0).craft(context, targets[0])
+    np.testing.assert_array_equal(zero.x, null.x)
+    result = scan(null.apply(clean), detectors=["loss-outlier"], model=context.model, truth=null.indices,
+                  bootstrap=0, progress=False)
+    truth = np.zeros(len(clean), dtype=bool)
+    truth[null.indices] = True
+    value = result.detection["loss-outlier"]["auroc"]["value"]
+    assert value == pytest.approx(auroc(truth, clean_losses))
+    assert value > 0.9  # the selection alone is already what loss-outlier ranks first
