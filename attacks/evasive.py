@@ -53,11 +53,13 @@ class EvasiveInfusion(Infusion):
         self.evade, self.evade_quantile, self.stealth = list(evade), float(evade_quantile), float(stealth)
 
     def variant(self) -> str:
+        """Infusion's variant, the evaded detectors and the quantile they and the penalty hold to, and λ: each
+        stealth setting of a sweep is its own arm in the report."""
         parts = [super().variant()]
         if self.evade:
             parts.append(f"evade={'+'.join(self.evade)}@{self.evade_quantile:g}")
-        if self.stealth:
-            parts.append(f"λ={self.stealth:g}")
+        if self.stealth:  # the penalty holds each signal under the same quantile
+            parts.append(f"λ={self.stealth:g}" + ("" if self.evade else f"@{self.evade_quantile:g}"))
         return ",".join(parts)
 
     # ---- what the attacker knows of the defence: detector scores and statistics of the clean set

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = "bench-digits"
 DEFAULT_JOBS = max(1, min(4, os.cpu_count() or 1))
+UNEDITED_METRICS = ("auroc", "auprc", "tpr_at_1fpr", "tpr_at_5fpr", "recall_at_k")  # the null of each figure
 
 
 @dataclass
@@ -159,9 +160,10 @@ class BenchRunner:
         x_star = test.batch([target.index])[0][0]
         control = victim.control()
         truth = result.truth
+        null = self.unedited_detection(crafted, result)
         for (label, run) in result.completed:
             out.append({"kind": "detection", **common, **result.detection[label], "detector": label,
-                        "context_seconds": scan_seconds})
+                        "context_seconds": scan_seconds, **null.get(label, {})})
             if not self.config.defence.enabled:
                 continue
             flagged = np.flatnonzero(run.flagged)
@@ -183,6 +185,45 @@ class BenchRunner:
         out += [{"kind": "skip", **common, "detector": label, "reason": run.skipped}
                 for label, run in zip(result.labels, result.runs) if run.skipped]
         return out
+
+    def unedited_detection(self, crafted, scanned) -> dict[str, dict]:
+        """The null of each detection figure: the same documents unedited, scored by the detectors of `scanned`
+        (the cell's scan) with the clean control's model, as `<metric>_unedited` fields per detector label.
+        What a detector finds here comes from the attack's choice of documents alone; the difference is what
+        the edit adds. Only for attacks that edit documents in place within a perturbation bound and keep
+        their labels: a relabelled or replaced document has no unedited counterpart."""
+        from .detectors import Behaviour, build_detector, run_detector
+        from .detectors.base import SKIP_LOG
+        from .scan import evaluate_run, truth_mask
+
+        clean, poisoning = self.evaluation.scenario.data.train, crafted.poisoning
+        bounded = crafted.attack.get_params().get("eps") is not None  # probe insertion replaces, unbounded
+        if not bounded or not np.array_equal(poisoning.y, clean.y[poisoning.indices]):
+            return {}
+        context = self.unedited_context  # the unedited documents are the clean set's own
+        context.behaviour = Behaviour.from_target(crafted.target, self.evaluation.scenario.data.test)
+        truth = truth_mask(poisoning.indices, len(clean))
+        out = {}
+        with _silenced(SKIP_LOG):
+            for label, run in scanned.completed:
+                null = run_detector(build_detector(run.name, run.params), context)
+                if null.skipped is None:
+                    record = evaluate_run(null, truth, context.labels, bootstrap=0)
+                    out[label] = {f"{m}_unedited": record[m] for m in UNEDITED_METRICS if m in record}
+                    out[label]["unedited_model"] = "clean control"
+        return out
+
+    @cached_property
+    def unedited_context(self):
+        """The clean set as the defender's detectors see it through the main victim's clean control, shared by
+        every cell (features, gradients and influence factors computed once; each cell sets its behaviour)."""
+        from .detectors import AuditContext
+
+        clean, options = self.evaluation.scenario.data.train, self.config.scan
+        return AuditContext(clean, model=self.evaluation.victim.control()["model"], reference=clean,
+                            expected_fraction=options.expected_fraction, progress=False,
+                            features_layer=options.features_layer,
+                            **({"influence": dict(options.influence)} if options.influence else {}))
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import textwrap
 from typing import Sequence
 
 import matplotlib
@@ -45,36 +46,86 @@ def _err(summaries: Sequence[dict], key: str = "mean") -> tuple[np.ndarray, np.n
     return centre, np.vstack([np.maximum(centre - lo, 0), np.maximum(hi - centre, 0)])
 
 
-def detection_vs_success(points: Sequence[dict], fpr_label: str) -> Markup:
-    """One point per attack x budget per detector: attack success (mean Δ log-odds) against detection rate.
+def detection_by_knowledge(panels: Sequence[dict], fpr_label: str) -> Markup:
+    """One panel per level of what the defender has: in each, one row per attack (its largest budget) and
+    one dot per detector at that level, at its detection rate; a hollow ring marks what the same detector
+    finds in the same documents unedited (the selection alone), where that was measured.
 
-    Each point: {"attack", "budget", "detector", "success": mean_ci summary, "detection": mean_ci summary}.
+    Each panel: {"title", "arms": [label], "succeeds": [bool], "series": {detector: [summary | None per arm]},
+    "nulls": {detector: [summary | None per arm]}}. Attacks that do not succeed are greyed.
     """
+    arms = panels[0]["arms"] if panels else []
+    cols = max(len(panels), 1)
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(7.5, 4.6))
-        detectors = sorted({p["detector"] for p in points})
-        attacks = sorted({p["attack"] for p in points})
-        colours = plt.get_cmap("tab10")
-        for di, det in enumerate(detectors):
-            for ai, att in enumerate(attacks):
-                sel = [p for p in points if p["detector"] == det and p["attack"] == att]
-                if not sel:
-                    continue
-                x, xerr = _err([p["success"] for p in sel])
-                y, yerr = _err([p["detection"] for p in sel])
-                ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=MARKERS[di % len(MARKERS)], color=colours(ai % 10),
-                            ms=7, capsize=2, lw=0.8, alpha=0.9)
-        ax.axvline(0, color="grey", lw=0.8)
-        ax.set_xlabel("attack success: mean Δ log-odds of the target (poisoned − clean control), 95% CI")
-        ax.set_ylabel(f"detection: {fpr_label}, 95% CI")
-        ax.set_ylim(-0.03, 1.03)
-        handles = [plt.Line2D([], [], color=colours(i % 10), marker="s", ls="", label=a) for i, a in enumerate(attacks)]
-        handles += [plt.Line2D([], [], color="black", marker=MARKERS[i % len(MARKERS)], ls="", label=d)
-                    for i, d in enumerate(detectors)]
-        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False,
-                  title="colour: attack · marker: detector", title_fontsize=8)
-        ax.set_title("Top right: strong attacks that are caught. Bottom right: strong attacks that are missed.",
-                     fontsize=9, loc="left")
+        fig, axes = plt.subplots(1, cols, figsize=(3.4 * cols + 4.0, 1.6 + 0.42 * len(arms)), sharey=True,
+                                 squeeze=False)
+        y = np.arange(len(arms))[::-1]
+        for ax, panel in zip(axes.flat, panels):
+            n = max(len(panel["series"]), 1)
+            for i, (det, summaries) in enumerate(panel["series"].items()):
+                offset = (i - (n - 1) / 2) * min(0.6 / n, 0.18)
+                keep = [j for j, sm in enumerate(summaries) if sm and sm.get("mean") is not None]
+                x, xerr = _err([summaries[j] for j in keep])
+                colour = plt.get_cmap("tab10")(i % 10)
+                ax.errorbar(x, y[keep] + offset, xerr=xerr, fmt=MARKERS[i % len(MARKERS)], color=colour, ms=5,
+                            capsize=1.5, lw=0.8, label=det)
+                nulls = panel["nulls"].get(det) or []
+                held = [j for j, sm in enumerate(nulls) if sm and sm.get("mean") is not None]
+                if held:
+                    ax.plot([nulls[j]["mean"] for j in held], y[held] + offset, "o", mfc="none", mec=colour,
+                            ms=9, mew=0.8)
+            for v, style in ((0.1, ":"), (0.5, "--")):
+                ax.axvline(v, color="grey", lw=0.7, ls=style)
+            ax.set_xlim(-0.03, 1.03)
+            ax.set_xticks([0, 0.5, 1], ["0", "0.5", "1"])
+            ax.set_title(textwrap.fill(panel["title"], 26), fontsize=9, fontweight="bold", loc="left")
+            ax.set_xlabel(fpr_label)
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2 - 0.9 / max(len(arms), 1)), frameon=False,
+                      fontsize=7, ncol=1)
+        first = axes.flat[0]
+        first.set_yticks(y, arms)
+        for tick, ok in zip(first.get_yticklabels(), panels[0]["succeeds"] if panels else []):
+            tick.set_color("black" if ok else "grey")
+        first.set_ylim(-0.6, len(arms) - 0.4)
+        fig.tight_layout()
+        return to_svg(fig)
+
+
+def frontier(panels: Sequence[dict], effect_label: str, fpr_label: str) -> Markup:
+    """What an attacker who knows the detectors can still do: one panel per detector, one point per Infusion
+    arm numbered in order of growing stealth (1 = plain Infusion), attack success against detection, joined
+    in that order. Top left is the attacker's goal: a strong effect that the detector misses.
+
+    Each panel: {"detector", "knowledge", "points": [{"number", "success": summary, "detection": summary,
+    "succeeds": bool}]}.
+    """
+    cols = min(4, max(len(panels), 1))
+    rows = -(-len(panels) // cols)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(rows, cols, figsize=(2.7 * cols, 2.5 * rows + 0.3), sharex=True, sharey=True,
+                                 squeeze=False)
+        for ax in axes.flat[len(panels):]:
+            ax.set_visible(False)
+        for ax, panel in zip(axes.flat, panels):
+            pts = panel["points"]
+            x, xerr = _err([p["detection"] for p in pts])
+            y, yerr = _err([p["success"] for p in pts])
+            ax.axvspan(-0.03, 0.2, color="firebrick", alpha=0.06, lw=0)
+            ax.plot(x, y, color="grey", lw=0.7)
+            for i, p in enumerate(pts):
+                colour = "firebrick" if p["succeeds"] else "grey"
+                ax.errorbar(x[i], y[i], xerr=xerr[:, [i]], yerr=yerr[:, [i]], fmt="o", color=colour, ms=4,
+                            capsize=1.5, lw=0.7)
+                ax.annotate(str(p["number"]), (x[i], y[i]), xytext=(3, 3), textcoords="offset points", fontsize=7)
+            ax.axhline(0, color="grey", lw=0.7)
+            ax.set_xlim(-0.03, 1.03)
+            ax.set_xticks([0, 0.5, 1], ["0", "0.5", "1"])  # adjacent panels' end labels would touch
+            ax.set_title(f"{panel['detector']} ({panel['knowledge']})", fontsize=9, fontweight="bold", loc="left")
+        for ax in axes[-1]:
+            ax.set_xlabel(fpr_label)
+        for ax in axes[:, 0]:
+            ax.set_ylabel(f"mean {effect_label}, 95% CI")
+        fig.tight_layout()
         return to_svg(fig)
 
 
@@ -132,28 +183,45 @@ def success_vs_budget(series: dict[str, list[tuple[str, dict]]], ticks: list[str
         return to_svg(fig)
 
 
-def defence_effect(rows: Sequence[dict], measure: str) -> Markup:
-    """Two panels per attack x budget and detector: the residual mean effect (`measure` names it, e.g.
-    'Δ log-odds'), and the clean-accuracy cost.
+def defence_effect(panels: dict[str, list[dict]], measure: str) -> Markup:
+    """One panel per detector, one row per attack: the mean effect (`measure` names it, e.g. 'Δ log-odds')
+    before and after removing what the detector flags and retraining, with what the removal cost in clean
+    accuracy written at the row's right end. Every panel has the same rows, so one label column serves all.
 
-    Each row: {"label", "before": summary, "after": summary, "cost": summary} (cost in accuracy points, 0..1).
+    `panels`: {detector: [{"label", "before": summary, "after": summary, "cost": summary (0..1)}]}.
     """
+    detectors = list(panels)
+    labels = list(dict.fromkeys(r["label"] for rows in panels.values() for r in rows))
+    cols = min(3, max(len(detectors), 1))
+    n_rows = -(-len(detectors) // cols)
+    y = {label: i for i, label in enumerate(reversed(labels))}
     with plt.rc_context(STYLE):
-        height = 0.9 + 0.32 * len(rows)
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.5, height), sharey=True)
-        y = np.arange(len(rows))[::-1]
-        before, berr = _err([r["before"] for r in rows])
-        after, aerr = _err([r["after"] for r in rows])
-        a1.errorbar(before, y + 0.15, xerr=berr, fmt="o", color="firebrick", capsize=2, label="no defence")
-        a1.errorbar(after, y - 0.15, xerr=aerr, fmt="s", color="seagreen", capsize=2, label="after removal + retrain")
-        a1.axvline(0, color="grey", lw=0.8)
-        a1.set_yticks(y, [r["label"] for r in rows])
-        a1.set_xlabel(f"mean {measure} vs clean control, 95% CI")
-        a1.legend(loc="lower right", fontsize=7, frameon=False)
-        cost, cerr = _err([r["cost"] for r in rows])
-        a2.errorbar(cost * 100, y, xerr=cerr * 100, fmt="D", color="slateblue", capsize=2)
-        a2.axvline(0, color="grey", lw=0.8)
-        a2.set_xlabel("clean accuracy lost, percentage points, 95% CI")
+        fig, axes = plt.subplots(n_rows, cols, figsize=(3.3 * cols + 3.0, n_rows * (0.9 + 0.34 * len(labels)) + 0.4),
+                                 sharey=True, squeeze=False)
+        for ax in axes.flat[len(detectors):]:
+            ax.set_visible(False)
+        for ax, det in zip(axes.flat, detectors):
+            rows = panels[det]
+            ys = np.array([y[r["label"]] for r in rows], dtype=float)
+            before, berr = _err([r["before"] for r in rows])
+            after, aerr = _err([r["after"] for r in rows])
+            ax.errorbar(before, ys + 0.15, xerr=berr, fmt="o", color="firebrick", ms=4, capsize=1.5, lw=0.8,
+                        label="no defence")
+            ax.errorbar(after, ys - 0.15, xerr=aerr, fmt="s", color="seagreen", ms=4, capsize=1.5, lw=0.8,
+                        label="after removal + retrain")
+            ax.axvline(0, color="grey", lw=0.8)
+            for r, yy in zip(rows, ys):
+                cost = r["cost"].get("mean")
+                if cost is not None:
+                    ax.annotate(f"{cost * 100:.1f} pts lost", (1.0, yy), xycoords=("axes fraction", "data"),
+                                xytext=(3, 0), textcoords="offset points", va="center", fontsize=7, color="slateblue")
+            ax.set_title(det, fontsize=9, fontweight="bold", loc="left")
+            ax.set_xlabel(f"mean {measure} vs clean control")
+        first = axes.flat[0]
+        first.set_yticks(list(y.values()), list(y))
+        first.set_ylim(-0.6, len(labels) - 0.4)
+        first.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0 + 0.5 / max(len(labels), 1)), ncol=2,
+                     fontsize=7, frameon=False)
         fig.tight_layout()
         return to_svg(fig)
 

@@ -213,10 +213,12 @@ def summarise_detection(records: list[dict], arms: Arms) -> list[dict]:
     for key, group in _group(records, extra="detector").items():
         arm = key[:3]
         metrics = {m: _metric_summary(group, m) for m, _ in DETECTION_METRICS}
+        unedited = {m: _metric_summary(group, f"{m}_unedited") for m, _ in DETECTION_METRICS
+                    if any(f"{m}_unedited" in r for r in group)}
         rows.append({
             "arm": arm, "label": arms.label(arm), "budget": budget_label(group[0]["budget"]), "budget_key": key[3],
             "detector": key[4], "knowledge": group[0].get("knowledge", "?"), "n": len(group), "metrics": metrics,
-            "status": detection_status(metrics[PRIMARY_METRIC]),
+            "status": detection_status(metrics[PRIMARY_METRIC]), "unedited": unedited,
             "flag_precision": mean_ci(_values(group, "flag_precision")),
             "flag_recall": mean_ci(_values(group, "flag_recall")),
             "flagged": mean_ci(_values(group, "flagged")),
@@ -302,18 +304,121 @@ def build_verdict(attacks: list[dict], detection: list[dict], defence: list[dict
             "has_detection": bool(detection), "has_defence": bool(defence)}
 
 
+# --------------------------------------------------------------------------- the adaptive attacker
+KNOWLEDGE_LEVELS = {  # what the defender has, from least to most; a detector record's `knowledge`
+    "data": "the data alone", "model": "a model trained on the data",
+    "probe": "a model and held-out probe inputs", "reference": "a trusted reference copy of the data",
+    "forensic": "the suspicious behaviour (forensic)"}
+ADAPTIVE_ATTACK = "infusion-evasive"
+SURVIVAL_RULE = (f"a detector's catch survives the adaptive attacker when its mean {PRIMARY_LABEL} is at least "
+                 f"{CATCH_RATE:.0%} against every detector-aware arm that still succeeds (the attacker picks the "
+                 "setting that suits it)")
+
+
+def knowledge_order(level: str) -> tuple:
+    return (list(KNOWLEDGE_LEVELS).index(level) if level in KNOWLEDGE_LEVELS else len(KNOWLEDGE_LEVELS), level)
+
+
+def stealth_key(attack: dict) -> tuple:
+    """How far an Infusion arm goes to hide: detectors evaded, how low the quantile it stays under, λ."""
+    params = attack["records"][0].get("params") or {}
+    evade = params.get("evade") or []
+    hides = bool(evade) or bool(params.get("stealth"))
+    quantile = -float(params.get("evade_quantile", 1.0)) if hides else -1.0
+    return (len(evade), quantile, float(params.get("stealth") or 0))
+
+
+def detectors_by_level(detection: list[dict]) -> dict[str, list[str]]:
+    """Detector names by the knowledge they used, from least to most (data, model, ..., forensic)."""
+    levels: dict[str, list[str]] = defaultdict(list)
+    for d in detection:
+        if d["detector"] not in levels[d["knowledge"]]:
+            levels[d["knowledge"]].append(d["detector"])
+    return {level: sorted(levels[level]) for level in sorted(levels, key=knowledge_order)}
+
+
+def _largest_budgets(attacks: list[dict]) -> list[dict]:
+    """Each arm at its largest budget (the verdict's view; the tables have every budget)."""
+    top: dict[tuple, dict] = {}
+    for a in attacks:
+        if a["arm"] not in top or a["budget_key"] > top[a["arm"]]["budget_key"]:
+            top[a["arm"]] = a
+    return list(top.values())
+
+
+def build_frontier(attacks: list[dict], detection: list[dict]) -> dict | None:
+    """What an attacker who knows the detectors can still do: per detector, the Infusion arms (plain, then
+    detector-aware ones by growing stealth) as points of success against detection. None without an
+    adaptive arm. Plain arms are Infusion's with the adaptive arms' storage and selection."""
+    adaptive = [a for a in _largest_budgets(attacks) if a["arm"][1] == ADAPTIVE_ATTACK]
+    if not adaptive:
+        return None
+    shared = {(p.get("quantize"), p.get("selection")) for a in adaptive if (p := a["records"][0].get("params") or {})}
+    plain = [a for a in _largest_budgets(attacks) if a["arm"][1] == "infusion"
+             and ((p := a["records"][0].get("params") or {}).get("quantize"), p.get("selection")) in shared]
+    arms = sorted(plain + adaptive, key=stealth_key)
+    by_key = {(d["arm"], d["budget_key"], d["detector"]): d for d in detection}
+    panels = []
+    for knowledge, names in detectors_by_level(detection).items():
+        for name in names:
+            points = [{"number": i + 1, "success": a["delta_logodds"], "succeeds": a["status"] == "succeeds",
+                       "detection": d["metrics"][PRIMARY_METRIC]}
+                      for i, a in enumerate(arms) if (d := by_key.get((a["arm"], a["budget_key"], name)))]
+            if points:
+                panels.append({"detector": name, "knowledge": knowledge, "points": points})
+    return {"arms": [{"number": i + 1, "label": a["label"], "budget": a["budget"], "effect": a["delta_logodds"],
+                      "status": a["status"]} for i, a in enumerate(arms)], "panels": panels}
+
+
+def build_defender_levels(attacks: list[dict], detection: list[dict]) -> list[dict]:
+    """The verdict by what the defender has: at each knowledge level, the detector with the highest mean
+    TPR at 1% FPR against the attacks that succeed and ignore it, and its worst TPR against the
+    detector-aware arms that still succeed. When no attack succeeds (a run too small to show it), every
+    attack counts, and each level says so (`all_attacks`)."""
+    largest = _largest_budgets(attacks)
+    succeeding = [a for a in largest if a["status"] == "succeeds"]
+    top = {(a["arm"], a["budget_key"]): a for a in (succeeding or largest)}
+    naive_rows, adaptive_rows = defaultdict(list), defaultdict(list)
+    for d in detection:
+        attack = top.get((d["arm"], d["budget_key"]))
+        if attack is not None and d["metrics"][PRIMARY_METRIC]["mean"] is not None:
+            (adaptive_rows if d["arm"][1] == ADAPTIVE_ATTACK else naive_rows)[d["detector"]].append(d)
+    out = []
+    for level, names in detectors_by_level(detection).items():
+        scored = [(float(np.mean([d["metrics"][PRIMARY_METRIC]["mean"] for d in naive_rows[name]])), name)
+                  for name in names if naive_rows[name]]
+        if not scored:
+            out.append({"level": level, "has": KNOWLEDGE_LEVELS.get(level, level), "best": None,
+                        "all_attacks": not succeeding})
+            continue
+        naive_tpr, best = max(scored)
+        worst = min(adaptive_rows[best], key=lambda d: d["metrics"][PRIMARY_METRIC]["mean"], default=None)
+        out.append({"level": level, "has": KNOWLEDGE_LEVELS.get(level, level), "best": best, "naive_tpr": naive_tpr,
+                    "naive_arms": len(naive_rows[best]), "worst": worst,
+                    "worst_attack": top[(worst["arm"], worst["budget_key"])] if worst else None,
+                    "survives": None if worst is None else worst["metrics"][PRIMARY_METRIC]["mean"] >= CATCH_RATE,
+                    "all_attacks": not succeeding})
+    return out
+
+
+def headline_level(levels: list[dict]) -> dict | None:
+    """The defender's headline: the best catch with a model at most (no trusted copy, no behaviour needed)."""
+    candidates = [lv for lv in levels if lv["best"] and lv["level"] in ("data", "model")]
+    return max(candidates, key=lambda lv: lv["naive_tpr"], default=None)
+
+
 # --------------------------------------------------------------------------- charts
-def build_charts(attacks: list[dict], detection: list[dict], defence: list[dict], defence_label: str) -> dict:
-    out: dict[str, Any] = dict.fromkeys(("budget", "scatter", "roc", "defence"))
+def build_charts(attacks: list[dict], detection: list[dict], defence: list[dict], defence_label: str,
+                 frontier: dict | None = None) -> dict:
+    out: dict[str, Any] = dict.fromkeys(("budget", "scatter", "frontier", "roc", "defence"))
     if attacks:
         out["budget"] = _budget_chart(attacks)
     if detection:
-        success = {(a["arm"], a["budget_key"]): a["delta_logodds"] for a in attacks}
-        points = [{"attack": d["label"], "budget": d["budget"], "detector": d["detector"],
-                   "success": success[(d["arm"], d["budget_key"])], "detection": d["metrics"][PRIMARY_METRIC]}
-                  for d in detection if (d["arm"], d["budget_key"]) in success]
-        if points:
-            out["scatter"] = charts.detection_vs_success(points, PRIMARY_LABEL)
+        panels = _knowledge_panels(attacks, detection)
+        if panels:
+            out["scatter"] = charts.detection_by_knowledge(panels, PRIMARY_LABEL)
+        if frontier and frontier["panels"]:
+            out["frontier"] = charts.frontier(frontier["panels"], EFFECT_LABEL, PRIMARY_LABEL)
         curves: dict[str, list] = defaultdict(list)
         for d in detection:
             if d["roc"]:
@@ -321,15 +426,33 @@ def build_charts(attacks: list[dict], detection: list[dict], defence: list[dict]
                                               "tpr": d["roc"][1], "auroc": d["metrics"]["auroc"]["mean"]})
         if curves:
             out["roc"] = charts.roc_curves(dict(sorted(curves.items())))
-    largest = {}
-    for a in attacks:
-        largest[a["arm"]] = max(largest.get(a["arm"], a["budget_key"]), a["budget_key"])
+    largest = {a["arm"]: a["budget_key"] for a in _largest_budgets(attacks)}
     shown = [d for d in defence if largest.get(d["arm"]) == d["budget_key"]]  # every budget is in the table
     if shown:
-        out["defence"] = charts.defence_effect([
-            {"label": f"{d['label']}, {d['budget']} − {d['detector']}", "before": d["before"], "after": d["after"],
-             "cost": d["cost"]} for d in shown], defence_label)
+        by_detector: dict[str, list[dict]] = defaultdict(list)
+        for d in shown:
+            by_detector[d["detector"]].append({"label": d["label"], "before": d["before"], "after": d["after"],
+                                               "cost": d["cost"]})
+        out["defence"] = charts.defence_effect(dict(sorted(by_detector.items())), defence_label)
     return out
+
+
+def _knowledge_panels(attacks: list[dict], detection: list[dict]) -> list[dict]:
+    """The detection chart's panels: per knowledge level, each attack at its largest budget (succeeding
+    ones first, by effect) against every detector of that level, with the unedited null where measured."""
+    arms = sorted(_largest_budgets(attacks),
+                  key=lambda a: (a["status"] != "succeeds", -(a["delta_logodds"]["mean"] or 0), a["label"]))
+    by_key = {(d["arm"], d["budget_key"], d["detector"]): d for d in detection}
+    labels = [f"{a['label']} · {EFFECT_LABEL} {_num(a['delta_logodds']['mean'], 2)}" for a in arms]
+    panels = []
+    for level, names in detectors_by_level(detection).items():
+        rows = {det: [by_key.get((a["arm"], a["budget_key"], det)) for a in arms] for det in names}
+        panels.append({"title": f"with {KNOWLEDGE_LEVELS.get(level, level)}", "arms": labels,
+                       "succeeds": [a["status"] == "succeeds" for a in arms],
+                       "series": {det: [d and d["metrics"][PRIMARY_METRIC] for d in ds] for det, ds in rows.items()},
+                       "nulls": {det: [d and d["unedited"].get(PRIMARY_METRIC) for d in ds]
+                                 for det, ds in rows.items()}})
+    return panels
 
 
 def _budget_chart(attacks: list[dict]) -> Any:
@@ -509,6 +632,7 @@ def render_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     provenance = _read_optional_json(run_dir / "provenance.json")
     config_path = run_dir / "config.yaml"
     gallery = [item for a in attacks if (item := _gallery_item(run_dir, a, provenance)) is not None]
+    levels, frontier = build_defender_levels(attacks, detection), build_frontier(attacks, detection)
     context = {
         "title": f"Poisoning audit: {run_dir.resolve().name}",
         "version": __version__,
@@ -517,15 +641,16 @@ def render_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         "counts": {k: len(v) for k, v in records.items()},
         "targets": len({(r.get("scenario"), json.dumps(r.get("target"), sort_keys=True)) for r in records["attack"]}),
         "verdict": build_verdict(attacks, detection, defence),
+        "levels": levels, "headline": headline_level(levels), "frontier": frontier,
         "attacks": attacks, "detection": detection, "defence": defence,
-        "charts": build_charts(attacks, detection, defence, defence_label),
+        "charts": build_charts(attacks, detection, defence, defence_label, frontier),
         "gallery": gallery,
         "config_text": config_path.read_text(encoding="utf-8") if config_path.exists() else None,
         "provenance": _sections(provenance, "run"),
         "quality": _task_quality(provenance),
         "timings": _timings(records),
         "not_run": summarise_not_run(records["skip"]), "n_cells": len({r.get("cell") for r in records["attack"]}),
-        "rules": {"success": SUCCESS_RULE, "catch": CATCH_RULE,
+        "rules": {"success": SUCCESS_RULE, "catch": CATCH_RULE, "survival": SURVIVAL_RULE,
                   "logodds": [text for domain, text in LOGODDS_DEFINITIONS.items()
                               if any(r.get("domain", "image") == domain for r in records["attack"])]},
         "effect_label": EFFECT_LABEL, "defence_label": defence_label,

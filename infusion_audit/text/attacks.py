@@ -1,9 +1,11 @@
 """Attacks on a language model's training corpus that deliver real documents (token edits, not embeddings).
 
-`infusion-text` is the paper's token-level Infusion: relax each chosen document to one-hot rows, ascend
-G_delta (double back-propagation through the embedding matrix), project every row onto the simplex
-and a Tsallis-2 entropy ball, read off the argmax tokens and keep, per document, the candidate the
-linear influence surrogate rates best. Baselines: `random-tokens` (the same documents, the same number
+`infusion-text` is token-level Infusion with two optimisers. `gcg` (greedy coordinate gradient, Zou et
+al. 2023): rank single-token swaps by G_delta (double back-propagation through the embedding matrix),
+score a batch of the top-ranked swaps exactly with per-document gradients, keep the best, repeat within
+the token budget. `relaxed` (the paper's): ascend G_delta on one-hot rows, project every row onto the
+simplex and a Tsallis-2 entropy ball, read off the argmax tokens and keep, per document, the candidate
+the influence surrogate rates best. Baselines: `random-tokens` (the same documents, the same number
 of tokens changed, at random) and `probe-insertion-text` (explicit documents showing the behaviour).
 The influence engine (gradients, IHVP, scores) is `infusion_audit.influence`; this module only
 supplies the text relaxation.
@@ -100,29 +102,48 @@ def project_entropy(p: torch.Tensor, entropy: float, rounds: int = 10) -> torch.
 class TokenInfusion:
     """Token-level Infusion: edit at most `budget` tokens in each of the k most-negative documents.
 
-    The step is taken on the gradient scaled to a largest entry of 1 per document, so `lr` is in units
-    of probability mass. Entropy 0 (the paper's setting) snaps every row back to a vertex, so a token
-    only changes when one step alone makes it the argmax. Measured on Caesar (k = 40, budget 2,
-    10 steps): lr 0.2 edited no document; lr 1.0 edited 34 at entropy 0 and all 40 at entropy 0.5.
+    Both optimisers maximise the same exact objective per document, s(doc) - s(doc') with
+    s = <grad_theta L, v> (the influence surrogate of replacing doc by doc'), and keep a document
+    unchanged when nothing improves it. `gcg`: each step ranks the swaps (position, token) by the
+    linear gain G_delta[pos, token] - G_delta[pos, current], takes the `top_k` tokens per position,
+    scores `candidates` of those swaps (drawn at random, as in GCG) exactly, and applies the best;
+    once `budget` positions differ from the original only those positions can change again. It stops
+    after `steps` steps or when no document improves. On bench-caesar (12 targets, 3 random seeds each,
+    benchmarks/caesar_gcg.py) Infusion minus random edits in delta log-odds was +4.33 [-0.93, 9.59] with gcg
+    (64 candidates, top 4), +2.52 [-1.08, 6.12] with relaxed, and +1.13 [-2.81, 5.07] with every swap scored
+    (256, top 22) although that doubled the surrogate gain: the surrogate, not the search, is the limit.
+    `relaxed`: the step is taken on the gradient
+    scaled to a largest entry of 1 per document, so `lr` is in units of probability mass; entropy 0
+    (the paper's) snaps every row back to a vertex, so a token only changes when one step alone makes
+    it the argmax. Measured on Caesar (k = 40, budget 2, 10 steps): lr 0.2 edited no document; lr 1.0
+    edited 34 at entropy 0 and all 40 at entropy 0.5.
     """
 
     domain = "text"
 
     def __init__(self, k: int = 40, budget: int = 2, steps: int = 20, lr: float = 1.0, entropy: float = 0.5,
-                 selection: str = "most-negative", batch_size: int = 64, seed: int = 0):
+                 selection: str = "most-negative", batch_size: int = 64, seed: int = 0, optimizer: str = "gcg",
+                 candidates: int = 64, top_k: int = 4):
         self.k, self.budget, self.steps, self.lr, self.entropy = k, budget, steps, lr, entropy
         self.selection, self.batch_size, self.seed = selection, batch_size, seed
+        self.optimizer, self.candidates, self.top_k = optimizer, candidates, top_k
         if budget < 1 or steps < 1 or not lr > 0 or not 0 <= entropy < 1:
             raise UserError("infusion-text: need budget >= 1, steps >= 1, lr > 0 and 0 <= entropy < 1")
+        if optimizer not in ("gcg", "relaxed"):
+            raise UserError(f"infusion-text: unknown optimizer {optimizer!r}; use 'gcg' or 'relaxed'")
+        if candidates < 1 or top_k < 1:
+            raise UserError("infusion-text: need candidates >= 1 and top_k >= 1")
 
     def craft(self, ctx: TextAttackContext) -> TextPoisoning:
         if ctx.v is None or ctx.scores is None:
             raise UserError("infusion-text needs the IHVP v and the influence scores in its context")
         t0 = time.perf_counter()
         index = select_documents(ctx.scores, self.k, self.selection, self.seed)
+        edit = self._gcg if self.optimizer == "gcg" else self._relaxed
         new_ids, gains = [], []
-        for start in tqdm(range(0, len(index), self.batch_size), desc="infusion-text", leave=False):
-            ids, gain = self._edit(ctx, index[start:start + self.batch_size])
+        for start in tqdm(range(0, len(index), self.batch_size), desc=f"infusion-text ({self.optimizer})",
+                          leave=False):
+            ids, gain = edit(ctx, index[start:start + self.batch_size])
             new_ids.append(ids)
             gains.append(gain)
         edited = ctx.train.with_documents(index, np.concatenate(new_ids))
@@ -136,10 +157,10 @@ class TokenInfusion:
     def _candidate_scores(self, ctx: TextAttackContext, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """s(doc) = <grad L(doc), v> for candidate documents (lower = raises f more)."""
         docs = TextDataset(ids, lengths, ctx.train.vocab, "candidates")
-        return influence_scores(ctx.model, docs, ctx.v, loss_fn=lm_loss, batch_size=self.batch_size)
+        return influence_scores(ctx.model, docs, ctx.v, loss_fn=lm_loss, batch_size=max(self.batch_size, 256))
 
-    def _edit(self, ctx: TextAttackContext, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Relax, ascend, project, round; return the best rounded documents and their surrogate gains."""
+    def _setup(self, ctx: TextAttackContext, index: np.ndarray):
+        """The documents as tensors, the tokens an edit may write, and G_delta of one-hot rows."""
         model, train = ctx.model.eval(), ctx.train
         device = next(model.parameters()).device
         vocab_rows = model.get_input_embeddings().weight.shape[0]
@@ -148,19 +169,71 @@ class TokenInfusion:
         allowed[train.vocab.pad_id] = False
         original = torch.from_numpy(train.ids[index]).to(device)
         mask = torch.from_numpy(train.mask(index)).to(device)
-        lengths = train.lengths[index]
-        x = F.one_hot(original, vocab_rows).float()
-        best_ids = original.cpu().numpy().copy()
-        base = self._candidate_scores(ctx, best_ids, lengths)
-        best_gain = np.zeros(len(index))
 
         def loss_fn(m: nn.Module, batch) -> torch.Tensor:
             onehot, attention = batch
             return relaxed_document_losses(m, onehot, attention).mean()
 
-        for _ in range(self.steps):
+        def gradient(x: torch.Tensor) -> torch.Tensor:
             g = input_gradient(model, x, mask, ctx.v, len(train), loss_fn=loss_fn)
-            g = g.masked_fill(~allowed, 0) * mask[..., None]  # padding never moves
+            return g.masked_fill(~allowed, 0) * mask[..., None]  # padding never moves
+
+        return original, mask, allowed, vocab_rows, gradient
+
+    def _gcg(self, ctx: TextAttackContext, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Greedy coordinate gradient: per step, score sampled top-k swaps exactly and keep each document's best."""
+        original, mask, allowed, vocab_rows, gradient = self._setup(ctx, index)
+        lengths = ctx.train.lengths[index]
+        rng = torch.Generator().manual_seed(self.seed)
+        current = original.clone()
+        base = self._candidate_scores(ctx, current.cpu().numpy(), lengths)
+        score = base.copy()
+        rows = torch.arange(len(index), device=original.device)
+        for _ in range(self.steps):
+            g = gradient(F.one_hot(current, vocab_rows).float())
+            gain = g - g.gather(-1, current[..., None])  # linear gain of writing token t at each position
+            changed = current != original
+            full = changed.sum(1, keepdim=True) >= self.budget  # a full budget only re-edits edited positions
+            editable = mask.bool() & (~full | changed)
+            gain = gain.masked_fill(~allowed | ~editable[..., None], -torch.inf)
+            gain = gain.scatter(-1, current[..., None], -torch.inf)  # a swap must change the token
+            top = gain.topk(min(self.top_k, vocab_rows), dim=-1)  # (B, L, top_k)
+            valid = torch.isfinite(top.values).flatten(1)
+            tokens = top.indices.flatten(1)
+            noise = torch.rand(valid.shape, generator=rng).to(valid.device)
+            pick = noise.masked_fill(~valid, -1).topk(min(self.candidates, valid.shape[1]), dim=1).indices
+            picked_valid = valid.gather(1, pick)  # (B, C): fewer valid swaps than candidates leaves some unused
+            position = pick // top.indices.shape[-1]
+            candidates = current[:, None, :].repeat(1, pick.shape[1], 1)
+            candidates.scatter_(2, position[..., None], tokens.gather(1, pick)[..., None])
+            flat = candidates[picked_valid]
+            if len(flat) == 0:
+                break
+            owner = rows[:, None].expand_as(pick)[picked_valid].cpu().numpy()
+            exact = self._candidate_scores(ctx, flat.cpu().numpy(), lengths[owner])
+            best = np.full(len(index), np.inf)
+            best_row = np.full(len(index), -1)
+            for j, (doc, s) in enumerate(zip(owner, exact)):
+                if s < best[doc]:
+                    best[doc], best_row[doc] = s, j
+            better = best < score
+            if not better.any():
+                break
+            for doc in np.flatnonzero(better):
+                current[doc] = flat[best_row[doc]]
+            score[better] = best[better]
+        return current.cpu().numpy(), base - score
+
+    def _relaxed(self, ctx: TextAttackContext, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Relax, ascend, project, round; return the best rounded documents and their surrogate gains."""
+        original, mask, allowed, vocab_rows, gradient = self._setup(ctx, index)
+        lengths = ctx.train.lengths[index]
+        x = F.one_hot(original, vocab_rows).float()
+        best_ids = original.cpu().numpy().copy()
+        base = self._candidate_scores(ctx, best_ids, lengths)
+        best_gain = np.zeros(len(index))
+        for _ in range(self.steps):
+            g = gradient(x)
             g = g / g.abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-30)
             x = x + self.lr * g
             rows = project_entropy(project_simplex(x[..., allowed]), self.entropy)

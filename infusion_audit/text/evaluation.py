@@ -48,9 +48,13 @@ class TextAttackConfig:
     attacks: list[str] = bounded(list(TEXT_ATTACKS))
     k: int = bounded(40, min=1, help="documents edited (the same for every attack)")
     budget: int = bounded(2, min=1, help="tokens changed per document at most (padding never counts)")
-    steps: int = bounded(20, min=1)
-    lr: float = bounded(1.0, gt=0)
-    entropy: float = bounded(0.5, min=0, max=0.99, help="Tsallis-2 entropy the rows are projected to")
+    optimizer: Literal["gcg", "relaxed"] = "gcg"
+    steps: int = bounded(20, min=1, help="optimiser steps (gcg: token swaps tried, stopping early at no gain)")
+    candidates: int = bounded(64, min=1, help="gcg: swaps per document scored exactly at each step")
+    top_k: int = bounded(4, min=1, help="gcg: tokens per position, ranked by the token gradient, to draw swaps from")
+    lr: float = bounded(1.0, gt=0, help="relaxed: step size in probability mass")
+    entropy: float = bounded(0.5, min=0, max=0.99, help="relaxed: Tsallis-2 entropy the rows are projected to")
+    random_seeds: int = bounded(1, min=1, help="random-tokens edits per unit, each its own seed (paired by their mean)")
     ihvp: Literal["ekfac", "exact"] = "ekfac"
     damping: float = bounded(1e-3, gt=0)
     n_probes: int = bounded(32, min=1)
@@ -154,7 +158,8 @@ class CaesarEvaluation:
     def _attack(self, name: str, seed: int):
         a = self.config.attack
         if name == "infusion-text":
-            return ATTACKS.get(name)(k=a.k, budget=a.budget, steps=a.steps, lr=a.lr, entropy=a.entropy, seed=seed)
+            return ATTACKS.get(name)(k=a.k, budget=a.budget, steps=a.steps, lr=a.lr, entropy=a.entropy, seed=seed,
+                                     optimizer=a.optimizer, candidates=a.candidates, top_k=a.top_k)
         if name == "random-tokens":
             return ATTACKS.get(name)(k=a.k, budget=a.budget, seed=seed)
         if name == "probe-insertion-text":
@@ -172,33 +177,41 @@ class CaesarEvaluation:
         """Every attack arm on one (target, seed), Infusion first, each followed by its detection records.
 
         `random-tokens` copies, document by document, how many tokens Infusion changed in this unit when
-        Infusion is among the attacks (otherwise it changes `budget` tokens per document).
+        Infusion is among the attacks (otherwise it changes `budget` tokens per document); it runs
+        `random_seeds` times, with attack seeds seed * random_seeds + j, one record each.
         """
-        unit = self.unit_key(target, seed)
+        unit, a = self.unit_key(target, seed), self.config.attack
         records, counts = [], None
-        for attack in sorted(self.config.attack.attacks, key=lambda a: a != "infusion-text"):
-            record, poisoning, poisoned = self._run_cell(unit, attack, target, seed,
-                                                         counts if attack == "random-tokens" else None)
-            if attack == "infusion-text":
-                counts = (poisoning.indices, poisoning.tokens_changed(self.train_set))
-            records.append(record)
-            if attack in self.config.attack.detect:
-                records += self.detect(record, poisoning, poisoned, self._prepare(target)["behaviour"])
+        for attack in sorted(a.attacks, key=lambda name: name != "infusion-text"):
+            attack_seeds = range(seed * a.random_seeds, (seed + 1) * a.random_seeds) if attack == "random-tokens" \
+                else [seed]
+            for attack_seed in attack_seeds:
+                record, poisoning, poisoned = self._run_cell(unit, attack, target, seed,
+                                                             counts if attack == "random-tokens" else None,
+                                                             attack_seed)
+                if attack == "infusion-text":
+                    counts = (poisoning.indices, poisoning.tokens_changed(self.train_set))
+                records.append(record)
+                if attack in a.detect:
+                    records += self.detect(record, poisoning, poisoned, self._prepare(target)["behaviour"])
         return records
 
     def _run_cell(self, unit: str, attack: str, target: CaesarTarget, seed: int,
-                  counts: tuple[np.ndarray, np.ndarray] | None):
-        """Craft one poisoning, retrain on it, measure against the clean control: (record, poisoning, model)."""
+                  counts: tuple[np.ndarray, np.ndarray] | None, attack_seed: int):
+        """Craft one poisoning, retrain on it, measure against the clean control: (record, poisoning, model).
+
+        `seed` is the unit's (records pair on it); `attack_seed` the plugin's own (random-tokens repeats)."""
         a = self.config.attack
         budget = {"k": a.k, "eps": None, "norm": None, "quantize": False,
                   "tokens": a.budget if attack != "probe-insertion-text" else None}
-        cell = stable_hash({"unit": unit, "attack": attack})
+        cell = stable_hash({"unit": unit, "attack": attack,
+                            **({"attack_seed": attack_seed} if attack_seed != seed else {})})
         prep = self._prepare(target)
         ctx = TextAttackContext(self.model, self.train_set, prep["behaviour"], v=prep["v"], scores=prep["scores"],
                                 explicit_documents=caesar_explicit_documents(self.test_set, target,
                                                                              self.config.attack.n_probes))
         t0 = time.perf_counter()
-        plugin = self._attack(attack, seed)
+        plugin = self._attack(attack, attack_seed)
         poisoning: TextPoisoning = plugin.edit(self.train_set, *counts) if counts is not None else plugin.craft(ctx)
         changed = poisoning.tokens_changed(self.train_set)
         t_craft = time.perf_counter() - t0
@@ -208,14 +221,16 @@ class CaesarEvaluation:
         after = measure_text(poisoned, prep["behaviour"], prep["reference"])
         before, control = prep["before"], prep["control"]
         acc_poisoned = decryption_accuracy(poisoned, self.test_set)
-        artefact = Path("artefacts") / "poisoned" / f"{attack}-s{target.shift}-t{target.target_shift}-seed{seed}-{cell}"
+        artefact = (Path("artefacts") / "poisoned"
+                    / f"{attack}-s{target.shift}-t{target.target_shift}-seed{attack_seed}-{cell}")
         write_poisoned_text(self.out_dir / artefact, self.train_set, poisoning.dataset, poisoning.indices,
-                            {"attack": attack, "target": target.as_dict(), "seed": seed, "config": to_dict(a)},
+                            {"attack": attack, "target": target.as_dict(), "seed": attack_seed, "config": to_dict(a)},
                             extra={"cell": cell, "unit": unit})
         record = {
             "kind": "attack", "domain": "text", "unit": unit, "cell": cell,
             "scenario": self.train_set.name.removesuffix("-train"),
             "attack": attack, "variant": "tokens", "budget": budget, "target": target.as_dict(), "seed": seed,
+            "attack_seed": attack_seed,
             "p_before": before["p"], "p_control": control["p"], "p_poisoned": after["p"],
             "delta_p": after["p"] - control["p"],
             "logprob_before": before["logprob"], "logprob_control": control["logprob"],
@@ -264,14 +279,17 @@ class CaesarEvaluation:
 
 
 def summarise(records: list[dict], key: str = "delta_logprob") -> dict:
-    """Per attack: mean shift with 95% CI, greedy flips, tokens changed; Infusion against each baseline (paired)."""
-    by_attack: dict[str, dict] = {}
+    """Per attack: mean shift with 95% CI, greedy flips, tokens changed; Infusion against each baseline (paired).
+
+    An arm with several records per (target, seed) (random-tokens over `random_seeds`) pairs by their mean."""
+    by_attack: dict[str, dict[tuple, list[dict]]] = {}
     for r in records:
         if r.get("kind") == "attack" and r.get("domain") == "text":
-            by_attack.setdefault(r["attack"], {})[(json.dumps(r["target"], sort_keys=True), r["seed"])] = r
+            cell = (json.dumps(r["target"], sort_keys=True), r["seed"])
+            by_attack.setdefault(r["attack"], {}).setdefault(cell, []).append(r)
     out: dict = {"attacks": {}, "paired": {}}
     for attack, cells in by_attack.items():
-        rows = list(cells.values())
+        rows = [r for group in cells.values() for r in group]
         out["attacks"][attack] = {
             key: mean_ci([r[key] for r in rows]),
             "positive": wilson(sum(r[key] > 0 for r in rows), len(rows)),
@@ -294,7 +312,8 @@ def summarise(records: list[dict], key: str = "delta_logprob") -> dict:
     for attack, cells in by_attack.items():
         shared = sorted(set(cells) & set(infusion))
         if attack != "infusion-text" and shared:
-            out["paired"][f"infusion-text vs {attack}"] = paired_test([infusion[c][key] for c in shared],
-                                                                      [cells[c][key] for c in shared])
+            out["paired"][f"infusion-text vs {attack}"] = paired_test(
+                [np.mean([r[key] for r in infusion[c]]) for c in shared],
+                [np.mean([r[key] for r in cells[c]]) for c in shared])
     return out
 

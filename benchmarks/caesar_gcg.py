@@ -1,0 +1,70 @@
+"""Do Infusion's token choices beat random edits of the same documents on Caesar? GCG against the relaxed optimiser.
+
+For each optimiser, runs the built-in `bench-caesar` grid (12 targets) with only `infusion-text` and
+`random-tokens` (random edits of the same documents and per-document token counts, `--random-seeds`
+seeds per target), no detectors, into OUT/relaxed/ or OUT/gcg-c<candidates>-k<top_k>/ (resumable: the
+text bench skips finished units), then prints, per optimiser, Infusion minus random (the per-target mean over seeds) in
+Δ log-odds: mean with 95% CI, wins out of n, Wilcoxon p, and the wall time. Usage, from the repository root:
+
+    python benchmarks/caesar_gcg.py --out /tmp/caesar-gcg                # gcg and relaxed, 3 random seeds
+    python benchmarks/caesar_gcg.py --out DIR --optimizers gcg --candidates 256 --top-k 22 --targets 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from infusion_audit.io import read_jsonl, write_json
+from infusion_audit.runtime import set_threads
+from infusion_audit.text.bench import run_text_bench
+from infusion_audit.text.evaluation import load_text_config, summarise
+
+
+def run(out: Path, optimizer: str, random_seeds: int, targets: int | None, candidates: int, top_k: int) -> dict:
+    config = load_text_config("bench-caesar")
+    attack = config.attack
+    attack.attacks, attack.detect, attack.detectors = ["infusion-text", "random-tokens"], [], []
+    attack.optimizer, attack.random_seeds, attack.candidates, attack.top_k = optimizer, random_seeds, candidates, top_k
+    if targets is not None:  # the first n ordered pairs of shifts, in the bench's order
+        params = config.scenario.dataset.params
+        shifts = range(params["min_shift"], params["max_shift"] + 1)
+        attack.targets = [[s, t] for s in shifts for t in shifts if s != t][:targets]
+    out = out / (optimizer if optimizer == "relaxed" else f"gcg-c{candidates}-k{top_k}")
+    started = time.perf_counter()
+    run_text_bench(config, out)
+    seconds = time.perf_counter() - started
+    records = read_jsonl(out / "results.jsonl")
+    summary = summarise(records, key="delta_logodds")
+    attacks = [r for r in records if r.get("kind") == "attack"]
+    return {"optimizer": optimizer, "candidates": candidates, "top_k": top_k, "random_seeds": random_seeds,
+            "wall_seconds_this_invocation": round(seconds, 1),
+            "craft_seconds": sum(r["timings"]["craft"] for r in attacks if r["attack"] == "infusion-text"),
+            "paired_logodds": summary["paired"]["infusion-text vs random-tokens"],
+            "infusion_logodds": summary["attacks"]["infusion-text"]["delta_logodds"],
+            "random_logodds": summary["attacks"]["random-tokens"]["delta_logodds"],
+            "paired_logprob": summarise(records)["paired"]["infusion-text vs random-tokens"],
+            "tokens_changed": summary["attacks"]["infusion-text"]["tokens_changed"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--optimizers", nargs="+", default=["gcg", "relaxed"], choices=["gcg", "relaxed"])
+    parser.add_argument("--random-seeds", type=int, default=3)
+    parser.add_argument("--targets", type=int, default=None, help="only the first N targets (default: all 12)")
+    parser.add_argument("--candidates", type=int, default=64, help="gcg: swaps per document scored exactly per step")
+    parser.add_argument("--top-k", type=int, default=4, help="gcg: tokens per position to draw swaps from")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    set_threads(args.threads)
+    results = [run(args.out, name, args.random_seeds, args.targets, args.candidates, args.top_k)
+               for name in args.optimizers]
+    write_json(args.out / "summary.json", {"results": results})
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
