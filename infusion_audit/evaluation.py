@@ -336,10 +336,16 @@ def summarize(records: list[dict], reference: str = "infusion") -> dict:
             test = paired_test([a["delta_p"] for a, _ in pairs], [b["delta_p"] for _, b in pairs])
             entry = {"arm": ref, "versus": other, **test}
             if rs[0]["attack"] == "probe-insertion" and rs[0].get("variant") == "xk":
-                top = float(np.mean([b["delta_p"] for _, b in pairs]))
-                entry["share_of_topline"] = float(np.mean([a["delta_p"] for a, _ in pairs])) / top if top else None
+                entry["share_of_topline"] = {m: _share([a[m] for a, _ in pairs], [b[m] for _, b in pairs])
+                                             for m in ("delta_p", "delta_logodds")}
             comparisons.append(entry)
     return {"arms": rows, "comparisons": comparisons}
+
+
+def _share(arm: list[float], topline: list[float]) -> float | None:
+    """An arm's mean effect as a fraction of the topline's mean effect on the same targets."""
+    top = float(np.mean(topline))
+    return float(np.mean(arm)) / top if top else None
 
 
 def format_summary(summary: dict) -> str:
@@ -355,8 +361,10 @@ def format_summary(summary: dict) -> str:
         p = c["p_wilcoxon"]
         line = (f"{c['arm']} vs {c['versus']}: mean diff {fmt_ci(c['diff'], digits=5)}, wins {c['wins']}/{c['n']}, "
                 f"Wilcoxon p={p:.2g}" if p is not None else f"{c['arm']} vs {c['versus']}: no difference")
-        if c.get("share_of_topline") is not None:
-            line += f", share of topline {c['share_of_topline']:.3f}"
+        share = c.get("share_of_topline")
+        if share is not None:
+            line += ", share of topline: " + ", ".join(f"{share[m]:.3f} in {m.replace('_', ' ')}"
+                                                        for m in ("delta_p", "delta_logodds") if share[m] is not None)
         lines.append(line)
     return "\n".join(lines)
 

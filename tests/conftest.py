@@ -64,3 +64,15 @@ def small_bench(tmp_path_factory):
     (root / "bench.yaml").write_text(SMALL_BENCH)
     result = bench(root / "bench.yaml", root / "run", progress=False)
     return root / "run", result.report
+
+
+@pytest.fixture(scope="session")
+def context(tmp_path_factory):
+    """The default digits scenario, trained, as an attacker sees it (shared by the attack tests)."""
+    from infusion_audit.attacks import AttackContext
+    from infusion_audit.config import ScenarioConfig
+    from infusion_audit.training import Scenario, train_scenario
+
+    scenario = Scenario.from_config(ScenarioConfig())
+    trained = train_scenario(scenario, tmp_path_factory.mktemp("train"), progress=False)
+    return AttackContext(scenario, trained, damping=1e-3, cache_dir=tmp_path_factory.mktemp("cache"))

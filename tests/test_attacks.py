@@ -5,19 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from infusion_audit.attacks import AttackContext, Poisoning
+from infusion_audit.attacks import Poisoning
 from infusion_audit.behaviour import Target, sample_targets
-from infusion_audit.config import ScenarioConfig
 from infusion_audit.errors import UserError
 from infusion_audit.registry import ATTACKS
-from infusion_audit.training import Scenario, train_scenario
-
-
-@pytest.fixture(scope="module")
-def context(tmp_path_factory):
-    scenario = Scenario.from_config(ScenarioConfig())
-    trained = train_scenario(scenario, tmp_path_factory.mktemp("train"), progress=False)
-    return AttackContext(scenario, trained, damping=1e-3, cache_dir=tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")

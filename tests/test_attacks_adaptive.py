@@ -6,23 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from infusion_audit.attacks import AttackContext, evasive
+from infusion_audit.attacks import evasive
 from infusion_audit.attacks.gradient_matching import _mismatch
 from infusion_audit.behaviour import sample_targets
-from infusion_audit.config import ScenarioConfig
 from infusion_audit.detectors import AuditContext
 from infusion_audit.errors import PluginError, UserError
 from infusion_audit.influence import per_example_gradients
 from infusion_audit.metrics import auroc
 from infusion_audit.registry import ATTACKS
-from infusion_audit.training import Scenario, train_scenario
-
-
-@pytest.fixture(scope="module")
-def context(tmp_path_factory):
-    scenario = Scenario.from_config(ScenarioConfig())
-    trained = train_scenario(scenario, tmp_path_factory.mktemp("train"), progress=False)
-    return AttackContext(scenario, trained, damping=1e-3, cache_dir=tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
