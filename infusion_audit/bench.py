@@ -404,7 +404,8 @@ def provenance(config: BenchConfig, runner: BenchRunner, seconds: float, cells_r
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", default=None,
                    help=f"YAML bench config or a built-in name (default: {DEFAULT_CONFIG}, the quick digits benchmark; "
-                        "bench-digits-thorough for more targets)")
+                        "bench-digits-thorough for more targets, bench-digits-adaptive for the detector-aware "
+                        "attacker's sweep)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="run directory (default: runs/bench)")
     p.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
                    help=f"cells run in parallel processes, each with --threads torch threads (default: "

@@ -33,8 +33,8 @@ examples:
   infusion-audit attack digits --out runs/a   craft Infusion poisons on digits and measure them
   infusion-audit scan suspect.npz --reference clean.npz --out runs/s
   infusion-audit plugins
-Built-in config names (digits, bench-digits, bench-digits-thorough, bench-caesar, caesar,
-cifar10-paper) can stand in for a CONFIG path."""
+Built-in config names (digits, bench-digits, bench-digits-thorough, bench-digits-adaptive, bench-caesar,
+caesar, cifar10-paper) can stand in for a CONFIG path."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -107,6 +107,7 @@ def test_cifar10_paper_config_plumbing(cifar10_root, tmp_path):
     assert data["attack"]["influence"]["damping"] == 1.0e-8 and data["attack"]["budget"]["k"] == 100
     data["scenario"]["dataset"]["params"].update(root=str(cifar10_root), validation=12)
     data["scenario"]["train"].update(device="cpu", epochs=2)
+    data["scenario"]["quality_floor"] = 0.0  # random fixture images: there is nothing to learn
     data["attack"].update(targets={"n": 2, "seed": 0}, budget={**data["attack"]["budget"], "k": 4})
     data["attack"]["attacks"][0]["params"]["steps"] = 3
     cfg = from_dict(AttackRunConfig, data)
