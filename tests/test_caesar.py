@@ -50,7 +50,8 @@ def test_builtin_caesar_learns_with_one_and_two_threads(tmp_path):
     for n in (1, 2):
         out = tmp_path / f"threads-{n}"
         run = subprocess.run([sys.executable, "-m", "infusion_audit", "-q", "--threads", str(n), "train", "caesar",
-                              "--out", str(out)], env=env, capture_output=True, text=True, timeout=900)
+                              "--out", str(out)], env=env, capture_output=True, text=True, timeout=900,
+                             cwd=tmp_path)
         assert run.returncode == 0, run.stderr
         assert "decryption accuracy" in run.stdout
         (metrics,) = (out / "artefacts").glob("train-*/metrics.json")

@@ -329,7 +329,7 @@ def test_cli_refuses_hostile_files_with_exit_2_and_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and message in err, f"{case}: exit {code}, {err!r}"
     runs = {case: subprocess.Popen([sys.executable, "-m", "infusion_audit", "scan", str(cases[case][0]), "--out",
-                                    str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
+                                    str(tmp_path / "out")], stderr=subprocess.PIPE, text=True, cwd=tmp_path)
             for case in ("oversized header", "pickle payload")}
     for case, run in runs.items():
         _, stderr = run.communicate(timeout=120)

@@ -169,7 +169,8 @@ HOLD_LOCK = "import sys, time\nfrom infusion_audit.io import run_lock\nwith run_
 
 def test_a_second_process_on_a_locked_run_directory_is_refused(suspect, tmp_path, capsys):
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True,
+                              cwd=tmp_path)
     try:
         assert holder.stdout.readline().strip() == "locked"
         expected = (f"{out} is in use by another infusion-audit process (pid {holder.pid}); "
@@ -281,7 +282,8 @@ def test_a_sigkilled_bench_resumes_with_every_cell_once(tmp_path):
     config.write_text(KILL_BENCH)
     results = out / "results.jsonl"
     run = subprocess.Popen([sys.executable, "-m", "infusion_audit", "-q", "bench", str(config), "--out", str(out),
-                            "--jobs", "1", "--no-report"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            "--jobs", "1", "--no-report"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           cwd=tmp_path)
     deadline = time.monotonic() + 300
     while not (results.exists() and b"\n" in results.read_bytes()):
         assert run.poll() is None, run.stderr.read().decode()
