@@ -7,6 +7,7 @@ and budgets on the same targets reuse them.
 from __future__ import annotations
 
 import inspect
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,9 @@ from torch import nn
 
 from ..behaviour import Target, measurement_gradient
 from ..errors import UserError
+from ..io import stable_hash
 from ..influence import IHVP, influence_scores, make_ihvp
-from ..training import Scenario, TrainedScenario
+from ..pipeline import Pipeline, TrainedPipeline
 
 Selection = Literal["most-negative", "most-absolute", "random", "most-positive"]
 
@@ -44,6 +46,10 @@ class Poisoning:
         return Poisoning(self.indices.copy(), clean.x[self.indices].copy(), clean.y[self.indices].copy(),
                          {"unedited": True})
 
+    def edits_in_place(self, clean) -> bool:
+        """Whether each document stays itself (content edited, label kept): then its unedited counterpart exists."""
+        return bool(np.array_equal(self.y, clean.y[self.indices]))
+
     def norms(self, clean) -> dict:
         """Mean L-inf, L2 and number of values changed over the edited documents, and how many values
         left the storage grid or the value range (what a defender could see)."""
@@ -60,13 +66,19 @@ class Poisoning:
                 "off_grid": off_grid, "out_of_range": out_of_range}
 
 
-class AttackContext:
-    """A trained scenario as an attacker sees it at checkpoint `epoch`, with per-target caches."""
+def target_key(target) -> str:
+    """A target as text, for timing names and seeds (image or text targets alike)."""
+    return json.dumps(target.as_dict(), sort_keys=True)
 
-    def __init__(self, scenario: Scenario, trained: TrainedScenario, epoch: int | None = None,
+
+class AttackContext:
+    """A trained pipeline as an attacker sees it at checkpoint `epoch`, with per-target caches. `probes`:
+    how many test prompts a text behaviour is measured on."""
+
+    def __init__(self, scenario: Pipeline, trained: TrainedPipeline, epoch: int | None = None,
                  influence_backend: str = "ekfac", damping: float = 1e-3, cache_dir: str | Path | None = None,
-                 ihvp_kwargs: dict | None = None):
-        self.scenario, self.trained = scenario, trained
+                 ihvp_kwargs: dict | None = None, probes: int = 32):
+        self.scenario, self.trained, self.probes = scenario, trained, probes
         self.epoch = len(trained.checkpoints) - 1 if epoch is None else epoch
         self.influence_backend, self.damping = influence_backend, damping
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
@@ -74,6 +86,7 @@ class AttackContext:
         self.model: nn.Module = trained.model(self.epoch)
         self.timings: dict[str, float] = {}
         self._ihvp: IHVP | None = None
+        self._behaviours: dict = {}
         self._queries: dict[Target, torch.Tensor] = {}
         self._scores: dict[Target, np.ndarray] = {}
         self._shared: dict[str, object] = {}
@@ -100,27 +113,34 @@ class AttackContext:
             kw = dict(self.ihvp_kwargs)
             if self.influence_backend == "ekfac" and self.cache_dir is not None:
                 kw.setdefault("cache_dir", self.cache_dir / "factors")
-            self._ihvp = make_ihvp(self.influence_backend, self.model, self.train, self.damping, **kw)
+            self._ihvp = make_ihvp(self.influence_backend, self.model, self.train, self.damping,
+                                   loss_fn=self.scenario.loss, **kw)
             self.timings["factors"] = time.perf_counter() - t0
         return self._ihvp
+
+    def behaviour(self, target: Target):
+        """The pipeline's behaviour for this target (its measurement f and the figures records report)."""
+        if target not in self._behaviours:
+            self._behaviours[target] = self.scenario.behaviour(target, probes=self.probes)
+        return self._behaviours[target]
 
     def query(self, target: Target) -> torch.Tensor:
         """v = (G + damping I)^-1 grad f for this target, normalised to unit length (as the paper)."""
         if target not in self._queries:
             solver = self.ihvp()
             t0 = time.perf_counter()
-            x_star, _ = self.test.batch([target.index])
-            v = solver.solve(measurement_gradient(self.model, x_star[0], target.cls))
+            v = solver.solve(measurement_gradient(self.model, self.behaviour(target)))
             self._queries[target] = v / v.norm().clamp_min(1e-30)
-            self.timings[f"ihvp:{target.index}:{target.cls}"] = time.perf_counter() - t0
+            self.timings[f"ihvp:{target_key(target)}"] = time.perf_counter() - t0
         return self._queries[target]
 
     def scores(self, target: Target) -> np.ndarray:
         """Influence scores s_i of every training document on this target's measurement."""
         if target not in self._scores:
             t0 = time.perf_counter()
-            self._scores[target] = influence_scores(self.model, self.train, self.query(target))
-            self.timings[f"scores:{target.index}:{target.cls}"] = time.perf_counter() - t0
+            self._scores[target] = influence_scores(self.model, self.train, self.query(target),
+                                                    loss_fn=self.scenario.loss)
+            self.timings[f"scores:{target_key(target)}"] = time.perf_counter() - t0
         return self._scores[target]
 
     def select(self, target: Target, k: int, rule: Selection, seed: int,
@@ -130,7 +150,8 @@ class AttackContext:
         if k > len(pool):
             raise UserError(f"budget k={k} exceeds the {len(pool)} documents this attack can edit")
         if rule == "random":
-            return np.sort(np.random.default_rng([seed, target.index, target.cls]).choice(pool, k, replace=False))
+            where = [target.index, target.cls] if isinstance(target, Target) else [int(stable_hash(target.as_dict()), 16)]
+            return np.sort(np.random.default_rng([seed, *where]).choice(pool, k, replace=False))
         s = self.scores(target)[pool]
         key = {"most-negative": s, "most-positive": -s, "most-absolute": -np.abs(s)}.get(rule)
         if key is None:
@@ -147,12 +168,15 @@ class AttackContext:
 
     def stage_seconds(self, target: Target) -> dict:
         """The shared stages' time spent for this target (IHVP solve, scores)."""
-        suffix = f":{target.index}:{target.cls}"
+        suffix = f":{target_key(target)}"
         return {name[:-len(suffix)]: s for name, s in self.timings.items() if name.endswith(suffix)}
 
 
 class Attack:
-    """Base of attack plugins: hyperparameters in __init__, `craft(context, target) -> Poisoning`."""
+    """Base of attack plugins: hyperparameters in __init__, `craft(context, target) -> Poisoning`.
+    `data_kinds`: the kinds of data it edits ("image", "text")."""
+
+    data_kinds = frozenset({"image"})
 
     def get_params(self) -> dict:
         return {name: getattr(self, name) for name in inspect.signature(type(self).__init__).parameters

@@ -25,7 +25,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from infusion_audit.config import PluginSpec, load_config
-from infusion_audit.detectors import AuditContext, Behaviour, build_detector, run_detector
+from infusion_audit.behaviour import ClassBehaviour
+from infusion_audit.detectors import AuditContext, build_detector, run_detector
 from infusion_audit.evaluation import AttackEvaluation, AttackRunConfig, AttackSpec, TargetsConfig
 from infusion_audit.io import append_jsonl, read_jsonl, write_json
 from infusion_audit.metrics import auroc, tpr_at_fpr
@@ -58,7 +59,8 @@ def main() -> None:
     cfg.attack.write_artefacts = False
     evaluation = AttackEvaluation(cfg, args.run_dir, progress=False)
     done = {r["cell"] for r in read_jsonl(args.out)}
-    cells = {evaluation.cell_id(spec, target, seed): (spec, target, seed) for spec, target, seed in evaluation.cells()}
+    cells = {evaluation.cell_id(spec, target, seed): (spec, target, seed)
+             for spec, target, seed, _ in evaluation.cells()}
     null = Null(evaluation)
     t0 = time.perf_counter()
     for cell, (spec, target, seed) in tqdm(cells.items(), desc="cells"):
@@ -67,7 +69,7 @@ def main() -> None:
         crafted = evaluation.craft(spec, target, seed)
         record, model = evaluation.record(crafted)
         result = scan(crafted.poisoned_set, detectors=DETECTORS, model=model,
-                      behaviour=Behaviour.from_target(target, evaluation.scenario.data.test),
+                      behaviour=ClassBehaviour.from_target(target, evaluation.scenario.data.test),
                       truth=crafted.poisoning.indices, expected_fraction=cfg.attack.budget.k,
                       influence={"backend": "ekfac", "damping": 1e-3}, bootstrap=0, progress=False)
         detection = {label: {m: result.detection[label][m]["value"] for m in ("auroc", "tpr_at_1fpr")}
@@ -95,7 +97,7 @@ class Null:
         return run_detector(build_detector(spec.name, spec.params), self.context).scores
 
     def detection(self, target, indices: np.ndarray) -> dict:
-        self.context.behaviour = Behaviour.from_target(target, self.test)
+        self.context.behaviour = ClassBehaviour.from_target(target, self.test)
         scores = {**self.scores, **{detector_label(s): self._score(s) for s in DETECTORS if "mode" in s.params}}
         truth = np.zeros(len(self.context), dtype=bool)
         truth[indices] = True

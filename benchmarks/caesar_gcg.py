@@ -3,7 +3,7 @@
 For each optimiser, runs the built-in `bench-caesar` grid (12 targets) with only `infusion-text` and
 `random-tokens` (random edits of the same documents and per-document token counts, `--random-seeds`
 seeds per target), no detectors, into OUT/relaxed/ or OUT/gcg-c<candidates>-k<top_k>/ (resumable: the
-text bench skips finished units), then prints, per optimiser, Infusion minus random (the per-target mean over seeds) in
+bench skips finished cells), then prints, per optimiser, Infusion minus random (the per-target mean over seeds) in
 Δ log-odds: mean with 95% CI, wins out of n, Wilcoxon p, and the wall time. Usage, from the repository root:
 
     python benchmarks/caesar_gcg.py --out /tmp/caesar-gcg                # gcg and relaxed, 3 random seeds
@@ -17,36 +17,37 @@ import json
 import time
 from pathlib import Path
 
-from infusion_audit.io import read_jsonl, write_json
+from infusion_audit.bench import bench, load_bench_config
+from infusion_audit.evaluation import AttackSpec, summarize
+from infusion_audit.io import write_json
 from infusion_audit.runtime import set_threads
-from infusion_audit.text.bench import run_text_bench
-from infusion_audit.text.evaluation import load_text_config, summarise
+from infusion_audit.stats import mean_ci
 
 
 def run(out: Path, optimizer: str, random_seeds: int, targets: int | None, candidates: int, top_k: int) -> dict:
-    config = load_text_config("bench-caesar")
-    attack = config.attack
-    attack.attacks, attack.detect, attack.detectors = ["infusion-text", "random-tokens"], [], []
-    attack.optimizer, attack.random_seeds, attack.candidates, attack.top_k = optimizer, random_seeds, candidates, top_k
+    config = load_bench_config("bench-caesar")
+    config.attack.attacks = [AttackSpec("infusion-text", {"optimizer": optimizer, "candidates": candidates,
+                                                          "top_k": top_k}),
+                             AttackSpec("random-tokens", repeats=random_seeds)]
+    config.scan.attacks = ["none"]  # no detectors: only the effects are compared
     if targets is not None:  # the first n ordered pairs of shifts, in the bench's order
         params = config.scenario.dataset.params
         shifts = range(params["min_shift"], params["max_shift"] + 1)
-        attack.targets = [[s, t] for s in shifts for t in shifts if s != t][:targets]
+        config.attack.targets.pairs = [[s, t] for s in shifts for t in shifts if s != t][:targets]
     out = out / (optimizer if optimizer == "relaxed" else f"gcg-c{candidates}-k{top_k}")
     started = time.perf_counter()
-    run_text_bench(config, out)
+    records = bench(config, out, jobs=2, report=False).records["attack"]
     seconds = time.perf_counter() - started
-    records = read_jsonl(out / "results.jsonl")
-    summary = summarise(records, key="delta_logodds")
-    attacks = [r for r in records if r.get("kind") == "attack"]
+    summary = summarize(records)
+    by_attack = {name: [r for r in records if r["attack"] == name] for name in ("infusion-text", "random-tokens")}
+    (paired,) = [c for c in summary["comparisons"] if c["versus"].startswith("random-tokens")]
     return {"optimizer": optimizer, "candidates": candidates, "top_k": top_k, "random_seeds": random_seeds,
             "wall_seconds_this_invocation": round(seconds, 1),
-            "craft_seconds": sum(r["timings"]["craft"] for r in attacks if r["attack"] == "infusion-text"),
-            "paired_logodds": summary["paired"]["infusion-text vs random-tokens"],
-            "infusion_logodds": summary["attacks"]["infusion-text"]["delta_logodds"],
-            "random_logodds": summary["attacks"]["random-tokens"]["delta_logodds"],
-            "paired_logprob": summarise(records)["paired"]["infusion-text vs random-tokens"],
-            "tokens_changed": summary["attacks"]["infusion-text"]["tokens_changed"]}
+            "craft_seconds": sum(r["timings"]["craft"] for r in by_attack["infusion-text"]),
+            "paired_logodds": paired,
+            "infusion_logodds": mean_ci([r["delta_logodds"] for r in by_attack["infusion-text"]]),
+            "random_logodds": mean_ci([r["delta_logodds"] for r in by_attack["random-tokens"]]),
+            "tokens_changed": mean_ci([r["norms"]["values_changed"] for r in by_attack["infusion-text"]])}
 
 
 def main() -> None:

@@ -44,14 +44,15 @@ def scenario_config(config: str, overrides: list[str]):
 def train_once(config: str, overrides: list[str], seed: int, threads: int) -> dict:
     """One training run in this process: decryption accuracy after every epoch, and the time."""
     from infusion_audit.runtime import set_threads
-    from infusion_audit.text.scenario import TextScenario, decryption_accuracy, train_text_scenario
+    from infusion_audit.pipeline import train_pipeline
+    from infusion_audit.text.scenario import TextPipeline, decryption_accuracy
 
     set_threads(threads)
     cfg = scenario_config(config, overrides + [f"train.seed={seed}"])
-    scenario = TextScenario.from_config(cfg)
+    scenario = TextPipeline(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        trained = train_text_scenario(scenario, tmp, progress=False)
+        trained = train_pipeline(scenario, tmp, progress=False)
         seconds = time.perf_counter() - t0
         accuracy = [decryption_accuracy(trained.model(e), scenario.data.test) for e in range(cfg.train.epochs + 1)]
     return {"seed": seed, "threads": threads, "seconds": round(seconds, 1), "decryption_accuracy": accuracy,

@@ -26,7 +26,8 @@ import numpy as np
 from infusion_audit.behaviour import Target
 from infusion_audit.config import PluginSpec, load_config
 from infusion_audit.data import load_npz, read_manifest
-from infusion_audit.detectors import AuditContext, Behaviour, build_detector, run_detector
+from infusion_audit.behaviour import ClassBehaviour
+from infusion_audit.detectors import AuditContext, build_detector, run_detector
 from infusion_audit.evaluation import AttackEvaluation, AttackRunConfig
 from infusion_audit.io import append_jsonl, read_jsonl, write_json
 from infusion_audit.scan import detector_label, evaluate_run
@@ -85,7 +86,7 @@ def main() -> None:
         poisoned = load_npz(artefact / manifest["data"], num_classes=clean.num_classes)
         model = evaluation.retrain(poisoned)
         t = rec["target"]
-        behaviour = Behaviour.from_target(Target(t["index"], t["class"], t["true"]), test)
+        behaviour = ClassBehaviour.from_target(Target(t["index"], t["class"], t["true"]), test)
         context = AuditContext(poisoned, model=model, reference=clean, behaviour=behaviour, probe=test,
                                expected_fraction=len(manifest["poisoned_indices"]) / len(poisoned), progress=False,
                                influence={"backend": cfg.attack.influence.backend,

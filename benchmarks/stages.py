@@ -28,7 +28,7 @@ from infusion_audit.behaviour import sample_targets
 from infusion_audit.config import PluginSpec, ScenarioConfig, TrainConfig
 from infusion_audit.data import DatasetSplit, ImageDataset
 from infusion_audit.io import write_json
-from infusion_audit.training import Scenario, continue_training, train_scenario
+from infusion_audit.pipeline import Pipeline, train_pipeline
 
 
 class PeakRSS:
@@ -76,12 +76,12 @@ def synthetic_cifar(n_train: int, n_test: int = 200, seed: int = 0) -> DatasetSp
     return DatasetSplit(make(n_train), make(n_test))
 
 
-def profile(scenario: Scenario, workdir: Path, n_poison: list[int], backends: list[str], mem: PeakRSS,
+def profile(scenario: Pipeline, workdir: Path, n_poison: list[int], backends: list[str], mem: PeakRSS,
             detectors: bool) -> dict:
     stages: dict = {}
     cfg = scenario.train_cfg
     with mem.measure(stages, "train_all_epochs"):
-        trained = train_scenario(scenario, workdir, progress=False)
+        trained = train_pipeline(scenario, workdir, progress=False)
     stages["train_epoch"] = {"seconds": round(stages["train_all_epochs"]["seconds"] / cfg.epochs, 4)}
     model = trained.model()
     train = scenario.data.train
@@ -102,7 +102,7 @@ def profile(scenario: Scenario, workdir: Path, n_poison: list[int], backends: li
             poisoning = attack.craft(context, target)
         poisoned = poisoning.apply(train)
         with mem.measure(timing, "retrain_1_epoch"):
-            continue_training(scenario, trained.checkpoint(cfg.epochs - 1), poisoned)
+            scenario.continue_training(trained.checkpoint(cfg.epochs - 1), poisoned)
         timing["pgd_per_document"] = round(poisoning.meta["timings"]["pgd"] / k, 5)
         timing["attack_over_epoch"] = round(
             (poisoning.meta["timings"]["pgd"] + stages[f"ihvp_{backends[-1]}_solve"]["seconds"]
@@ -110,13 +110,13 @@ def profile(scenario: Scenario, workdir: Path, n_poison: list[int], backends: li
         poisons[str(k)] = timing
     stages["poisons"] = poisons
     if detectors:
-        from infusion_audit.detectors import Behaviour
+        from infusion_audit.behaviour import ClassBehaviour
         from infusion_audit.scan import scan
 
-        poisoned_model = continue_training(scenario, trained.checkpoint(cfg.epochs - 1), poisoned)
+        poisoned_model = scenario.continue_training(trained.checkpoint(cfg.epochs - 1), poisoned)
         with mem.measure(stages, "scan_all_detectors"):
             result = scan(poisoned, model=poisoned_model, reference=train, truth=poisoning.indices,
-                          behaviour=Behaviour.from_target(target, scenario.data.test), bootstrap=0,
+                          behaviour=ClassBehaviour.from_target(target, scenario.data.test), bootstrap=0,
                           expected_fraction=max(0.001, len(poisoning.indices) / len(train)), progress=False,
                           influence={"backend": backends[-1], "damping": 1e-3})
         stages["detectors"] = {label: {"seconds": round(run.seconds, 4),
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     mem = PeakRSS()
     results = {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                "runs": []}
-    digits = Scenario.from_config(ScenarioConfig())
+    digits = Pipeline.from_config(ScenarioConfig())
     results["runs"].append({"dataset": "digits", "model": "digits-cnn",
                             **profile(digits, args.work, [7, 14, 28], ["exact", "ekfac"], mem, detectors=True)})
     print(json.dumps(results["runs"][-1], indent=1), file=sys.stderr)
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         config = ScenarioConfig(dataset=PluginSpec("synthetic-cifar", {"n_train": n}),
                                 model=PluginSpec("tiny-resnet"),
                                 train=TrainConfig(lr=0.01, batch_size=16, epochs=2, seed=0))
-        scenario = Scenario(config, synthetic_cifar(n))
+        scenario = Pipeline(config, synthetic_cifar(n))
         run = profile(scenario, args.work, [10, 50], ["ekfac"], mem, detectors=n == args.cifar_sizes[-1])
         results["runs"].append({"dataset": "synthetic-cifar", "model": "tiny-resnet", **run})
         print(json.dumps(results["runs"][-1], indent=1), file=sys.stderr)

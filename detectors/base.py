@@ -55,24 +55,6 @@ ENABLE_HINTS = {
 MODEL_NEEDS = frozenset({"model", "logits", "losses", "features", "gradients"})
 
 
-@dataclass(frozen=True)
-class Behaviour:
-    """The suspicious prediction a forensic defender starts from: input `x` pushed towards class `cls`."""
-
-    x: np.ndarray
-    cls: int
-    description: str = ""
-
-    @classmethod
-    def from_target(cls, target: Any, test_set: Any) -> "Behaviour":
-        """From an attack's Target (test index, class) and the test set it indexes."""
-        return cls(np.asarray(test_set.x[target.index]), int(target.cls),
-                   f"test document {target.index} (label {target.true}) classified as {target.cls}")
-
-    def as_dict(self) -> dict:
-        return {"class": self.cls, "description": self.description, "shape": list(self.x.shape)}
-
-
 @dataclass
 class AuditContext:
     """What the defender has, plus a cache of what detectors derive from it.
@@ -81,7 +63,7 @@ class AuditContext:
     `model` and `loss_fn`); `reference` a trusted copy in the same order; `model` any network
     trained on `data` (its penultimate features are the output of the module named
     `features_layer`, else found as FeatureExtractor says); `behaviour` the suspicious prediction
-    (a Behaviour); `probe` held-out inputs for influence probes (a dataset with ``x``);
+    (a behaviour: a ClassBehaviour, or a text behaviour); `probe` held-out inputs for influence probes (a dataset with ``x``);
     `expected_fraction` the poison fraction ε that removal budgets assume; `influence` the IHVP
     backend and its parameters (see ``infusion_audit.influence.make_ihvp``).
     """

@@ -94,8 +94,7 @@ class InfluenceOutlier(Detector):
     def _forensic_query(self, context: AuditContext) -> torch.Tensor:
         from infusion_audit.behaviour import measurement_gradient
 
-        b = context.behaviour
-        return measurement_gradient(context.model, torch.as_tensor(b.x, dtype=torch.float32), b.cls)[None]
+        return measurement_gradient(context.model, context.behaviour)[None]
 
     def _probe_queries(self, context: AuditContext) -> torch.Tensor:
         """∇θ log p(c | x_j) for every probe input x_j and class c: minus the CE gradient with label c."""

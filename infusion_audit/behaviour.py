@@ -1,13 +1,16 @@
-"""Behaviours an attacker wants: test image x* classified as class t.
+"""Behaviours an attacker wants and a defender fears, and what the library asks of one.
 
-The measurement is f(theta) = log softmax(model(x*))[t]; it is what Infusion raises, and p(t | x*),
-the log-odds of t against the other classes and whether t is the top-1 class are what we report.
+A behaviour has a differentiable measurement `measure(model)` = f(theta), the quantity Infusion
+raises and forensic influence attributes, and `figures(model)`: the dict records report, with at least
+`p`, `logodds` and `top1`. Images: test image x* classified as class t, f = log softmax(model(x*))[t],
+reported as p(t | x*), the log-odds of t against the other classes and whether t is the top-1 class.
+Text behaviours (`infusion_audit.text.behaviours`) follow the same contract.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -54,12 +57,11 @@ def measurement(model: nn.Module, x_star: torch.Tensor, t: int) -> torch.Tensor:
     return torch.log_softmax(model(x_star.unsqueeze(0)), -1)[0, t]
 
 
-def measurement_gradient(model: nn.Module, x_star: torch.Tensor, t: int) -> torch.Tensor:
-    """grad_theta f, flattened over the trainable parameters (eval mode)."""
+def measurement_gradient(model: nn.Module, behaviour) -> torch.Tensor:
+    """grad_theta f for a behaviour, flattened over the trainable parameters (eval mode)."""
     model.eval()
     params = list(trainable_parameters(model).values())
-    device = params[0].device
-    return flatten(torch.autograd.grad(measurement(model, x_star.to(device), t), params)).detach().cpu()
+    return flatten(torch.autograd.grad(behaviour.measure(model), params)).detach().cpu()
 
 
 @torch.no_grad()
@@ -72,3 +74,32 @@ def measure(model: nn.Module, x_star: torch.Tensor, t: int) -> dict:
     rest = float(torch.logsumexp(torch.cat([logp[:t], logp[t + 1:]]), 0))
     return {"p": p, "logodds": float(logp[t]) - rest, "top1": bool(int(logp.argmax()) == t)}
 
+
+
+@dataclass(frozen=True)
+class ClassBehaviour:
+    """Input `x` classified as class `cls`: the behaviour an image attack wants, and the suspicious
+    prediction a forensic defender starts from."""
+
+    x: np.ndarray
+    cls: int
+    description: str = ""
+
+    @classmethod
+    def from_target(cls, target: Target, test_set: Any) -> "ClassBehaviour":
+        """From an attack's Target (test index, class) and the test set it indexes."""
+        return cls(np.asarray(test_set.x[target.index]), int(target.cls),
+                   f"test document {target.index} (label {target.true}) classified as {target.cls}")
+
+    def _input(self, model: nn.Module) -> torch.Tensor:
+        param = next(model.parameters())
+        return torch.as_tensor(self.x).to(param.device, param.dtype)
+
+    def measure(self, model: nn.Module) -> torch.Tensor:
+        return measurement(model, self._input(model), self.cls)
+
+    def figures(self, model: nn.Module) -> dict:
+        return measure(model, self._input(model), self.cls)
+
+    def as_dict(self) -> dict:
+        return {"class": self.cls, "description": self.description, "shape": list(self.x.shape)}

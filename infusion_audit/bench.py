@@ -1,19 +1,18 @@
 """`infusion-audit bench`: the attack-then-defend benchmark, the tool's main job.
 
-A grid of attacks x budgets x targets x seeds on one scenario. Each cell crafts one poisoning on
-the attacker's model, measures it on every victim (the same architecture, or others for transfer)
-against a clean control, runs the detectors on the poisoned set, and for each detector removes
-what it flags, retrains and measures what is left of the attack and what the removal cost. All
-records of a cell are appended to results.jsonl in one write, so an interrupted run loses at most
-the cell in flight and re-running the same command skips finished cells.
+A grid of attacks x budgets x targets x seeds on one pipeline (images, text or a user's own: the
+same code). Each cell crafts one poisoning on the attacker's model, measures it on every victim (the
+same architecture, or others for transfer) against a clean control, runs the detectors on the poisoned
+set, and for each detector removes what it flags, retrains and measures what is left of the attack and
+what the removal cost. Cells run in units (a cell with the arms that copy its documents); all records
+of a cell are appended to results.jsonl in one write, so an interrupted run loses at most the unit in
+flight and re-running the same command skips finished cells.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as futures
 import logging
-import os
 import platform
 import sys
 import time
@@ -25,21 +24,19 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .behaviour import Target, measure
-from .config import (PluginSpec, ScenarioConfig, dump_yaml, from_dict, from_sections, load_yaml, resolve_config_path,
-                     to_dict)
-from .data import dataset_kind
+from .config import PluginSpec, ScenarioConfig, dump_yaml, from_sections, load_yaml, resolve_config_path, to_dict
 from .errors import ConfigError
-from .evaluation import AttackConfig, AttackEvaluation, AttackRunConfig, AttackSpec, BudgetConfig, Victim
+from .evaluation import (AttackConfig, AttackEvaluation, AttackRunConfig, AttackSpec, BudgetConfig, Victim,
+                         resolve_attacks)
 from .scan import ScanConfig
+from .executors import DEFAULT_WORKERS, EXECUTORS, Executor, LocalExecutor, SerialExecutor, make_executor
 from .io import append_jsonl_many, atomic_write_text, read_jsonl, repair_jsonl, run_lock, stable_hash, write_json
-from .runtime import set_threads, threads_info
-from .training import accuracy
+from .mitigations import build_mitigation
+from .runtime import threads_info
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = "bench-digits"
-DEFAULT_JOBS = max(1, min(4, os.cpu_count() or 1))
 UNEDITED_METRICS = ("auroc", "auprc", "tpr_at_1fpr", "tpr_at_5fpr", "recall_at_k")  # the null of each figure
 
 
@@ -48,6 +45,8 @@ class DefenceConfig:
     """Remove what each detector flags and retrain by the attack protocol on what is left."""
 
     enabled: bool = True
+    detectors: list[str] = field(default_factory=list, metadata={
+        "help": "the detectors (their labels) whose flags are removed (default: every detector scanned)"})
 
 
 @dataclass
@@ -57,35 +56,47 @@ class BenchConfig:
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     budgets: list[BudgetConfig] = field(default_factory=list)  # empty: attack.budget alone
-    victims: list[PluginSpec] = field(default_factory=list)  # models trained on the poisoned set; empty: the scenario's
+    victims: list[PluginSpec] = field(default_factory=list, metadata={
+        "help": "more victims trained on the poisoned set (transfer): a model (trained by the built-in recipe) or "
+                "a pipeline (a registered one or a Pipeline subclass as package.module:Class)"})
     scan: ScanConfig = field(default_factory=ScanConfig)
     defence: DefenceConfig = field(default_factory=DefenceConfig)
+    mitigations: list[PluginSpec] = field(default_factory=list, metadata={
+        "help": "ways of training the victim (clip, dp-sgd, partition): each cell is retrained and measured "
+                "under each, against a clean control trained under the same mitigation"})
 
     def grid_budgets(self) -> list[BudgetConfig]:
         return self.budgets or [self.attack.budget]
 
     def validate(self, source: str, prefix: str) -> None:
-        from .registry import DETECTORS, MODELS
+        from .registry import DETECTORS, MITIGATIONS, MODELS, PIPELINES
+
+        resolve_attacks(self.scenario, self.attack, source)
 
         for i, spec in enumerate(self.scan.detectors):
             if ":" not in spec.name and spec.name not in DETECTORS.names():
                 raise ConfigError(source, f"scan.detectors[{i}].name",
                                   f"a known detector ({', '.join(DETECTORS.names())})", spec.name)
+        for i, spec in enumerate(self.mitigations):
+            if ":" not in spec.name and spec.name not in MITIGATIONS.names():
+                raise ConfigError(source, f"mitigations[{i}].name",
+                                  f"a known mitigation ({', '.join(MITIGATIONS.names())})", spec.name)
         for i, spec in enumerate(self.victims):
-            if ":" not in spec.name and spec.name not in MODELS.names():
-                raise ConfigError(source, f"victims[{i}].name", f"a known model ({', '.join(MODELS.names())})",
-                                  spec.name)
+            if ":" not in spec.name and spec.name not in MODELS.names() + PIPELINES.names():
+                raise ConfigError(source, f"victims[{i}].name", "a known model or pipeline "
+                                  f"({', '.join(MODELS.names() + PIPELINES.names())})", spec.name)
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One (attack arm, budget, target, seed) of the grid."""
+    """One (attack arm, budget, target, seed, repeat) of the grid."""
 
     spec_index: int
     budget_index: int
-    target: Target
+    target: object
     seed: int
     key: str
+    repeat: int = 0
 
 
 # --------------------------------------------------------------------------- the runner
@@ -102,31 +113,58 @@ class BenchRunner:
         for spec in config.victims:
             name = self.victim_name(spec)
             if name not in self.victims:
-                self.victims[name] = Victim.train(replace(config.scenario, model=spec), config.attack.protocol,
+                self.victims[name] = Victim.train(victim_scenario(config.scenario, spec), config.attack.protocol,
                                                   self.run_dir / "artefacts", progress=progress)
+        main = self.evaluation.victim
+        self.mitigated = {label: Victim(main.scenario, main.trained, config.attack.protocol,
+                                        build_mitigation(spec.name, spec.params))
+                          for label, spec in plugin_labels(config.mitigations).items()}
 
     def victim_name(self, spec: PluginSpec | None) -> str:
-        spec = spec or self.config.scenario.model
+        """A victim's label: its model's or pipeline's name (the main victim: the scenario's pipeline, if it
+        names one, else its model), with a short hash of its params."""
+        spec = spec or self.config.scenario.pipeline or self.config.scenario.model
         return spec.name + (f"({stable_hash(spec.params, 6)})" if spec.params else "")
 
-    def cells(self) -> list[Cell]:
-        cells, seen = [], set()
-        attack = self.config.attack
+    def units(self) -> list[list[Cell]]:
+        """The grid's cells grouped into units that run in one process: an arm that copies another's documents
+        (`like`) runs after it, in its unit; every other cell is a unit of its own."""
+        units, seen = [], set()
+        attack, evaluation = self.config.attack, self.evaluation
+        order = sorted(range(len(attack.attacks)), key=lambda s: evaluation.source_spec(attack.attacks[s]) is not None)
         for b, budget in enumerate(self.config.grid_budgets()):
-            for target in self.evaluation.targets():
+            for target in evaluation.targets():
                 for seed in attack.seeds:
-                    for s, spec in enumerate(attack.attacks):
-                        key = self.evaluation.cell_id(spec, target, seed, budget)
-                        if key not in seen:  # an attack that ignores eps is the same cell under two budgets
+                    by_spec: dict[int, list[Cell]] = {}
+                    for s in order:
+                        spec = attack.attacks[s]
+                        for repeat in range(spec.repeats):
+                            key = evaluation.cell_id(spec, target, seed, budget, repeat)
+                            if key in seen:  # an attack that ignores eps is the same cell under two budgets
+                                continue
                             seen.add(key)
-                            cells.append(Cell(s, b, target, seed, key))
-        return cells
+                            cell = Cell(s, b, target, seed, key, repeat)
+                            source = evaluation.source_spec(spec)
+                            home = attack.attacks.index(source) if source is not None else s
+                            if home in by_spec:
+                                by_spec[home].append(cell)
+                            else:
+                                by_spec[s] = [cell]
+                                units.append(by_spec[s])
+        return units
+
+    def cells(self) -> list[Cell]:
+        return [cell for unit in self.units() for cell in unit]
+
+    def run_unit(self, unit: list[Cell], done: frozenset = frozenset()) -> list[list[dict]]:
+        """The records of each cell of a unit not in `done` (one list per cell, in order)."""
+        return [self.run_cell(cell) for cell in unit if cell.key not in done]
 
     def run_cell(self, cell: Cell) -> list[dict]:
         """Every record of one cell: the attack on each victim, then detection and defence on the main victim."""
         spec: AttackSpec = self.config.attack.attacks[cell.spec_index]
         budget = self.config.grid_budgets()[cell.budget_index]
-        crafted = self.evaluation.craft(spec, cell.target, cell.seed, budget)
+        crafted = self.evaluation.craft(spec, cell.target, cell.seed, budget, cell.repeat)
         records, main = [], None
         for name, victim in self.victims.items():
             record, poisoned_model = self.evaluation.record(crafted, victim)
@@ -136,43 +174,56 @@ class BenchRunner:
             else:  # a transfer victim is its own arm in tables and charts
                 record["variant"] = f"{record['variant']} → {name}".lstrip(" →")
             records.append(record)
+        records += self.mitigate(crafted, records[0])
+        scanned = self.config.scan.attacks
+        if cell.repeat or scanned and spec.name not in scanned:
+            return records
         return records + self.detect_and_defend(crafted, *main)
 
+    def mitigate(self, crafted, plain: dict) -> list[dict]:
+        """The cell retrained under each mitigation against a clean control trained under the same one."""
+        out = []
+        for label, victim in self.mitigated.items():
+            record, _ = self.evaluation.record(crafted, victim)
+            record.update(kind="mitigation", victim=plain["victim"], mitigation=label,
+                          mitigation_params=victim.mitigation.get_params(), acc_unmitigated=plain["acc_control"])
+            record["timings"].update(control=victim.control()["seconds"], retrain_unmitigated=plain["timings"]["retrain"])
+            out.append(record)
+        return out
+
     def detect_and_defend(self, crafted, record: dict, poisoned_model, victim: Victim) -> list[dict]:
-        from .detectors import Behaviour
         from .detectors.base import SKIP_LOG
         from .scan import scan
 
         clean = self.evaluation.scenario.data.train
-        test = self.evaluation.scenario.data.test
         poisoned_set = crafted.poisoned_set
-        target = crafted.target
+        behaviour = self.evaluation.context.behaviour(crafted.target)
         t0 = time.perf_counter()
         options = self.config.scan
         with _silenced(SKIP_LOG):  # skip reasons go in the records; the driver says each once per run
             result = scan(poisoned_set, detectors=options.detectors or None, model=poisoned_model, reference=clean,
-                          behaviour=Behaviour.from_target(target, test), truth=crafted.poisoning.indices,
+                          behaviour=behaviour, truth=crafted.poisoning.indices,
                           expected_fraction=options.expected_fraction, influence=options.influence,
                           bootstrap=options.bootstrap, progress=False, features_layer=options.features_layer)
         scan_seconds = time.perf_counter() - t0
         common = {k: record[k] for k in ("cell", "scenario", "attack", "variant", "budget", "target", "seed",
                                          "victim")}
         out = []
-        x_star = test.batch([target.index])[0][0]
         control = victim.control()
         truth = result.truth
         null = self.unedited_detection(crafted, result)
         for (label, run) in result.completed:
             out.append({"kind": "detection", **common, **result.detection[label], "detector": label,
                         "context_seconds": scan_seconds, **null.get(label, {})})
-            if not self.config.defence.enabled:
+            defence = self.config.defence
+            if not defence.enabled or defence.detectors and label not in defence.detectors:
                 continue
             flagged = np.flatnonzero(run.flagged)
             t1 = time.perf_counter()
             defended = victim.retrain(poisoned_set.without(flagged))
             # the same documents removed from the clean set: what is left is the attack's, not the removal's
             removed_control = victim.retrain(clean.without(flagged))
-            after, baseline = measure(defended, x_star, target.cls), measure(removed_control, x_star, target.cls)
+            after, baseline = behaviour.figures(defended), behaviour.figures(removed_control)
             out.append({"kind": "defence", **common, "detector": label, "knowledge": run.knowledge,
                         "removed": int(run.flagged.sum()), "removed_poisons": int((run.flagged & truth).sum()),
                         "p_after": after["p"], "p_control_removed": baseline["p"],
@@ -180,8 +231,8 @@ class BenchRunner:
                         "delta_logodds_after": after["logodds"] - baseline["logodds"],
                         "delta_logodds_before": record["delta_logodds"],
                         "flip_after": after["top1"] and not baseline["top1"],
-                        "acc_after": accuracy(defended, test), "acc_control": control["accuracy"],
-                        "acc_control_removed": accuracy(removed_control, test),
+                        "acc_after": victim.quality(defended), "acc_control": control["accuracy"],
+                        "acc_control_removed": victim.quality(removed_control),
                         "seconds": time.perf_counter() - t1})
         out += [{"kind": "skip", **common, "detector": label, "reason": run.skipped}
                 for label, run in zip(result.labels, result.runs) if run.skipped]
@@ -193,16 +244,17 @@ class BenchRunner:
         What a detector finds here comes from the attack's choice of documents alone; the difference is what
         the edit adds. Only for attacks that edit documents in place within a perturbation bound and keep
         their labels: a relabelled or replaced document has no unedited counterpart."""
-        from .detectors import Behaviour, build_detector, run_detector
+        from .detectors import build_detector, run_detector
         from .detectors.base import SKIP_LOG
         from .scan import evaluate_run, truth_mask
 
         clean, poisoning = self.evaluation.scenario.data.train, crafted.poisoning
-        bounded = crafted.attack.get_params().get("eps") is not None  # probe insertion replaces, unbounded
-        if not bounded or not np.array_equal(poisoning.y, clean.y[poisoning.indices]):
+        params = crafted.attack.get_params()
+        bounded = params.get("eps") is not None or params.get("tokens") is not None  # probe insertion: unbounded
+        if not bounded or not poisoning.edits_in_place(clean):
             return {}
         context = self.unedited_context  # the unedited documents are the clean set's own
-        context.behaviour = Behaviour.from_target(crafted.target, self.evaluation.scenario.data.test)
+        context.behaviour = self.evaluation.context.behaviour(crafted.target)
         truth = truth_mask(poisoning.indices, len(clean))
         out = {}
         with _silenced(SKIP_LOG):
@@ -222,13 +274,32 @@ class BenchRunner:
     def unedited_context(self):
         """The clean set as the defender's detectors see it through the main victim's clean control, shared by
         every cell (features, gradients and influence factors computed once; each cell sets its behaviour)."""
-        from .detectors import AuditContext
+        from .detectors import audit_context
 
         clean, options = self.evaluation.scenario.data.train, self.config.scan
-        return AuditContext(clean, model=self.evaluation.victim.control()["model"], reference=clean,
+        return audit_context(clean, self.evaluation.victim.control()["model"], reference=clean,
                             expected_fraction=options.expected_fraction, progress=False,
                             features_layer=options.features_layer,
                             **({"influence": dict(options.influence)} if options.influence else {}))
+
+
+def victim_scenario(scenario: ScenarioConfig, spec: PluginSpec) -> ScenarioConfig:
+    """The scenario a transfer victim trains in: the same data and recipe with its own pipeline, or the
+    built-in recipe with its own model."""
+    from .pipeline import Pipeline
+    from .registry import PIPELINES, load_callable
+
+    found = load_callable(spec.name) if ":" in spec.name else None
+    if spec.name in PIPELINES.names() or isinstance(found, type) and issubclass(found, Pipeline):
+        return replace(scenario, pipeline=spec)
+    return replace(scenario, model=spec, pipeline=None)
+
+
+def plugin_labels(specs: list[PluginSpec]) -> dict[str, PluginSpec]:
+    """A label per plugin spec: its name, with a short hash of its params when the name occurs twice."""
+    names = [spec.name for spec in specs]
+    return {(spec.name if names.count(spec.name) == 1 else f"{spec.name}({stable_hash(spec.params, 6)})"): spec
+            for spec in specs}
 
 
 @contextmanager
@@ -249,35 +320,26 @@ def _append_cell(results: Path, records: list[dict], said: set) -> None:
             log.warning("%s not run: %s", r["detector"], r["reason"])
 
 
-# --------------------------------------------------------------------------- parallel workers
-_WORKER: BenchRunner | None = None
-
-
-def _init_worker(config: BenchConfig, run_dir: str, threads: int) -> None:
-    global _WORKER
-    set_threads(threads)
+# --------------------------------------------------------------------------- workers
+def _worker_runner(config: BenchConfig, run_dir: str) -> BenchRunner:
+    """A worker's state (built once per worker by the executor): the shared checkpoints, IHVP and controls."""
     logging.getLogger().setLevel(logging.WARNING)
-    _WORKER = BenchRunner(config, run_dir, progress=False)
+    return BenchRunner(config, run_dir, progress=False)
 
 
-def _run_in_worker(cell: Cell) -> list[dict]:
-    assert _WORKER is not None
-    return _WORKER.run_cell(cell)
+def _worker_unit(runner: BenchRunner, item: tuple[list[Cell], frozenset]) -> list[list[dict]]:
+    unit, done = item
+    return runner.run_unit(unit, done)
 
 
 # --------------------------------------------------------------------------- the entry point
-def load_bench_config(config=None):
-    """A BenchConfig, or a TextAuditConfig when the scenario's dataset is a text corpus, from a YAML path,
-    a built-in name (default: the quick digits benchmark) or a dict of sections, checked as a file is."""
+def load_bench_config(config=None) -> BenchConfig:
+    """A BenchConfig from a YAML path, a built-in name (default: the quick digits benchmark) or a dict of
+    sections, checked as a file is."""
     if isinstance(config, dict):
         data, source = config, "<dict>"
     else:
         data, source = load_yaml(resolve_config_path(config or DEFAULT_CONFIG))
-    scenario = from_dict(ScenarioConfig, data.get("scenario"), source, "scenario")
-    if dataset_kind(scenario.dataset) == "text":
-        from .text.evaluation import TextAuditConfig
-
-        return from_sections(TextAuditConfig, data, source)
     return from_sections(BenchConfig, data, source)
 
 
@@ -298,8 +360,8 @@ class BenchResult:
     @cached_property
     def summaries(self) -> dict:
         """Per arm (attack, variant) and budget, with 95% CIs, as the report shows them: 'attacks' (effect),
-        'detection' (one row per detector), 'defence' (what removing each detector's flags left) and the
-        'defence_measure' those rows compare ('delta_logodds')."""
+        'detection' (one row per detector), 'defence' (what removing each detector's flags left), the
+        'defence_measure' those rows compare ('delta_logodds') and 'mitigations' (each arm under each)."""
         from .reports.render import summarise_run
 
         return summarise_run(self.records)
@@ -315,10 +377,13 @@ class BenchResult:
         return f"BenchResult(run_dir={str(self.run_dir)!r}, {counts}, report={self.report and str(self.report)!r})"
 
 
-def bench(config=None, out: str | Path = "runs/bench", jobs: int = 1, progress: bool = True,
-          report: bool = True) -> BenchResult:
-    """Run (or resume) a benchmark into `out`: a BenchConfig, a text config, a dict of config sections, a YAML
-    path or a built-in name (default: the quick digits benchmark). Returns the run read back as a BenchResult."""
+def bench(config=None, out: str | Path = "runs/bench", jobs: int | None = 1, progress: bool = True,
+          report: bool = True, executor: str = "local", address: str | None = None,
+          gpus_per_worker: float = 0.0) -> BenchResult:
+    """Run (or resume) a benchmark into `out`: a BenchConfig, a dict of config sections, a YAML path or a
+    built-in name (default: the quick digits benchmark). Units run in this process (`jobs=1`), in `jobs`
+    local processes, or on Ray (`executor="ray"`, at `address`; `jobs` caps the workers, None: as many as
+    the cluster holds). Returns the run read back as a BenchResult."""
     if config is None or isinstance(config, (dict, str, Path)):
         config = load_bench_config(config)
     elif not hasattr(config, "scenario"):
@@ -328,50 +393,43 @@ def bench(config=None, out: str | Path = "runs/bench", jobs: int = 1, progress: 
     with run_lock(out):  # one writer per run directory: a second bench here is refused, not interleaved
         atomic_write_text(out / "config.yaml", dump_yaml(config))
         repair_jsonl(out / "results.jsonl")
-        if isinstance(config, BenchConfig):
-            run_image_bench(config, out, jobs, progress)
-        else:
-            from .text.bench import run_text_bench
-
-            run_text_bench(config, out, progress)
+        run_grid(config, out, make_executor(executor, jobs, threads_info()["torch_threads"], address,
+                                            gpus_per_worker), progress)
         result = BenchResult(out)
         if report:
             result.report = result.write_report()
     return result
 
 
-def run_image_bench(config: BenchConfig, out: Path, jobs: int = 1, progress: bool = True) -> None:
+def run_grid(config: BenchConfig, out: Path, executor: Executor, progress: bool = True) -> None:
+    """Run the units of the grid not yet recorded in out/results.jsonl on `executor` (in this process for a
+    serial one, with the driver's own runner); only this process writes records; write out/provenance.json."""
     started = time.perf_counter()
     results = out / "results.jsonl"
     runner = BenchRunner(config, out, progress=progress)
-    cells = runner.cells()
-    done = {r["cell"] for r in read_jsonl(results) if r.get("kind") == "attack"}
-    todo = [c for c in cells if c.key not in done]
-    log.info("%d cells, %d already finished, %d to run", len(cells), len(cells) - len(todo), len(todo))
-    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="bench cells", unit="cell",
-               disable=not progress)
+    units = runner.units()
+    n_cells = sum(len(unit) for unit in units)
+    done = frozenset(r["cell"] for r in read_jsonl(results) if r.get("kind") == "attack")
+    todo = [unit for unit in units if any(cell.key not in done for cell in unit)]
+    left = sum(cell.key not in done for unit in todo for cell in unit)
+    log.info("%d cells, %d already finished, %d to run", n_cells, n_cells - left, left)
+    bar = tqdm(total=n_cells, initial=n_cells - left, desc="bench cells", unit="cell", disable=not progress)
     said: set = set()  # (detector, reason) already logged
-    if jobs <= 1 or len(todo) <= 1:
-        for cell in todo:
-            _append_cell(results, runner.run_cell(cell), said)
-            bar.update(1)
-    else:
-        import multiprocessing
 
-        threads = threads_info()["torch_threads"]  # the workers compute as this process does (--threads)
-        with futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_init_worker, initargs=(config, str(out), threads)) as pool:
-            pending = [pool.submit(_run_in_worker, cell) for cell in todo]
-            try:
-                for future in futures.as_completed(pending):
-                    _append_cell(results, future.result(), said)
-                    bar.update(1)
-            except BaseException:
-                for future in pending:
-                    future.cancel()
-                raise
+    def finish(cells: list[list[dict]]) -> None:
+        for records in cells:
+            _append_cell(results, records, said)
+            bar.update(1)
+
+    if isinstance(executor, SerialExecutor) or isinstance(executor, LocalExecutor) and len(todo) <= 1:
+        for unit in todo:
+            finish(runner.run_unit(unit, done))
+    else:
+        for _, cells in executor.map_unordered(_worker_runner, (config, str(out)), _worker_unit,
+                                               [(unit, done) for unit in todo]):
+            finish(cells)
     bar.close()
-    write_json(out / "provenance.json", provenance(config, runner, time.perf_counter() - started, len(todo)))
+    write_json(out / "provenance.json", provenance(config, runner, time.perf_counter() - started, left))
 
 
 def package_versions() -> dict:
@@ -391,12 +449,13 @@ def provenance(config: BenchConfig, runner: BenchRunner, seconds: float, cells_r
     """What a reviewer needs to trust or repeat the run: versions, seeds, data hashes, timings."""
     data = runner.evaluation.scenario.data
     return {
+        "domain": runner.evaluation.scenario.kind,
         "packages": package_versions(), "compute": threads_info(), "config_hash": stable_hash(to_dict(config)),
         "seeds": {"train": config.scenario.train.seed, "targets": config.attack.targets.seed,
                   "attack": config.attack.seeds},
         "data": {"train_hash": data.train.content_hash(), "test_hash": data.test.content_hash(),
                  "n_train": len(data.train), "n_test": len(data.test)},
-        "class_names": data.train.class_names,
+        "class_names": getattr(data.train, "class_names", None),
         "training": {name: {k: v for k, v in victim.trained.metrics.items() if k != "history"}
                      for name, victim in runner.victims.items()},
         "task_quality": runner.evaluation.quality,
@@ -410,19 +469,27 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", default=None,
                    help=f"YAML bench config or a built-in name (default: {DEFAULT_CONFIG}, the quick digits benchmark; "
                         "bench-digits-thorough for more targets, bench-digits-adaptive for the detector-aware "
-                        "attacker's sweep)")
+                        "attacker's sweep, bench-digits-hardening for mitigations, bench-caesar and bench-wordpref "
+                        "for language models)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="run directory (default: runs/bench)")
-    p.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
-                   help=f"cells run in parallel processes, each with --threads torch threads (default: "
-                        f"{DEFAULT_JOBS}, this machine's cores up to 4)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help=f"workers running cells in parallel, each with --threads torch threads (default: local "
+                        f"{DEFAULT_WORKERS}, this machine's cores up to 4; ray: as many as the cluster holds)")
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="where the cells run: local processes (default) or a Ray cluster (pip install "
+                        "'infusion-audit[ray]')")
+    p.add_argument("--address", default=None, help="ray: the cluster's address, as ray.init takes it (default: "
+                   "start a local instance)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs each worker declares (default: 0)")
     p.add_argument("--no-report", action="store_true", help="skip rendering report.html")
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         raise ConfigError("--jobs", "", "an integer >= 1", args.jobs)
     started = time.perf_counter()
-    result = bench(args.config, args.out, jobs=args.jobs, progress=not args.quiet, report=not args.no_report)
+    result = bench(args.config, args.out, jobs=args.jobs, progress=not args.quiet, report=not args.no_report,
+                   executor=args.executor, address=args.address, gpus_per_worker=args.gpus_per_worker)
     print(f"finished in {time.perf_counter() - started:.0f} s")
     print(f"results: {args.out / 'results.jsonl'}")
     if result.report is not None:

@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import __version__
+from .version import __version__
 from .errors import ConfigError, UserError
 from .runtime import DEFAULT_THREADS, set_threads
 
@@ -23,7 +23,8 @@ COMMANDS = {
     "scan": ("infusion_audit.scan", "score every document of a suspect dataset by several detectors; ranked CSV + summary"),
     "report": ("infusion_audit.reports.render", "re-render the HTML report of a run directory"),
     "train": ("infusion_audit.cli", "train a scenario; writes a checkpoint per epoch and metrics.json"),
-    "plugins": ("infusion_audit.cli", "list attacks, detectors, datasets and models, and where each came from"),
+    "plugins": ("infusion_audit.cli", "list attacks, detectors, mitigations, datasets and models, and where each "
+                "came from"),
 }
 
 EPILOG = """\
@@ -33,8 +34,10 @@ examples:
   infusion-audit attack digits --out runs/a   craft Infusion poisons on digits and measure them
   infusion-audit scan suspect.npz --reference clean.npz --out runs/s
   infusion-audit plugins
-Built-in config names (digits, bench-digits, bench-digits-thorough, bench-digits-adaptive, bench-caesar,
-caesar, cifar10-paper) can stand in for a CONFIG path."""
+  infusion-audit bench bench-wordpref         word preference on a tiny GPT-Neo (stories)
+  infusion-audit bench bench-digits-hardening clip, DP-SGD and partition training against three attacks
+Built-in config names (digits, bench-digits, bench-digits-thorough, bench-digits-adaptive,
+bench-digits-hardening, bench-caesar, bench-wordpref, caesar, cifar10-paper) can stand in for a CONFIG path."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
 
 # --------------------------------------------------------------------------- plugins
 def add_plugins_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kind", choices=["attacks", "detectors", "datasets", "models"], help="list only one kind")
+    from .registry import REGISTRIES
+
+    p.add_argument("--kind", choices=list(REGISTRIES), help="list only one kind")
 
 
 def run_plugins(args: argparse.Namespace) -> int:
@@ -108,27 +113,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from .config import TrainRunConfig, dump_yaml, load_config
-    from .data import dataset_kind
     from .io import atomic_write_text
+    from .pipeline import Pipeline, train_pipeline
 
     cfg = load_config(TrainRunConfig, args.config)
     atomic_write_text(args.out / "config.yaml", dump_yaml(cfg))
-    if dataset_kind(cfg.scenario.dataset) == "text":
-        from .text.scenario import TextScenario, train_text_scenario
-
-        trained = train_text_scenario(TextScenario.from_config(cfg.scenario), args.out / "artefacts",
-                                      progress=not args.quiet)
-        m = trained.metrics
-        figures = [f"test loss {m['test']['loss']:.4f}", f"token accuracy {m['test']['token_accuracy']:.4f}"]
-        if "decryption_accuracy" in m["test"]:
-            figures.append(f"decryption accuracy {m['test']['decryption_accuracy']:.4f}")
-        summary = ", ".join(figures) + f" (n={m['n_test']})"
-    else:
-        from .training import Scenario, train_scenario
-
-        trained = train_scenario(Scenario.from_config(cfg.scenario), args.out / "artefacts", progress=not args.quiet)
-        m = trained.metrics
-        summary = f"test accuracy {m['test_accuracy']:.4f} (n={m['n_test']}), train accuracy {m['train_accuracy']:.4f}"
+    trained = train_pipeline(Pipeline.from_config(cfg.scenario), args.out / "artefacts", progress=not args.quiet)
+    m = trained.metrics
+    summary = ", ".join(f"test {name.replace('_', ' ')} {value:.4f}" for name, value in m["test"].items())
+    summary += f" (n={m['n_test']}); {m['quality']['figure']} {m['quality']['value']:.4f}"
     print(f"{summary}, {m['train_seconds']:.1f}s; checkpoints in {trained.checkpoints[0].parent}")
     return 0
 

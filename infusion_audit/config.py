@@ -49,8 +49,15 @@ class TrainConfig:
     lr: float = bounded(0.05, gt=0)
     momentum: float = bounded(0.0, min=0, max=1)
     weight_decay: float = bounded(0.0, min=0)
-    lr_milestones: list[int] = bounded([], help="epochs after which lr is multiplied by 0.1")
     adam_betas: list[float] = bounded([0.9, 0.999], help="Adam's decay rates of its moment estimates")
+    schedule: PluginSpec | None = field(default=None, metadata={
+        "help": "a torch.optim.lr_scheduler class stepped once per epoch, e.g. {name: CosineAnnealingLR, "
+                "params: {T_max: 10}} or {name: MultiStepLR, params: {milestones: [5], gamma: 0.1}}"})
+    augment: list[PluginSpec] = field(default_factory=list, metadata={
+        "help": "torchvision.transforms.v2 classes applied in order to each training image, seeded per "
+                "(epoch, document), e.g. [{name: RandomAffine, params: {degrees: 10}}]"})
+    clip_grad_norm: float | None = field(default=None, metadata={"help": "clip the batch gradient's norm to this"})
+    precision: Literal["fp32", "bf16"] = "fp32"
     batch_size: int = bounded(16, min=1)
     epochs: int = bounded(10, min=1)
     seed: int = 0
@@ -60,12 +67,28 @@ class TrainConfig:
     def validate(self, source: str, prefix: str) -> None:
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ConfigError(source, f"{prefix}.adam_betas", "two numbers in [0, 1)", self.adam_betas)
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ConfigError(source, f"{prefix}.clip_grad_norm", "a value > 0 (or null)", self.clip_grad_norm)
+        if self.schedule is not None:
+            import torch.optim.lr_scheduler as schedulers
+
+            if not isinstance(getattr(schedulers, self.schedule.name, None), type):
+                raise ConfigError(source, f"{prefix}.schedule.name", "a torch.optim.lr_scheduler class",
+                                  self.schedule.name)
+        for i, spec in enumerate(self.augment):
+            from torchvision.transforms import v2
+
+            if not isinstance(getattr(v2, spec.name, None), type):
+                raise ConfigError(source, f"{prefix}.augment[{i}].name", "a torchvision.transforms.v2 class",
+                                  spec.name)
 
 
 @dataclass
 class ScenarioConfig:
-    """A dataset split, a model factory and a training recipe."""
+    """A dataset split, a model factory and a training recipe; `pipeline` names a user's own Pipeline
+    (``package.module:callable`` taking this config) that overrides any of them, its training loop included."""
 
+    pipeline: PluginSpec | None = None
     dataset: PluginSpec = field(default_factory=lambda: PluginSpec("digits"))
     model: PluginSpec = field(default_factory=lambda: PluginSpec("digits-cnn"))
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -225,7 +248,7 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
 # The top-level sections of a config file. One file can describe a whole audit: each command reads
 # the sections it uses (train: scenario; attack: + attack; scan: + scan; bench: all of them) and
 # leaves the others to the commands that use them. Any other top-level key is a mistake.
-SECTIONS = ("scenario", "attack", "budgets", "victims", "scan", "defence")
+SECTIONS = ("scenario", "attack", "budgets", "victims", "scan", "defence", "mitigations")
 
 
 def load_config(cls: type, name_or_path: str | Path) -> Any:

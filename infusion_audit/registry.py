@@ -1,7 +1,7 @@
-"""Name -> plugin registries for attacks, detectors, datasets and models.
+"""Name -> plugin registries for attacks, detectors, mitigations, datasets and models.
 
 Built-ins register with a decorator; third-party distributions add plugins through entry points
-(groups ``infusion_audit.attacks``, ``.detectors``, ``.datasets``, ``.models``), like pytest's
+(groups ``infusion_audit.attacks``, ``.detectors``, ``.mitigations``, ``.datasets``, ``.models``), like pytest's
 plugins. A plugin that fails to import, or reuses a taken name, is reported by name and skipped;
 it never breaks the others.
 """
@@ -21,8 +21,10 @@ log = logging.getLogger(__name__)
 BUILTIN_MODULES = (
     "infusion_audit.data",
     "infusion_audit.models",
+    "infusion_audit.pipeline",
     "infusion_audit.attacks",
     "infusion_audit.detectors",
+    "infusion_audit.mitigations",
     "infusion_audit.text",
 )
 
@@ -125,6 +127,8 @@ def load_callable(spec: str) -> Any:
 
 ATTACKS = Registry("attacks")
 DETECTORS = Registry("detectors")
+MITIGATIONS = Registry("mitigations")
 DATASETS = Registry("datasets")
 MODELS = Registry("models")
-REGISTRIES = {r.kind: r for r in (ATTACKS, DETECTORS, DATASETS, MODELS)}
+PIPELINES = Registry("pipelines")
+REGISTRIES = {r.kind: r for r in (ATTACKS, DETECTORS, MITIGATIONS, DATASETS, MODELS, PIPELINES)}

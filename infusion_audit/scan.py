@@ -27,7 +27,7 @@ import torch
 from scipy.stats import rankdata
 from tqdm.auto import tqdm
 
-from . import __version__
+from .version import __version__
 from .config import PluginSpec, ScenarioConfig, TrainConfig, bounded, load_config, to_dict
 from .data import (ImageDataset, images_from_arrays, load_suspect, png_shape, read_manifest, read_npy, read_npz,
                    read_png, unit_float_images)
@@ -54,6 +54,8 @@ class ScanConfig:
     features_layer: str | None = field(default=None, metadata={
         "help": "module whose output the feature detectors read, e.g. layer4 (default: the input of the last "
                 "nn.Linear, or the model's features()/head)"})
+    attacks: list[str] = field(default_factory=list, metadata={
+        "help": "bench: the attacks whose poisoned sets are scanned and defended against (default: every one)"})
 
 
 @dataclass
@@ -74,16 +76,17 @@ def default_scenario(data: ImageDataset) -> ScenarioConfig:
 # --------------------------------------------------------------------------- the model
 def train_on_suspect(data: ImageDataset, scenario: ScenarioConfig, cache: Path | None = None,
                      progress: bool = True, features_layer: str | None = None) -> tuple[Any, dict]:
-    """A model trained on the suspect data with the scenario's recipe (reused from `cache` if it matches);
-    a `features_layer` the model lacks fails before any training."""
+    """A model trained on the suspect data by the scenario's pipeline (its recipe, or a user's own pipeline with
+    its own training), reused from `cache` if it matches; a `features_layer` the model lacks fails before any
+    training."""
+    from .data import DatasetSplit
     from .detectors import FeatureExtractor
-    from .models import build_model
-    from .training import Checkpoint, accuracy, seeded_model, train
+    from .pipeline import Pipeline
+    from .training import Checkpoint, accuracy
 
-    key = stable_hash({"scenario": to_dict(scenario), "data": data.content_hash()})
-    factory = lambda: build_model(scenario.model, in_channels=data.input_shape[0],  # noqa: E731
-                                      num_classes=data.num_classes)
-    model = seeded_model(factory, scenario.train.seed)
+    pipeline = Pipeline.from_config(scenario, data=DatasetSplit(data, data))
+    key = stable_hash({"pipeline": pipeline.fingerprint()})
+    model = pipeline.new_model()
     FeatureExtractor(model, features_layer)
     if cache is not None and verified(cache):
         ckpt = Checkpoint.load(cache)
@@ -92,8 +95,9 @@ def train_on_suspect(data: ImageDataset, scenario: ScenarioConfig, cache: Path |
             log.info("reusing the model trained on this data: %s", cache)
             return model.eval(), dict(ckpt.meta["info"], reused=True)
     t0 = time.perf_counter()
-    train(model, data, scenario.train, progress=progress)
+    pipeline.fit(model, data, progress=progress)
     info = {"source": "trained", "model": to_dict(scenario.model), "train": to_dict(scenario.train),
+            **({"pipeline": scenario.pipeline.name} if scenario.pipeline is not None else {}),
             "train_seconds": round(time.perf_counter() - t0, 3), "train_accuracy": accuracy(model, data)}
     if cache is not None:
         Checkpoint.capture(scenario.train.epochs, model, None, {"key": key, "info": info}).save(cache)
@@ -289,7 +293,7 @@ def scan(data: Any, y: Any = None, *, model: Any = None, detectors: str | Sequen
     same documents in the same order, in any form `data` takes or as arrays of inputs alone (the labels
     are the data's). `features_layer`: the module whose output detectors take as features (default: the
     model's features(), else the input of its last nn.Linear). `behaviour`: the suspicious prediction, a
-    Behaviour or an (input, class) pair.
+    ClassBehaviour or an (input, class) pair.
     `probe`: held-out inputs for influence probes (a dataset or a path). `detectors`: names (a list,
     or "a,b") or PluginSpecs; default: every registered detector that scores this kind of data. A
     detector that cannot run or fails is reported in the result, not raised.
@@ -297,7 +301,7 @@ def scan(data: Any, y: Any = None, *, model: Any = None, detectors: str | Sequen
     Anything unusable (a bad shape, NaNs, non-integer labels, a model that cannot take the inputs, an
     unknown detector) raises UserError (its subclass DataError for data) with a one-line message.
     """
-    from .detectors import AuditContext, build_detector, run_detector
+    from .detectors import audit_context, build_detector, run_detector
     from .registry import DETECTORS
 
     data = as_dataset(data, y, channels_last=channels_last, num_classes=num_classes, progress=progress)
@@ -326,12 +330,7 @@ def scan(data: Any, y: Any = None, *, model: Any = None, detectors: str | Sequen
     options = dict(reference=reference, behaviour=behaviour, probe=probe, expected_fraction=expected_fraction,
                    features_layer=features_layer, progress=progress,
                    **({"influence": dict(influence)} if influence else {}))
-    if data.kind == "text" and model is not None:  # documents' features and losses from the language model
-        from .text.detectors import text_context
-
-        context = text_context(data, model, **options)
-    else:
-        context = AuditContext(data, model=model, **options)
+    context = audit_context(data, model, **options)
     runs = []
     for label, detector in zip(labels, built):
         log.info("running %s", label)
@@ -428,19 +427,19 @@ def _from_torch_dataset(dataset: Any, name: str, progress: bool) -> tuple[np.nda
 
 
 def as_behaviour(behaviour: Any, data: Any) -> Any:
-    """A Behaviour from an (input, class) pair; an image behaviour is checked against the data."""
-    from .detectors import Behaviour
+    """A ClassBehaviour from an (input, class) pair; an image behaviour is checked against the data."""
+    from .behaviour import ClassBehaviour
 
     if behaviour is None or data.kind != "image":
         return behaviour
-    if not isinstance(behaviour, Behaviour):
+    if not isinstance(behaviour, ClassBehaviour):
         try:
             x, cls = behaviour
             x, cls = _numpy(x, "behaviour input"), int(cls)
         except (TypeError, ValueError):
-            raise UserError("behaviour: expected a Behaviour or an (input, class) pair") from None
+            raise UserError("behaviour: expected a ClassBehaviour or an (input, class) pair") from None
         x = unit_float_images(x, "behaviour input")[0]
-        behaviour = Behaviour(x.reshape(data.input_shape) if x.ndim == 2 and data.input_shape[0] == 1 else x, cls,
+        behaviour = ClassBehaviour(x.reshape(data.input_shape) if x.ndim == 2 and data.input_shape[0] == 1 else x, cls,
                               f"an input classified as {cls}")
     if tuple(np.shape(behaviour.x)) != data.input_shape or not np.isfinite(behaviour.x).all():
         raise DataError(f"behaviour: input has shape {tuple(np.shape(behaviour.x))}, the data's documents "
@@ -501,8 +500,8 @@ BEHAVIOUR_FORMAT = "FILE[:INDEX]:CLASS (an image file .png/.npy, or an .npz whos
 
 
 def parse_behaviour(spec: str, like: ImageDataset) -> Any:
-    """`FILE[:INDEX]:CLASS` -> Behaviour: the input a suspicious prediction was made on, and its class."""
-    from .detectors import Behaviour
+    """`FILE[:INDEX]:CLASS` -> ClassBehaviour: the input a suspicious prediction was made on, and its class."""
+    from .behaviour import ClassBehaviour
 
     m = re.fullmatch(r"(.+?)(?::(\d+))?:(\d+)", spec)
     if not m:
@@ -528,7 +527,7 @@ def parse_behaviour(spec: str, like: ImageDataset) -> Any:
     if tuple(x.shape) != like.input_shape or not np.isfinite(x).all():
         raise DataError(f"--behaviour {spec!r}: input has shape {tuple(x.shape)}, the data's documents "
                         f"{like.input_shape} (and must be finite)")
-    return Behaviour(x, cls, f"{path.name}{'[' + index + ']' if index else ''} classified as {cls}")
+    return ClassBehaviour(x, cls, f"{path.name}{'[' + index + ']' if index else ''} classified as {cls}")
 
 
 def read_truth(path: str | Path, n: int) -> list[int]:

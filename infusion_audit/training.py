@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -19,15 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import ScenarioConfig, TrainConfig
-from .data import DatasetSplit, build_dataset
-from .errors import DataError
-from .io import record_hash, stable_hash, verified, write_json
-from .models import build_model
+from .config import TrainConfig
+from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+Wrap = Callable[[nn.Module, torch.optim.Optimizer, int, int], tuple[nn.Module, torch.optim.Optimizer]]
 
 
 def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -55,14 +53,79 @@ def epoch_order(dataset, cfg: TrainConfig, epoch: int) -> np.ndarray:
     return order[order >= 0]
 
 
+def document_ids(dataset) -> np.ndarray:
+    """Each document's position in the full training set (a dataset with documents removed keeps its
+    parent's numbering), so per-document randomness follows the document, not its slot."""
+    parent = getattr(dataset, "parent_positions", None)
+    return np.arange(len(dataset)) if parent is None else np.asarray(parent[1])
+
+
+def document_seed(seed: int, epoch: int, document: int) -> int:
+    """The seed of one document's randomness (its augmentation) in one epoch: the same in a poisoned retrain
+    and its clean control, so the two differ only by the poison."""
+    return int(np.random.SeedSequence([seed, epoch, document]).generate_state(1)[0])
+
+
+def augmentation(cfg: TrainConfig) -> Callable[[torch.Tensor, np.ndarray, int], torch.Tensor] | None:
+    """`cfg.augment` as a function of (images, document ids, epoch): torchvision.transforms.v2, each image
+    under its own `document_seed` (the global RNG is left as it was)."""
+    if not cfg.augment:
+        return None
+    from torchvision.transforms import v2
+
+    try:
+        transform = v2.Compose([getattr(v2, spec.name)(**spec.params) for spec in cfg.augment])
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("<config>", "scenario.train.augment", "valid transform params", str(exc)) from None
+
+    def apply(x: torch.Tensor, documents: np.ndarray, epoch: int) -> torch.Tensor:
+        out = torch.empty_like(x)
+        with torch.random.fork_rng(devices=[]):
+            for row, document in enumerate(documents):
+                torch.default_generator.manual_seed(document_seed(cfg.seed, epoch, int(document)))  # CPU RNG only
+                out[row] = transform(x[row])
+        return out
+
+    return apply
+
+
+@contextmanager
+def epoch_rng(seed: int, epoch: int, device: torch.device):
+    """Torch's random state for one epoch, seeded by (seed, epoch) and restored after: a model's own randomness
+    (dropout) is then the same whichever process or machine trains it, and in a retrain and its control."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        state = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+        torch.default_generator.manual_seed(state)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(state)
+        yield
+
+
+def epoch_lrs(cfg: TrainConfig) -> list[float]:
+    """The learning rate of every epoch: `cfg.lr` under `cfg.schedule` (a torch scheduler stepped once per
+    epoch), computed up front so a retrain that starts at epoch E uses the lr the schedule gives E."""
+    if cfg.schedule is None:
+        return [cfg.lr] * cfg.epochs
+    import torch.optim.lr_scheduler as schedulers
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    lrs = []
+    try:
+        scheduler = getattr(schedulers, cfg.schedule.name)(optimizer, **cfg.schedule.params)
+        for _ in range(cfg.epochs):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("<config>", "scenario.train.schedule",
+                          "a scheduler stepped once per epoch, with valid params", str(exc)) from None
+    return lrs
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
-
-
-def lr_at(cfg: TrainConfig, epoch: int) -> float:
-    return cfg.lr * 0.1 ** sum(epoch >= m for m in cfg.lr_milestones)
 
 
 def seeded_model(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
@@ -109,10 +172,13 @@ class Checkpoint:
 
 def train(model: nn.Module, dataset, cfg: TrainConfig, *, start: Checkpoint | None = None,
           until_epoch: int | None = None, loss_fn: LossFn = classification_loss,
-          on_epoch: Callable[[Checkpoint], None] | None = None, progress: bool = True) -> nn.Module:
+          on_epoch: Callable[[Checkpoint], None] | None = None, progress: bool = True,
+          wrap: Wrap | None = None) -> nn.Module:
     """Train `model` in place from `start` (or its current weights) to `until_epoch` (default cfg.epochs).
 
-    `on_epoch` receives a Checkpoint after every epoch (to save it, or to evaluate).
+    `on_epoch` receives a Checkpoint after every epoch (to save it, or to evaluate). `wrap(model, optimizer,
+    n_documents, batch_size)` returns the module and optimizer to train with instead (a mitigation such as
+    per-example clipping); the weights it trains are `model`'s, which is what is returned.
     """
     device = torch.device(cfg.device)
     model.to(device)
@@ -125,25 +191,36 @@ def train(model: nn.Module, dataset, cfg: TrainConfig, *, start: Checkpoint | No
         first = start.epoch
     last = cfg.epochs if until_epoch is None else until_epoch
     n = len(dataset)
+    trained = model
+    if wrap is not None:
+        trained, optimizer = wrap(model, optimizer, n, cfg.batch_size)
+    lrs, augment, ids = epoch_lrs(cfg), augmentation(cfg), document_ids(dataset)
     steps = (n + cfg.batch_size - 1) // cfg.batch_size
     bar = tqdm(total=(last - first) * steps, desc="train", unit="step", disable=not progress or last <= first,
                leave=False)
     for epoch in range(first, last):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg, epoch)
-        model.train()
+            group["lr"] = lrs[min(epoch, len(lrs) - 1)]
+        trained.train()
         order = epoch_order(dataset, cfg, epoch)
         total = 0.0
-        for s in range(steps):
-            batch = dataset.batch(order[s * cfg.batch_size:(s + 1) * cfg.batch_size], device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model, batch)
-            if not torch.isfinite(loss):
-                raise DataError(f"training diverged at epoch {epoch + 1}, step {s + 1} (loss {loss.item()}); lower lr")
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-            bar.update(1)
+        with epoch_rng(cfg.seed, epoch, device):  # dropout and any other randomness inside the model
+            for s in range(steps):
+                index = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+                batch = dataset.batch(index, device)
+                if augment is not None:
+                    batch = (augment(batch[0], ids[index], epoch), *batch[1:])
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                    loss = loss_fn(trained, batch)
+                if not torch.isfinite(loss):
+                    raise DataError(f"training diverged at epoch {epoch + 1}, step {s + 1} (loss {loss.item()}); lower lr")
+                loss.backward()
+                if cfg.clip_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+                optimizer.step()
+                total += loss.item()
+                bar.update(1)
         bar.set_postfix(epoch=epoch + 1, loss=f"{total / steps:.4f}")
         if on_epoch is not None:
             on_epoch(Checkpoint.capture(epoch + 1, model, optimizer))
@@ -163,107 +240,3 @@ def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> 
 def accuracy(model: nn.Module, dataset) -> float:
     x, y = dataset.batch(np.arange(len(dataset)))
     return float((predict_proba(model, x).argmax(1) == y).float().mean())
-
-
-# --------------------------------------------------------------------------- scenarios
-@dataclass
-class Scenario:
-    """A scenario made concrete: its data, a seeded model factory and the training recipe."""
-
-    config: ScenarioConfig
-    data: DatasetSplit
-
-    @classmethod
-    def from_config(cls, config: ScenarioConfig) -> "Scenario":
-        return cls(config, build_dataset(config.dataset))
-
-    @property
-    def train_cfg(self) -> TrainConfig:
-        return self.config.train
-
-    loss_fn = staticmethod(classification_loss)  # a class attribute, not a field: text scenarios override it
-
-    def new_model(self) -> nn.Module:
-        """The model at initialisation, seeded by the recipe's seed."""
-        train = self.data.train
-        dims = {"in_channels": train.input_shape[0], "num_classes": train.num_classes}
-        return seeded_model(lambda: build_model(self.config.model, **dims), self.config.train.seed)
-
-    def model_at(self, checkpoint: Checkpoint) -> nn.Module:
-        model = self.new_model()
-        model.load_state_dict(checkpoint.model)
-        return model.to(self.config.train.device).eval()
-
-    def fingerprint(self) -> str:
-        """What the trained checkpoints depend on: the config and the training data's content."""
-        return stable_hash({"scenario": self.config.identity(), "data": self.data.train.content_hash()})
-
-
-@dataclass
-class TrainedScenario:
-    scenario: Scenario
-    checkpoints: list[Path]  # checkpoints[e] is the state after e epochs
-    metrics: dict
-
-    def checkpoint(self, epoch: int) -> Checkpoint:
-        return Checkpoint.load(self.checkpoints[epoch])
-
-    def model(self, epoch: int | None = None) -> nn.Module:
-        return self.scenario.model_at(self.checkpoint(len(self.checkpoints) - 1 if epoch is None else epoch))
-
-
-def train_scenario(scenario: Scenario, out_dir: str | Path, progress: bool = True) -> TrainedScenario:
-    """Train with a checkpoint per epoch under out_dir/<fingerprint>/; finished epochs are reused (resume).
-
-    Each checkpoint is reused only while it matches the hash recorded when it was written: training
-    resumes after the last intact epoch, so a damaged one is recomputed (with a warning), never loaded."""
-    cfg = scenario.train_cfg
-    ckpt_dir = Path(out_dir) / f"train-{scenario.fingerprint()}"
-    paths = [ckpt_dir / f"epoch-{e:03d}.pt" for e in range(cfg.epochs + 1)]
-    metrics_path = ckpt_dir / "metrics.json"
-    intact = 0  # epochs 0..intact-1 verified
-    while intact < len(paths) and verified(paths[intact]):
-        intact += 1
-    if intact == len(paths) and verified(metrics_path):
-        import json
-
-        return TrainedScenario(scenario, paths, json.loads(metrics_path.read_text()))
-    model = scenario.new_model()
-    start = None
-    resume = intact - 1 if intact else None
-    if resume is None:
-        record_hash(Checkpoint.capture(0, model, make_optimizer(model, cfg)).save(paths[0]))
-    else:
-        start = Checkpoint.load(paths[resume])
-        log.info("resuming training from epoch %d", resume)
-    history: list[dict] = []
-    t0 = time.perf_counter()
-
-    def on_epoch(ckpt: Checkpoint) -> None:
-        record_hash(ckpt.save(paths[ckpt.epoch]))
-        history.append({"epoch": ckpt.epoch, "test_accuracy": accuracy(model, scenario.data.test)})
-
-    train(model, scenario.data.train, cfg, start=start, on_epoch=on_epoch, progress=progress)
-    metrics = {
-        "train_seconds": time.perf_counter() - t0,
-        "resumed_from_epoch": resume,
-        "train_accuracy": accuracy(model, scenario.data.train),
-        "test_accuracy": accuracy(model, scenario.data.test),
-        "n_train": len(scenario.data.train),
-        "n_test": len(scenario.data.test),
-        "history": history,
-    }
-    record_hash(write_json(metrics_path, metrics))
-    return TrainedScenario(scenario, paths, metrics)
-
-
-def continue_training(scenario: Scenario, start: Checkpoint, dataset, epochs: int = 1,
-                      progress: bool = False) -> nn.Module:
-    """The paper's retrain: from checkpoint E, `epochs` more epochs on (possibly edited) `dataset`."""
-    return train(scenario.new_model(), dataset, scenario.train_cfg, start=start, until_epoch=start.epoch + epochs,
-                 loss_fn=scenario.loss_fn, progress=progress)
-
-
-def retrain_from_scratch(scenario: Scenario, dataset, progress: bool = False) -> nn.Module:
-    """Full retrain from the seeded initialisation on `dataset` (after a defence removed documents)."""
-    return train(scenario.new_model(), dataset, scenario.train_cfg, loss_fn=scenario.loss_fn, progress=progress)

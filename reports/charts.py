@@ -227,6 +227,46 @@ def defence_effect(panels: dict[str, list[dict]], measure: str) -> Markup:
 
 
 # --------------------------------------------------------------------------- gallery images
+def hardening(panels: Sequence[dict], kinds: dict[str, tuple[str, str, str]], neutral_bound: float,
+              effect_label: str) -> Markup:
+    """One panel per attack: the mean Δ log-odds (95% CI) each defence leaves against the clean accuracy it costs
+    (points, 95% CI), so the defence that buys most robustness per accuracy point sits lowest and leftmost.
+    Each panel: {"title", "points": [{"kind", "name", "cost": summary, "effect": summary}]}; `kinds` maps a
+    point's kind to (legend label, marker, colour); a dotted line marks `neutral_bound`."""
+    cols = min(3, max(len(panels), 1))
+    n_rows = -(-len(panels) // cols)
+    with plt.rc_context({**STYLE, "text.parse_math": False}):  # a '$' in a name is text, not TeX
+        fig, axes = plt.subplots(n_rows, cols, figsize=(4.2 * cols, 3.3 * n_rows + 0.3), squeeze=False)
+        for ax in axes.flat[len(panels):]:
+            ax.set_visible(False)
+        for ax, panel in zip(axes.flat, panels):
+            named = 0  # names alternate above and below their points, so neighbours' do not overprint
+            for kind, (_, marker, colour) in kinds.items():
+                pts = [p for p in panel["points"] if p["kind"] == kind and p["effect"].get("mean") is not None
+                       and p["cost"].get("mean") is not None]
+                if not pts:
+                    continue
+                x, xerr = _err([p["cost"] for p in pts])
+                y, yerr = _err([p["effect"] for p in pts])
+                ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, color=colour, ms=5, capsize=1.5, lw=0.8)
+                for xi, yi, p in zip(x, y, pts):
+                    name = p["name"] if len(p["name"]) <= 24 else p["name"][:23] + "…"
+                    ax.annotate(name, (xi, yi), xytext=(4, 3 if named % 2 == 0 else -9), textcoords="offset points",
+                                fontsize=7, color=colour)
+                    named += 1
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.axhline(neutral_bound, color="grey", lw=0.7, ls=":")
+            ax.set_title(textwrap.fill(panel["title"], 44), fontsize=9, fontweight="bold", loc="left")
+            ax.set_xlabel("clean accuracy lost (points)")
+            ax.set_ylabel(f"mean {effect_label}, 95% CI")
+        drawn = {p["kind"] for panel in panels for p in panel["points"]}
+        handles = [plt.Line2D([], [], marker=m, color=c, ls="none", label=label)
+                   for kind, (label, m, c) in kinds.items() if kind in drawn]
+        fig.tight_layout()
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=3, frameon=False, fontsize=8)
+        return to_svg(fig)
+
+
 def _to_rgb(x: np.ndarray) -> np.ndarray:
     """(C,H,W) in [0,1] -> (H,W,3) uint8."""
     x = np.clip(x, 0, 1)

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import numpy as np
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from infusion_audit import __version__
+from infusion_audit.version import __version__
 from infusion_audit.errors import DataError, UserError
 from infusion_audit.io import atomic_write_text, read_jsonl
 from infusion_audit.stats import fmt_ci, mean_ci, paired_test, wilson
@@ -89,8 +89,9 @@ def load_records(run_dir: Path) -> dict[str, list[dict]]:
     path = run_dir / "results.jsonl"
     if not path.exists():
         raise UserError(f"{run_dir}: no results.jsonl here; is this a run directory written by `infusion-audit bench`?")
-    by_kind: dict[str, list[dict]] = {"attack": [], "detection": [], "defence": [], "skip": []}
+    by_kind: dict[str, list[dict]] = {"attack": [], "detection": [], "defence": [], "skip": [], "mitigation": []}
     needs = {"attack": ["attack", "budget", "delta_p", "delta_logodds"],
+             "mitigation": ["attack", "budget", "cell", "mitigation", "delta_logodds"],
              "detection": ["attack", "budget", "detector", "cell"], "skip": ["detector", "reason"],
              "defence": ["attack", "budget", "detector", "cell", "delta_p_after", "acc_after", "acc_control"]}
     for i, record in enumerate(read_jsonl(path), start=1):
@@ -255,20 +256,117 @@ def summarise_defence(records: list[dict], attacks: list[dict], arms: Arms, meas
             "residual_success": _rate(group, lambda r: r[after_field] > 0),
             "reduction": reduction,
             "cost": mean_ci([r["acc_control"] - r["acc_after"] for r in group]),
+            # the removal's own price, the attack aside: the clean control with the same documents removed
+            "cost_clean": mean_ci([r["acc_control"] - r["acc_control_removed"] for r in group
+                                   if r.get("acc_control_removed") is not None]),
             "removed": mean_ci(_values(group, "removed")),
             "removed_poisons": mean_ci(_values(group, "removed_poisons")),
         })
     return rows
 
 
+NEUTRAL_BOUND = 0.1  # nats of Δ log-odds under which a mitigated effect counts as neutralised
+NEUTRALISE_RULE = (f"a mitigation neutralises an attack when the attack succeeds without it on the same runs and the "
+                   f"95% t-interval of its mean {EFFECT_LABEL} under the mitigation (against a clean control trained "
+                   f"under the same mitigation) lies entirely below {NEUTRAL_BOUND:g}, i.e. the poison is shown to "
+                   f"multiply the odds of the target by less than e^{NEUTRAL_BOUND:g} ≈ "
+                   f"{math.exp(NEUTRAL_BOUND):.3f}; "
+                   "the attack still succeeds under it when that interval lies entirely above 0 (the success rule); "
+                   f"anything between is inconclusive: no effect shown, but one of {NEUTRAL_BOUND:g} or more not "
+                   "ruled out")
+
+
+def mitigation_status(unmitigated: dict, mitigated: dict) -> str:
+    """The verdict on one attack under one mitigation, by NEUTRALISE_RULE."""
+    if "too few targets" in (attack_status(unmitigated), attack_status(mitigated)):
+        return "too few targets"
+    if attack_status(unmitigated) != "succeeds":
+        return "nothing to stop"
+    if mitigated["hi"] < NEUTRAL_BOUND:
+        return "neutralised"
+    return "still succeeds" if mitigated["lo"] > 0 else "inconclusive"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _figure(records: list[dict], name: str) -> list[float]:
+    """A mitigation figure's numeric values over records (a figure is optional, and a non-number is ignored)."""
+    return [float(f[name]) for r in records if _number((f := r.get("figures") or {}).get(name))]
+
+
+def _per_control(records: list[dict], value) -> dict:
+    """mean_ci of value(record) over distinct clean controls (scenario, victim, seed, mitigation): runs that share
+    a control share its accuracy, so they are one observation, not many."""
+    by_control: dict[tuple, list[float]] = defaultdict(list)
+    for r in records:
+        if (v := value(r)) is not None:
+            by_control[tuple(str(r.get(k)) for k in ("scenario", "victim", "seed", "mitigation"))].append(v)
+    return mean_ci([float(np.mean(v)) for v in by_control.values()])
+
+
+def _accuracy_cost(r: dict) -> float | None:
+    """The clean accuracy a mitigation costs: plain clean control minus the clean control trained under it."""
+    if _number(r.get("acc_unmitigated")) and _number(r.get("acc_control")):
+        return r["acc_unmitigated"] - r["acc_control"]
+    return None
+
+
+def _time_factors(records: list[dict]) -> list[float]:
+    """Per run: the mitigated retrain's seconds over the plain retrain's of the same cell."""
+    out = []
+    for r in records:
+        t = r.get("timings") or {}
+        if _number(t.get("retrain")) and _number(t.get("retrain_unmitigated")) and t["retrain_unmitigated"] > 0:
+            out.append(t["retrain"] / t["retrain_unmitigated"])
+    return out
+
+
+def _certified(records: list[dict]) -> dict:
+    """Share of runs whose poisoned-document count k is within the target's certified edit radius (Wilson)."""
+    pairs = [(r["budget"].get("k"), f["certified_radius_edit"]) for r in records
+             if _number((f := r.get("figures") or {}).get("certified_radius_edit")) and _number(r["budget"].get("k"))]
+    return wilson(sum(1 for k, radius in pairs if k <= radius), len(pairs))
+
+
+def summarise_mitigations(records: list[dict], attacks: list[dict], arms: Arms) -> list[dict]:
+    """Per mitigation and attack arm x budget: the effect under the mitigation (against a clean control trained
+    under it), paired by cell and victim with the plain effect of the same runs (`attacks`: summarise_attacks'
+    rows), and what the mitigation costs in clean accuracy and training time, beside its own figures."""
+    plain = {(r["cell"], r.get("victim")): r["delta_logodds"] for a in attacks for r in a["records"] if "cell" in r}
+    rows = []
+    for key, group in _group(records, extra="mitigation").items():
+        arm = key[:3]
+        paired = [(plain[c], r["delta_logodds"]) for r in group if (c := (r["cell"], r.get("victim"))) in plain]
+        unmitigated, mitigated = mean_ci([b for b, _ in paired]), mean_ci(_values(group, "delta_logodds"))
+        rows.append({
+            "arm": arm, "label": arms.label(arm), "budget": budget_label(group[0]["budget"]), "budget_key": key[3],
+            "mitigation": key[4], "n": len(group), "delta_logodds": mitigated, "unmitigated": unmitigated,
+            "status": mitigation_status(unmitigated, mitigated),
+            "reduction": paired_test([b for b, _ in paired], [a for _, a in paired]) if paired else None,
+            "flip": _rate(group, lambda r: bool(r.get("flip"))),
+            "acc_cost": _per_control(group, _accuracy_cost), "time_factor": mean_ci(_time_factors(group)),
+            "epsilon": mean_ci(_figure(group, "epsilon")), "delta": sorted(set(_figure(group, "delta"))),
+            "epsilon_covers": sorted({str(f["epsilon_covers"]) for r in group
+                                      if (f := r.get("figures") or {}).get("epsilon_covers") is not None}),
+            "clipped_fraction": mean_ci(_figure(group, "clipped_fraction")),
+            "parts": sorted({int(v) for v in _figure(group, "parts")}),
+            "radius": mean_ci(_figure(group, "certified_radius_edit")), "certified": _certified(group),
+            "records": group,
+        })
+    return sorted(rows, key=lambda r: (r["mitigation"], r["arm"], r["budget_key"]))
+
+
 def summarise_run(records: dict[str, list[dict]]) -> dict:
-    """Every per-arm summary of a run's records (by kind): 'attacks', 'detection', 'defence', and the
-    'defence_measure' the defence rows compare (see defence_measure)."""
+    """Every per-arm summary of a run's records (by kind): 'attacks', 'detection', 'defence', 'mitigations' (the
+    attacks under each mitigation) and the 'defence_measure' the defence rows compare (see defence_measure)."""
     arms = Arms(records["attack"])
     attacks = summarise_attacks(records["attack"], arms)
     measure = defence_measure(records["defence"])
     return {"attacks": attacks, "detection": summarise_detection(records["detection"], arms),
-            "defence": summarise_defence(records["defence"], attacks, arms, measure), "defence_measure": measure}
+            "defence": summarise_defence(records["defence"], attacks, arms, measure), "defence_measure": measure,
+            "mitigations": summarise_mitigations(records.get("mitigation", []), attacks, arms)}
 
 
 def summarise_not_run(records: list[dict]) -> list[dict]:
@@ -279,8 +377,28 @@ def summarise_not_run(records: list[dict]) -> list[dict]:
     return [{"detector": d, "reason": reason, "n": n} for (d, reason), n in sorted(counts.items())]
 
 
-def build_verdict(attacks: list[dict], detection: list[dict], defence: list[dict]) -> dict:
-    """One row per attack arm at its largest budget: does it work, who catches it, what removal costs."""
+def judge_mitigations(mitigations: list[dict]) -> list[dict]:
+    """Per mitigation (summarise_mitigations' rows), each attack at its largest budget under it sorted by
+    NEUTRALISE_RULE, with what the mitigation costs over all its runs: clean accuracy, time, certified runs."""
+    by_mitigation: dict[str, list[dict]] = defaultdict(list)
+    for m in mitigations:
+        by_mitigation[m["mitigation"]].append(m)
+    out = []
+    for name, rows in by_mitigation.items():
+        top = sorted(_largest_budgets(rows), key=lambda m: m["label"])
+        records = [r for m in rows for r in m["records"]]
+        out.append({"mitigation": name, **{status.replace(" ", "_"): [m for m in top if m["status"] == status]
+                                           for status in ("neutralised", "still succeeds", "inconclusive",
+                                                          "too few targets", "nothing to stop")},
+                    "acc_cost": _per_control(records, _accuracy_cost), "time_factor": mean_ci(_time_factors(records)),
+                    "certified": _certified(records), "epsilon": mean_ci(_figure(records, "epsilon"))})
+    return out
+
+
+def build_verdict(attacks: list[dict], detection: list[dict], defence: list[dict],
+                  mitigations: list[dict] = ()) -> dict:
+    """One row per attack arm at its largest budget: does it work, who catches it, what removal costs; and
+    per mitigation, which attacks it neutralises and at what cost (see judge_mitigations)."""
     rows = []
     by_arm: dict[tuple, list[dict]] = defaultdict(list)
     for a in attacks:
@@ -301,7 +419,8 @@ def build_verdict(attacks: list[dict], detection: list[dict], defence: list[dict
     succeeding = [r for r in rows if r["status"] == "succeeds"]
     return {"rows": rows, "succeeding": succeeding,
             "inconclusive": [r for r in rows if r["status"] == "too few targets"],
-            "has_detection": bool(detection), "has_defence": bool(defence)}
+            "has_detection": bool(detection), "has_defence": bool(defence),
+            "mitigations": judge_mitigations(list(mitigations))}
 
 
 # --------------------------------------------------------------------------- the adaptive attacker
@@ -409,8 +528,11 @@ def headline_level(levels: list[dict]) -> dict | None:
 
 # --------------------------------------------------------------------------- charts
 def build_charts(attacks: list[dict], detection: list[dict], defence: list[dict], defence_label: str,
-                 frontier: dict | None = None) -> dict:
-    out: dict[str, Any] = dict.fromkeys(("budget", "scatter", "frontier", "roc", "defence"))
+                 frontier: dict | None = None, mitigations: list[dict] = ()) -> dict:
+    out: dict[str, Any] = dict.fromkeys(("budget", "scatter", "frontier", "roc", "defence", "hardening"))
+    if mitigations:
+        out["hardening"] = charts.hardening(_hardening_panels(attacks, list(mitigations), defence, defence_label),
+                                            HARDENING_KINDS, NEUTRAL_BOUND, EFFECT_LABEL)
     if attacks:
         out["budget"] = _budget_chart(attacks)
     if detection:
@@ -435,6 +557,38 @@ def build_charts(attacks: list[dict], detection: list[dict], defence: list[dict]
                                                "cost": d["cost"]})
         out["defence"] = charts.defence_effect(dict(sorted(by_detector.items())), defence_label)
     return out
+
+
+def removal_cost(defence: list[dict]) -> str:
+    """The defence rows' cost the hardening chart sets beside a mitigation's: 'cost_clean' (the clean control's
+    accuracy minus the clean control's with the same documents removed, the removal's own price like a
+    mitigation's) when every defence record has it, else 'cost' (runs that did not record it)."""
+    return "cost_clean" if all(d["cost_clean"]["n"] == d["n"] for d in defence) else "cost"
+
+
+def _hardening_panels(attacks: list[dict], mitigations: list[dict], defence: list[dict],
+                      defence_label: str) -> list[dict]:
+    """Per attack, at the largest budget it was mitigated at: the plain effect, the effect under each mitigation
+    and the residual effect after each detector's removal, each at the clean accuracy it costs (in points)."""
+    plain = {(a["arm"], a["budget_key"]): a for a in attacks}
+    removal = [d for d in defence if defence_label == EFFECT_LABEL]  # a residual Δp does not sit on a Δ log-odds axis
+    cost = removal_cost(removal)
+    panels = []
+    for top in sorted(_largest_budgets(mitigations), key=lambda m: m["label"]):
+        key = (top["arm"], top["budget_key"])
+        points = [{"kind": "none", "name": "no defence", "cost": {"mean": 0.0}, "effect": plain[key]["delta_logodds"]}
+                  ] if key in plain else []
+        points += [{"kind": "mitigation", "name": m["mitigation"], "cost": _in_points(m["acc_cost"]),
+                    "effect": m["delta_logodds"]} for m in mitigations if (m["arm"], m["budget_key"]) == key]
+        points += [{"kind": "removal", "name": f"remove {d['detector']}", "cost": _in_points(d[cost]),
+                    "effect": d["after"]} for d in removal if (d["arm"], d["budget_key"]) == key]
+        panels.append({"title": f"{top['label']}, {top['budget']}", "points": points})
+    return panels
+
+
+HARDENING_KINDS = {"none": ("no defence", "o", "firebrick"),
+                   "mitigation": ("trained under a mitigation", "s", "slateblue"),
+                   "removal": ("a detector's flags removed, retrained", "D", "seagreen")}
 
 
 def _knowledge_panels(attacks: list[dict], detection: list[dict]) -> list[dict]:
@@ -561,6 +715,10 @@ def _timings(records: dict[str, list[dict]]) -> list[dict]:
     for r in records["detection"]:
         if isinstance(r.get("seconds"), (int, float)):
             stages[f"detector: {r['detector']}"].append(float(r["seconds"]))
+    for r in records.get("mitigation", []):
+        for stage, seconds in (r.get("timings") or {}).items():
+            if _number(seconds):
+                stages[f"mitigation {r['mitigation']}: {stage}"].append(float(seconds))
     return [{"stage": s, "n": len(v), "total": sum(v), "mean": mean_ci(v)} for s, v in sorted(stages.items())]
 
 
@@ -600,6 +758,11 @@ def _ci_text(summary: dict | None, digits: int = 3, with_n: bool = True) -> str:
     return text if with_n else text.rsplit(" (n=", 1)[0]
 
 
+def _in_points(summary: dict) -> dict:
+    """An accuracy difference's summary (0..1) in percentage points."""
+    return {k: (v * 100 if k in ("mean", "lo", "hi", "sd") and v is not None else v) for k, v in summary.items()}
+
+
 def _num(value: float | None, digits: int = 3) -> str:
     """A figure with `digits` decimals, in scientific notation when nonzero but too small for them."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -611,8 +774,7 @@ def _environment() -> Environment:
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined,
                       trim_blocks=True, lstrip_blocks=True)
     env.filters["ci"] = _ci_text
-    env.filters["points"] = lambda s, with_n=True: _ci_text(  # an accuracy difference in percentage points
-        {k: (v * 100 if k in ("mean", "lo", "hi") and v is not None else v) for k, v in s.items()}, 2, with_n)
+    env.filters["points"] = lambda s, with_n=True: _ci_text(_in_points(s), 2, with_n)
     env.filters["num"] = _num
     env.filters["pct"] = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
     env.filters["classname"] = lambda c, names: f"{c} “{names[c]}”" \
@@ -628,6 +790,7 @@ def render_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     records = load_records(run_dir)
     summaries = summarise_run(records)
     attacks, detection, defence = summaries["attacks"], summaries["detection"], summaries["defence"]
+    mitigations = summaries["mitigations"]
     defence_label = EFFECT_LABEL if summaries["defence_measure"] == "delta_logodds" else "Δp"
     provenance = _read_optional_json(run_dir / "provenance.json")
     config_path = run_dir / "config.yaml"
@@ -640,10 +803,11 @@ def render_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         "run_dir": str(run_dir),
         "counts": {k: len(v) for k, v in records.items()},
         "targets": len({(r.get("scenario"), json.dumps(r.get("target"), sort_keys=True)) for r in records["attack"]}),
-        "verdict": build_verdict(attacks, detection, defence),
+        "verdict": build_verdict(attacks, detection, defence, mitigations),
         "levels": levels, "headline": headline_level(levels), "frontier": frontier,
-        "attacks": attacks, "detection": detection, "defence": defence,
-        "charts": build_charts(attacks, detection, defence, defence_label, frontier),
+        "attacks": attacks, "detection": detection, "defence": defence, "mitigations": mitigations,
+        "removal_cost": removal_cost(defence),
+        "charts": build_charts(attacks, detection, defence, defence_label, frontier, mitigations),
         "gallery": gallery,
         "config_text": config_path.read_text(encoding="utf-8") if config_path.exists() else None,
         "provenance": _sections(provenance, "run"),
@@ -651,9 +815,10 @@ def render_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         "timings": _timings(records),
         "not_run": summarise_not_run(records["skip"]), "n_cells": len({r.get("cell") for r in records["attack"]}),
         "rules": {"success": SUCCESS_RULE, "catch": CATCH_RULE, "survival": SURVIVAL_RULE,
+                  "neutralise": NEUTRALISE_RULE,
                   "logodds": [text for domain, text in LOGODDS_DEFINITIONS.items()
                               if any(r.get("domain", "image") == domain for r in records["attack"])]},
-        "effect_label": EFFECT_LABEL, "defence_label": defence_label,
+        "effect_label": EFFECT_LABEL, "defence_label": defence_label, "neutral_bound": NEUTRAL_BOUND,
         "primary_label": PRIMARY_LABEL, "metric_names": DETECTION_METRICS,
     }
     html = _environment().get_template("report.html.j2").render(**context)

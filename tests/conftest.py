@@ -71,8 +71,8 @@ def context(tmp_path_factory):
     """The default digits scenario, trained, as an attacker sees it (shared by the attack tests)."""
     from infusion_audit.attacks import AttackContext
     from infusion_audit.config import ScenarioConfig
-    from infusion_audit.training import Scenario, train_scenario
+    from infusion_audit.pipeline import Pipeline, train_pipeline
 
-    scenario = Scenario.from_config(ScenarioConfig())
-    trained = train_scenario(scenario, tmp_path_factory.mktemp("train"), progress=False)
+    scenario = Pipeline.from_config(ScenarioConfig())
+    trained = train_pipeline(scenario, tmp_path_factory.mktemp("train"), progress=False)
     return AttackContext(scenario, trained, damping=1e-3, cache_dir=tmp_path_factory.mktemp("cache"))

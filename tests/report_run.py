@@ -22,7 +22,8 @@ from infusion_audit.config import ScenarioConfig, TrainRunConfig, dump_yaml, fro
 from infusion_audit.data import write_poisoned
 from infusion_audit.io import append_jsonl, atomic_write_text, stable_hash, write_json
 from infusion_audit.stats import wilson
-from infusion_audit.training import Scenario, accuracy, continue_training, predict_proba, train_scenario
+from infusion_audit.pipeline import Pipeline, train_pipeline
+from infusion_audit.training import accuracy, predict_proba
 
 FIXTURE = "synthetic numbers written by tests/report_run.py, not measured"
 HOSTILE = "<script>alert(1)</script>"
@@ -44,8 +45,8 @@ def digits_scenario_config() -> ScenarioConfig:
 
 
 def trained_digits(cache_dir: Path):
-    scenario = Scenario.from_config(digits_scenario_config())
-    return scenario, train_scenario(scenario, cache_dir, progress=False)
+    scenario = Pipeline.from_config(digits_scenario_config())
+    return scenario, train_pipeline(scenario, cache_dir, progress=False)
 
 
 def _detection_metrics(scores: np.ndarray, is_poison: np.ndarray) -> dict:
@@ -119,7 +120,7 @@ def make_run(run_dir: Path, cache_dir: Path, *, targets: int = 4, detection: boo
                 poisoned = clean.with_documents(index, clean.quantize(clean.x[index] + edit))
             artefact = f"artefacts/{attack}-k{k}"
             write_poisoned(run_dir / artefact, clean, poisoned, index, {"attack": attack, "budget": budget})
-            acc_poisoned = accuracy(continue_training(scenario, start, poisoned), test)
+            acc_poisoned = accuracy(scenario.continue_training(start, poisoned), test)
             delta = (poisoned.x[index] - clean.x[index]).reshape(k, -1)
             for t in range(targets):
                 true = int(test.y[t])

@@ -131,7 +131,7 @@ def test_gradient_matching_against_art_on_the_same_targets_and_budget(tmp_path):
     cfg.attack.write_artefacts = False
     evaluation = AttackEvaluation(cfg, tmp_path, progress=False)
     records = {}
-    for spec, target, seed in evaluation.cells():
+    for spec, target, seed, _ in evaluation.cells():
         crafted = evaluation.craft(spec, target, seed)
         record, _ = evaluation.record(crafted)
         p = crafted.poisoning

@@ -85,7 +85,7 @@ def test_train_command_trains_text_scenarios(tmp_path, capsys):
 
 def test_a_text_model_below_its_floor_is_not_attacked(tmp_path, capsys):
     """Two epochs of a tiny model do not learn to decrypt: bench refuses with one line naming figure and floor."""
-    config = _config(tmp_path, {**TINY_CAESAR, "quality_floor": 0.95}, attack={"targets": [[1, 2]]})
+    config = _config(tmp_path, {**TINY_CAESAR, "quality_floor": 0.95}, attack={"targets": {"pairs": [[1, 2]]}})
     assert main(["-q", "bench", config, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
@@ -109,15 +109,17 @@ def test_threads_are_set_for_the_run_and_recorded_with_the_task_quality(tmp_path
     assert "--threads: expected an integer >= 1, got 0" in capsys.readouterr().err
     assert main(["--threads", "2", "plugins"]) == 0 and torch.get_num_threads() == 2
     torch.set_num_threads(3)  # not the default: provenance must show what main set
-    sections = {"attack": {"attacks": ["random-tokens"], "k": 4, "n_probes": 4, "targets": [[1, 2]],
-                           "detectors": [], "detect": []}}
+    sections = {"attack": {"attacks": [{"name": "random-tokens", "params": {"like": None}}], "budget": {"k": 4},
+                           "targets": {"pairs": [[1, 2]], "probes": 4}},
+                "scan": {"attacks": ["infusion-text"]}}  # nothing scanned: no Infusion arm here
     run = tmp_path / "run"
     assert main(["-q", "bench", _config(tmp_path, TINY_CAESAR, **sections), "--out", str(run)]) == 0
     provenance = json.loads((run / "provenance.json").read_text())
     assert provenance["compute"] == {"torch_threads": DEFAULT_THREADS, "cpu_count": os.cpu_count()}
     quality = provenance["task_quality"]
     assert quality["figure"] == "decryption accuracy" and quality["floor"] == 0.0
-    assert quality["value"] == provenance["decryption_accuracy"]["trained"]
+    (victim,) = provenance["training"].values()
+    assert quality["value"] == victim["quality"]["value"]
     page = (run / "report.html").read_text(encoding="utf-8")
     assert f"decryption accuracy before any attack: <strong>{quality['value']:.3f}</strong>" in page
 
@@ -126,4 +128,4 @@ def test_threads_are_set_for_the_run_and_recorded_with_the_task_quality(tmp_path
     assert main(["-q", "bench", config, "--out", str(run)]) == 0
     assert sorted((run / "artefacts").glob("train-*")) == trained
     records = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
-    assert len(records) == 1 and np.isfinite(records[0]["delta_logodds"])  # the finished unit was not rerun
+    assert len(records) == 1 and np.isfinite(records[0]["delta_logodds"])  # the finished cell was not rerun

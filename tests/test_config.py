@@ -32,8 +32,8 @@ def test_bad_configs_name_file_key_and_expectation(tmp_path, text, message):
 
 
 def test_valid_config_and_scientific_notation(tmp_path):
-    cfg = _load(tmp_path, "scenario: {train: {lr: 1e-2, epochs: 3, lr_milestones: [2]}}")
-    assert cfg.scenario.train.lr == 0.01 and cfg.scenario.train.lr_milestones == [2]
+    cfg = _load(tmp_path, "scenario: {train: {lr: 1e-2, epochs: 3, schedule: {name: MultiStepLR, params: {milestones: [2]}}}}")
+    assert cfg.scenario.train.lr == 0.01 and cfg.scenario.train.schedule.params == {"milestones": [2]}
     assert cfg.scenario.dataset.name == "digits"
 
 

@@ -4,12 +4,14 @@ import torch
 
 from infusion_audit.config import ScenarioConfig
 from infusion_audit.data import ImageDataset
-from infusion_audit.detectors import AuditContext, Behaviour, Detector, build_detector, run_detector
+from infusion_audit.behaviour import ClassBehaviour
+from infusion_audit.detectors import AuditContext, Detector, build_detector, run_detector
 from infusion_audit.detectors.perturbation import infer_grid
 from infusion_audit.errors import DataError, PluginError
 from infusion_audit.metrics import auroc
 from infusion_audit.registry import DETECTORS
-from infusion_audit.training import Scenario, train
+from infusion_audit.pipeline import Pipeline
+from infusion_audit.training import train
 
 EXPECTED = {"spectral-signature", "activation-clustering", "influence-outlier", "perturbation-norm", "knn-label",
             "loss-outlier"}
@@ -18,7 +20,7 @@ EXPECTED = {"spectral-signature", "activation-clustering", "influence-outlier", 
 @pytest.fixture(scope="module")
 def digits_flip():
     """Digits with 14 training labels flipped (1%), and a digits CNN trained on it (~5 s)."""
-    scenario = Scenario.from_config(ScenarioConfig())
+    scenario = Pipeline.from_config(ScenarioConfig())
     clean = scenario.data.train
     rng = np.random.default_rng(0)
     idx = np.sort(rng.choice(len(clean), 14, replace=False))
@@ -82,7 +84,7 @@ def test_influence_outlier_self_and_forensic(digits_flip):
     model = train(d["scenario"].new_model(), inserted, d["scenario"].train_cfg, progress=False)
     truth = np.zeros(len(inserted), dtype=bool)
     truth[idx] = True
-    forensic = AuditContext(inserted, model=model, behaviour=Behaviour(x_star, t), progress=False)
+    forensic = AuditContext(inserted, model=model, behaviour=ClassBehaviour(x_star, t), progress=False)
     run = run_detector(build_detector("influence-outlier"), forensic)
     assert run.knowledge == "forensic" and run.details["mode"] == "forensic"
     assert auroc(truth, run.scores) > 0.95

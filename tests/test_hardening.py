@@ -197,17 +197,18 @@ def _flip_byte(path: Path) -> None:
 
 
 def test_a_damaged_checkpoint_is_retrained_not_loaded(tmp_path, caplog):
-    from infusion_audit.training import Checkpoint, Scenario, train_scenario
+    from infusion_audit.pipeline import Pipeline, train_pipeline
+    from infusion_audit.training import Checkpoint
 
     config = ScenarioConfig(dataset=PluginSpec("digits"), model=PluginSpec("digits-cnn"),
                             train=TrainConfig(epochs=3, batch_size=64))
-    scenario = Scenario.from_config(config)
-    clean = train_scenario(scenario, tmp_path, progress=False)
+    scenario = Pipeline.from_config(config)
+    clean = train_pipeline(scenario, tmp_path, progress=False)
     states = [Checkpoint.load(p).model for p in clean.checkpoints]
     damaged = clean.checkpoints[1]
     _flip_byte(damaged)
     with caplog.at_level(logging.WARNING, logger="infusion_audit"):
-        again = train_scenario(scenario, tmp_path, progress=False)
+        again = train_pipeline(scenario, tmp_path, progress=False)
     assert any(str(damaged) in r.getMessage() and "recomputing" in r.getMessage() for r in caplog.records)
     assert again.metrics["resumed_from_epoch"] == 0  # epochs 1.. were retrained from the intact epoch 0
     for path, state in zip(again.checkpoints, states):
@@ -216,7 +217,7 @@ def test_a_damaged_checkpoint_is_retrained_not_loaded(tmp_path, caplog):
     caplog.clear()
     (again.checkpoints[-1].parent / "metrics.json.sha256").unlink()  # an unrecorded artefact is not trusted
     with caplog.at_level(logging.WARNING, logger="infusion_audit"):
-        train_scenario(scenario, tmp_path, progress=False)
+        train_pipeline(scenario, tmp_path, progress=False)
     assert any("metrics.json" in r.getMessage() and "no readable recorded hash" in r.getMessage()
                for r in caplog.records)
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from infusion_audit.behaviour import measurement, measurement_gradient
+from infusion_audit.behaviour import ClassBehaviour, measurement, measurement_gradient
 from infusion_audit.data import digits
 from infusion_audit.influence import (flatten, influence_scores, input_gradient, loss_gradient, make_ihvp,
                                       per_example_gradients, trainable_parameters)
@@ -165,7 +165,7 @@ def test_sign_convention_confirmed_by_retraining(split):
     model = _fit(linear_model(), train, np.ones(len(train)), wd)
     x_star, t = split.test.batch([0])[0][0].double(), 3
     solver = make_ihvp("exact", model, train, wd, loss_fn=f64_loss, tol=1e-10)
-    s = influence_scores(model, train, solver.solve(measurement_gradient(model, x_star, t)), loss_fn=f64_loss)
+    s = influence_scores(model, train, solver.solve(measurement_gradient(model, ClassBehaviour(x_star.numpy(), t))), loss_fn=f64_loss)
     f0 = float(measurement(model, x_star, t).detach())
     extra = 3.0  # three more copies of the document: eps = 3 / n
     for i in (int(np.argmin(s)), int(np.argmax(s))):
@@ -184,13 +184,13 @@ def test_ekfac_approximates_the_exact_ihvp_on_the_digits_cnn(tmp_path):
     from infusion_audit.behaviour import sample_targets
     from infusion_audit.config import ScenarioConfig
     from infusion_audit.influence.compare import compare_ihvps
-    from infusion_audit.training import Scenario, train_scenario
+    from infusion_audit.pipeline import Pipeline, train_pipeline
 
-    scenario = Scenario.from_config(ScenarioConfig())
-    model = train_scenario(scenario, tmp_path, progress=False).model()
+    scenario = Pipeline.from_config(ScenarioConfig())
+    model = train_pipeline(scenario, tmp_path, progress=False).model()
     train = scenario.data.train.subset(np.arange(200))
     targets = sample_targets(scenario.data.test, 1, seed=0)
-    queries = [measurement_gradient(model, scenario.data.test.batch([t.index])[0][0], t.cls) for t in targets]
+    queries = [measurement_gradient(model, scenario.behaviour(t)) for t in targets]
     rows = compare_ihvps(model, train, queries, make_ihvp("exact", model, train, 1e-2, tol=1e-4),
                          make_ihvp("ekfac", model, train, 1e-2), top=10)
     for r in rows:

@@ -15,14 +15,16 @@ from infusion_audit.errors import ConfigError, DataError, UserError
 from infusion_audit.influence import input_gradient
 from infusion_audit.io import read_jsonl
 from infusion_audit.registry import ATTACKS, DATASETS, DETECTORS, MODELS
-from infusion_audit.text.attacks import TextAttackContext, TokenInfusion, project_entropy, project_simplex
-from infusion_audit.text.behaviours import CompletionBehaviour, WordPreference, caesar_alphabet
-from infusion_audit.text.bench import run_text_bench
+from infusion_audit.attacks import AttackContext
+from infusion_audit.attacks.text import TokenInfusion, project_entropy, project_simplex
+from infusion_audit.bench import bench
+from infusion_audit.detectors.text import text_context
+from infusion_audit.evaluation import summarize
+from infusion_audit.pipeline import train_pipeline
+from infusion_audit.text.behaviours import CompletionBehaviour, WordPairTarget, WordPreference, caesar_alphabet
 from infusion_audit.text.data import CaesarDocument, caesar, read_corpus, shift_text
-from infusion_audit.text.detectors import text_context
-from infusion_audit.text.evaluation import TextAuditConfig, load_text_config, summarise
-from infusion_audit.text.models import document_losses, lm_loss, relaxed_document_losses, tiny_gpt_neo
-from infusion_audit.text.scenario import TextScenario, train_text_scenario
+from infusion_audit.text.models import document_losses, relaxed_document_losses, tiny_gpt_neo
+from infusion_audit.text.scenario import TextBehaviour, TextPipeline
 
 WORDS = ["[PAD]", "[UNK]", "the", "cat", "dog", "sat", "ran", "on", "mat", "fast", "a", "big", "small", "red"]
 
@@ -47,8 +49,15 @@ def hf_folder(tmp_path_factory):
     return folder
 
 
-def _jsonl_scenario(folder, epochs=2) -> TextScenario:
-    return TextScenario.from_config(from_dict(ScenarioConfig, {
+class _OneProbe(TextPipeline):
+    """A user's text pipeline with its own behaviour: prefer token 6 over token 5 after the prefix [2, 3]."""
+
+    def behaviour(self, target, probes: int = 32) -> TextBehaviour:
+        return TextBehaviour(WordPreference([[2, 3]], 5, 6))
+
+
+def _jsonl_scenario(folder, epochs=2, cls=TextPipeline) -> TextPipeline:
+    return cls(from_dict(ScenarioConfig, {
         "dataset": {"name": "jsonl-text", "params": {"path": str(folder / "corpus.jsonl"), "tokenizer": str(folder),
                                                      "max_length": 10}},
         "model": {"name": "hf-local", "params": {"path": str(folder)}},
@@ -103,12 +112,12 @@ def test_user_folder_loads_locally_and_padding_is_masked(hf_folder):
 
 def test_text_training_reuses_the_shared_loop_and_caches(hf_folder, tmp_path):
     scenario = _jsonl_scenario(hf_folder, epochs=3)
-    trained = train_text_scenario(scenario, tmp_path, progress=False)
+    trained = train_pipeline(scenario, tmp_path, progress=False)
     from infusion_audit.text.scenario import evaluate_lm
 
     assert len(trained.metrics["history"]) == 3 and len(trained.checkpoints) == 4
     assert trained.metrics["train"]["loss"] < evaluate_lm(scenario.new_model(), scenario.data.train)["loss"] - 0.1
-    again = train_text_scenario(scenario, tmp_path, progress=False)
+    again = train_pipeline(scenario, tmp_path, progress=False)
     assert again.checkpoints == trained.checkpoints and again.metrics == trained.metrics
 
 
@@ -181,46 +190,43 @@ def test_token_input_gradient_matches_finite_differences(hf_folder):
 
 # --------------------------------------------------------------------------- attacks and detectors
 def test_infusion_text_respects_the_budget_and_never_touches_padding(hf_folder, tmp_path):
-    scenario = _jsonl_scenario(hf_folder)
-    trained = train_text_scenario(scenario, tmp_path, progress=False)
-    model, train = trained.model(), scenario.data.train
-    behaviour = WordPreference([[2, 3]], 5, 6)
-    from infusion_audit.influence import influence_scores, make_ihvp
-    from infusion_audit.text.behaviours import measurement_gradient
-
-    v = make_ihvp("exact", model, train, 1e-2, loss_fn=lm_loss, max_iter=50).solve(measurement_gradient(model, behaviour))
-    scores = influence_scores(model, train, v.float(), loss_fn=lm_loss)
-    ctx = TextAttackContext(model, train, behaviour, v=v.float(), scores=scores)
-    poisoning = TokenInfusion(k=10, budget=2, steps=5).craft(ctx)
+    scenario = _jsonl_scenario(hf_folder, cls=_OneProbe)
+    trained = train_pipeline(scenario, tmp_path, progress=False)
+    train, target = scenario.data.train, WordPairTarget("cat", "dog")
+    context = AttackContext(scenario, trained, influence_backend="exact", damping=1e-2, ihvp_kwargs={"max_iter": 50})
+    poisoning = TokenInfusion(k=10, tokens=2, steps=5).craft(context, target)
     changed = poisoning.tokens_changed(train)
     assert 0 < changed.min() and changed.max() <= 2  # only documents actually edited count as poisoned
-    assert len(changed) == poisoning.info["documents_improved"]
-    assert np.array_equal(poisoning.dataset.ids[~train.mask()], train.ids[~train.mask()])
-    assert set(poisoning.indices) <= set(np.argsort(scores, kind="stable")[:10])
-    random = ATTACKS.get("random-tokens")(k=10, seed=3).edit(train, poisoning.indices, changed)
+    assert len(changed) == poisoning.meta["documents_improved"]
+    poisoned = poisoning.apply(train)
+    assert np.array_equal(poisoned.ids[~train.mask()], train.ids[~train.mask()])
+    assert set(poisoning.indices) <= set(np.argsort(context.scores(target), kind="stable")[:10])
+    random = ATTACKS.get("random-tokens")(k=10, seed=3).craft(context, target, like=poisoning)
     np.testing.assert_array_equal(random.tokens_changed(train), changed)
-    context = text_context(poisoning.dataset, model, reference=train, progress=False)
+    model = context.model
+    context = text_context(poisoned, model, reference=train, progress=False)
     run_diff = DETECTORS.get("token-diff")().score(context)
     np.testing.assert_array_equal(np.flatnonzero(run_diff), poisoning.indices)
     assert context.features().shape == (len(train), 16) and np.isfinite(context.losses()).all()
 
 
-def test_text_config_rejects_unknown_attacks(tmp_path):
+def test_an_image_attack_on_a_text_scenario_is_refused_when_the_config_loads(tmp_path):
+    from infusion_audit.bench import load_bench_config
+
     path = tmp_path / "bad.yaml"
-    path.write_text("attack: {attacks: [infusion]}\n")
-    with pytest.raises(ConfigError, match="attack.attacks"):
-        load_text_config(path)
-    assert isinstance(load_text_config("caesar"), TextAuditConfig)
+    path.write_text("scenario: {dataset: {name: caesar}}\nattack: {attacks: [{name: infusion}]}\n")
+    with pytest.raises(ConfigError, match=r"attack.attacks\[0\].*edits text"):
+        load_bench_config(path)
+    assert load_bench_config("bench-caesar").attack.attacks[0].name == "infusion-text"
 
 
 def test_retrains_from_one_checkpoint_are_identical(hf_folder, tmp_path):
     """The control and a poisoned retrain must differ only by the edit: Adam's state is not shared between them."""
-    from infusion_audit.training import continue_training
 
     scenario = _jsonl_scenario(hf_folder, epochs=2)
-    trained = train_text_scenario(scenario, tmp_path, progress=False)
+    trained = train_pipeline(scenario, tmp_path, progress=False)
     start = trained.checkpoint(1)
-    a, b = (continue_training(scenario, start, scenario.data.train) for _ in range(2))
+    a, b = (scenario.continue_training(start, scenario.data.train) for _ in range(2))
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
@@ -232,24 +238,31 @@ def test_caesar_bench_records_artefacts_detections_resumes_and_reports(tmp_path)
 
     from infusion_audit.reports import render_report
 
-    config = from_dict(TextAuditConfig, {
+    detectors = ["token-surprisal", "token-diff", "loss-outlier", "spectral-signature", "activation-clustering",
+                 "text-influence"]
+    config = {
         "scenario": {"dataset": {"name": "caesar", "params": {"n_train": 300, "n_test": 60, "alphabet": 5,
                                                               "length": 3, "min_shift": 1, "max_shift": 2}},
                      "model": {"name": "tiny-gpt-neo", "params": {"hidden": 32, "layers": 2, "heads": 2}},
                      "train": {"optimizer": "adam", "lr": 0.005, "batch_size": 16, "epochs": 3, "seed": 0}},
-        "attack": {"k": 8, "budget": 2, "steps": 8, "ihvp": "ekfac", "damping": 0.01, "n_probes": 8,
-                   "targets": [[1, 2]]}})
-    run_text_bench(config, tmp_path, progress=False)
+        "attack": {"attacks": [{"name": "probe-insertion-text"}, {"name": "random-tokens"},
+                               {"name": "infusion-text", "params": {"steps": 8}}],
+                   "budget": {"k": 8, "tokens": 2}, "influence": {"backend": "ekfac", "damping": 0.01},
+                   "targets": {"pairs": [[1, 2]], "probes": 8}},
+        "scan": {"detectors": [{"name": d} for d in detectors], "attacks": ["infusion-text"], "bootstrap": 0},
+        "defence": {"enabled": False}}
+    bench(config, tmp_path, progress=False, report=False)
     records = read_jsonl(tmp_path / "results.jsonl")
     attacks = {r["attack"]: r for r in records if r["kind"] == "attack"}
     assert set(attacks) == {"infusion-text", "random-tokens", "probe-insertion-text"}
-    assert [r["attack"] for r in records if r["kind"] == "attack"][0] == "infusion-text"
+    order = [r["attack"] for r in records if r["kind"] == "attack"]
+    assert order.index("infusion-text") < order.index("random-tokens")  # the arm it copies runs first
     infusion = attacks["infusion-text"]
-    assert len({r["unit"] for r in records}) == 1 and len({r["cell"] for r in attacks.values()}) == 3
+    assert len({r["cell"] for r in attacks.values()}) == 3
     assert infusion["domain"] == "text" and infusion["target"]["target_shift"] == 2
     assert 0 < infusion["norms"]["values_changed"] <= 2 and infusion["predicted_delta_f"] > 0
-    assert infusion["delta_logprob"] == pytest.approx(infusion["logprob_poisoned"] - infusion["logprob_control"])
-    assert infusion["delta_logprob"] != 0  # the edit reached the retrained model
+    assert infusion["delta_logodds"] == pytest.approx(infusion["logodds_poisoned"] - infusion["logodds_control"])
+    assert infusion["logprob_poisoned"] != infusion["logprob_control"]  # the edit reached the retrained model
     assert attacks["random-tokens"]["poisoned_indices"] == infusion["poisoned_indices"]
     assert attacks["random-tokens"]["norms"]["values_changed"] == infusion["norms"]["values_changed"]
     assert attacks["probe-insertion-text"]["norms"]["values_changed"] > 2
@@ -264,28 +277,49 @@ def test_caesar_bench_records_artefacts_detections_resumes_and_reports(tmp_path)
     poisoned_corpus = read_jsonl(tmp_path / infusion["artefact"] / "train.jsonl")
     assert [poisoned_corpus[d["index"]]["text"] for d in docs] == [d["poisoned"] for d in docs]
     detections = {r["detector"]: r for r in records if r["kind"] == "detection"}
-    assert set(detections) == set(config.attack.detectors)
+    assert set(detections) == set(detectors)
     assert detections["token-diff"]["auroc"]["value"] == 1.0  # a trusted copy shows every edit
     assert detections["text-influence"]["knowledge"] == "forensic"
     provenance = json.loads((tmp_path / "provenance.json").read_text())
-    assert provenance["units_run_this_invocation"] == 1 and provenance["data"]["n_train"] == 300
-    summary = summarise(records)
-    assert summary["paired"]["infusion-text vs random-tokens"]["n"] == 1
-    assert summary["attacks"]["infusion-text"]["delta_logprob"]["mean"] == pytest.approx(infusion["delta_logprob"])
+    assert provenance["cells_run_this_invocation"] == 3 and provenance["data"]["n_train"] == 300
+    assert provenance["domain"] == "text"
+    rows = {name.split(" ")[0]: row for name, row in summarize(records)["arms"].items()}
+    assert rows["infusion-text[gcg]"]["delta_logodds"]["mean"] == pytest.approx(infusion["delta_logodds"])
+    assert rows["random-tokens"]["n"] == 1
 
     before = (tmp_path / "results.jsonl").read_bytes()
     with open(tmp_path / "results.jsonl", "ab") as fh:
         fh.write(b'{"kind": "attack", "torn')  # a run killed mid-write
-    run_text_bench(config, tmp_path, progress=False)  # resumes: the finished unit is skipped, the torn line cut
+    bench(config, tmp_path, progress=False, report=False)  # resumes: finished cells are skipped, the torn line cut
     assert (tmp_path / "results.jsonl").read_bytes() == before
-    assert json.loads((tmp_path / "provenance.json").read_text())["units_run_this_invocation"] == 0
-    config.attack.targets.append([2, 1])  # a larger grid reuses the finished unit: its key ignores the grid
-    run_text_bench(config, tmp_path, progress=False)
+    assert json.loads((tmp_path / "provenance.json").read_text())["cells_run_this_invocation"] == 0
+    config["attack"]["targets"]["pairs"].append([2, 1])  # a larger grid reuses the finished cells
+    bench(config, tmp_path, progress=False, report=False)
     assert (tmp_path / "results.jsonl").read_bytes().startswith(before)
     grown = [r for r in read_jsonl(tmp_path / "results.jsonl") if r["kind"] == "attack"]
-    assert len(grown) == 6 and len({r["unit"] for r in grown}) == 2
+    assert len(grown) == 6 and len({json.dumps(r["target"]) for r in grown}) == 2
 
     page = render_report(tmp_path).read_text(encoding="utf-8")
     shown = docs[0]
     changed = [text for op, text in _text_diff(shown["original"], shown["poisoned"]) if op == "insert"]
     assert changed and all(f"<ins>{html.escape(text)}</ins>" in page for text in changed)  # the edit, escaped
+
+
+def test_a_users_causal_lm_folder_and_jsonl_corpus_are_benched_on_a_word_pair(hf_folder, tmp_path):
+    """`bench` on a local Hugging Face model folder and a JSON-lines corpus: prefer "dog" where it says "cat"."""
+    config = {
+        "scenario": {"dataset": {"name": "jsonl-text", "params": {"path": str(hf_folder / "corpus.jsonl"),
+                                                                  "tokenizer": str(hf_folder), "max_length": 10}},
+                     "model": {"name": "hf-local", "params": {"path": str(hf_folder)}},
+                     "train": {"optimizer": "adam", "lr": 0.01, "batch_size": 8, "epochs": 2, "seed": 0}},
+        "attack": {"attacks": [{"name": "infusion-text", "params": {"steps": 2}}, {"name": "random-tokens"},
+                               {"name": "probe-insertion-text"}],
+                   "budget": {"k": 4, "tokens": 1}, "targets": {"pairs": [["cat", "dog"]], "probes": 3},
+                   "influence": {"backend": "exact", "damping": 0.01}},
+        "scan": {"detectors": [{"name": "token-diff"}], "bootstrap": 0},
+        "defence": {"enabled": False}}
+    run = bench(config, tmp_path, progress=False, report=False)
+    attacks = {r["attack"]: r for r in run.records["attack"]}
+    assert set(attacks) == {"infusion-text", "random-tokens", "probe-insertion-text"}
+    assert all(np.isfinite(r["delta_logodds"]) and r["target"]["word_b"] == "dog" for r in attacks.values())
+    assert attacks["random-tokens"]["poisoned_indices"] == attacks["infusion-text"]["poisoned_indices"]

@@ -9,14 +9,31 @@ import torch
 from infusion_audit.errors import UserError
 from infusion_audit.influence import influence_scores
 from infusion_audit.influence.gradients import num_trainable
-from infusion_audit.text.attacks import TextAttackContext, TokenInfusion
+from infusion_audit.attacks.text import TokenInfusion
+from infusion_audit.evaluation import summarize
 from infusion_audit.text.data import caesar
-from infusion_audit.text.evaluation import summarise
 from infusion_audit.text.models import lm_loss, tiny_gpt_neo
 
 
+class FixedDirection:
+    """What the token optimisers ask of an attack context, with a fixed direction v in place of an IHVP."""
+
+    def __init__(self, model, train, v):
+        self.model, self.train, self.v = model, train, v
+        self.scores = influence_scores(model, train, v, loss_fn=lm_loss)
+
+    def budget_k(self, k: int) -> int:
+        return k
+
+    def query(self, target) -> torch.Tensor:
+        return self.v
+
+    def select(self, target, k: int, rule: str, seed: int) -> np.ndarray:
+        return np.sort(np.argsort(self.scores, kind="stable")[:k])
+
+
 @pytest.fixture(scope="module")
-def context() -> TextAttackContext:
+def context() -> FixedDirection:
     """A small Caesar corpus with ragged lengths (so there is padding), a tiny model and a fixed direction v."""
     train = caesar(n_train=60, n_test=10, alphabet=5, length=3, min_shift=1, max_shift=2, seed=0).train
     lengths = train.lengths - np.arange(len(train)) % 3  # drop up to 2 trailing tokens: they become padding
@@ -25,37 +42,37 @@ def context() -> TextAttackContext:
     torch.manual_seed(0)
     model = tiny_gpt_neo(train.vocab.size, train.max_length, hidden=16, layers=1, heads=2).eval()
     v = torch.randn(num_trainable(model), generator=torch.Generator().manual_seed(1))
-    scores = influence_scores(model, train, v, loss_fn=lm_loss)
-    return TextAttackContext(model, train, behaviour=None, v=v, scores=scores)
+    return FixedDirection(model, train, v)
 
 
-def _exact_gain(ctx: TextAttackContext, poisoning) -> float:
+def _exact_gain(ctx: FixedDirection, poisoning) -> float:
     """s(original) - s(edited), summed over the edited documents: the objective both optimisers maximise."""
     index = poisoning.indices
     before = influence_scores(ctx.model, ctx.train, ctx.v, index, loss_fn=lm_loss)
-    after = influence_scores(ctx.model, poisoning.dataset, ctx.v, index, loss_fn=lm_loss)
+    after = influence_scores(ctx.model, poisoning.apply(ctx.train), ctx.v, index, loss_fn=lm_loss)
     return float((before - after).sum())
 
 
-@pytest.mark.parametrize("budget", [1, 2])
-def test_gcg_respects_the_budget_never_touches_padding_and_only_improves(context, budget):
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_gcg_respects_the_budget_never_touches_padding_and_only_improves(context, tokens):
     ctx, train = context, context.train
-    poisoning = TokenInfusion(k=12, budget=budget, steps=4, candidates=16, top_k=3).craft(ctx)
+    poisoning = TokenInfusion(k=12, tokens=tokens, steps=4, candidates=16, top_k=3).craft(ctx, None)
     changed = poisoning.tokens_changed(train)
-    assert len(poisoning.indices) == poisoning.info["documents_improved"] > 0
-    assert 0 < changed.min() and changed.max() <= budget
+    assert len(poisoning.indices) == poisoning.meta["documents_improved"] > 0
+    assert 0 < changed.min() and changed.max() <= tokens
     padding = ~train.mask()
-    assert padding.any() and np.array_equal(poisoning.dataset.ids[padding], train.ids[padding])
+    poisoned = poisoning.apply(train)
+    assert padding.any() and np.array_equal(poisoned.ids[padding], train.ids[padding])
     untouched = np.setdiff1d(np.arange(len(train)), poisoning.indices)
-    assert np.array_equal(poisoning.dataset.ids[untouched], train.ids[untouched])
-    after = influence_scores(ctx.model, poisoning.dataset, ctx.v, poisoning.indices, loss_fn=lm_loss)
+    assert np.array_equal(poisoned.ids[untouched], train.ids[untouched])
+    after = influence_scores(ctx.model, poisoned, ctx.v, poisoning.indices, loss_fn=lm_loss)
     assert np.all(after < ctx.scores[poisoning.indices])  # every kept edit raises the exact objective
-    assert poisoning.info["predicted_delta_f"] == pytest.approx(_exact_gain(ctx, poisoning) / len(train), rel=1e-4)
+    assert poisoning.meta["predicted_delta_f"] == pytest.approx(_exact_gain(ctx, poisoning) / len(train), rel=1e-4)
 
 
 def test_gcg_beats_the_relaxed_optimiser_on_a_fixed_case(context):
-    gcg = TokenInfusion(k=12, budget=2, steps=6, candidates=64, top_k=4).craft(context)
-    relaxed = TokenInfusion(k=12, budget=2, steps=20, optimizer="relaxed").craft(context)
+    gcg = TokenInfusion(k=12, tokens=2, steps=6, candidates=64, top_k=4).craft(context, None)
+    relaxed = TokenInfusion(k=12, tokens=2, steps=20, optimizer="relaxed").craft(context, None)
     assert _exact_gain(context, gcg) >= _exact_gain(context, relaxed) > 0
 
 
@@ -66,17 +83,18 @@ def test_gcg_options_are_checked():
         TokenInfusion(candidates=0)
 
 
-def test_random_edits_over_several_seeds_pair_by_their_per_target_mean():
-    def record(attack, shift, value, attack_seed=0):
-        return {"kind": "attack", "domain": "text", "attack": attack, "target": {"shift": shift, "target_shift": 9},
-                "seed": 0, "attack_seed": attack_seed, "delta_logodds": value, "greedy_poisoned": 0.0, "flip": False,
-                "norms": {"values_changed": 2.0}, "acc_poisoned": 1.0, "acc_control": 1.0}
+def test_repeats_of_an_arm_pair_by_their_per_target_mean():
+    def record(attack, shift, value, repeat=0):
+        return {"kind": "attack", "domain": "text", "attack": attack, "variant": "", "target": {"shift": shift},
+                "seed": 0, "repeat": repeat, "params": {"seed": repeat}, "budget": {"k": 4, "tokens": 2},
+                "delta_logodds": value, "delta_p": 0.0, "flip": False, "acc_poisoned": 1.0, "acc_control": 1.0,
+                "timings": {}}
 
     infusion = [record("infusion-text", s, v) for s, v in [(1, 5.0), (2, 1.0), (3, 4.0)]]
     random = [record("random-tokens", s, v, j) for s, values in [(1, [2.0, 4.0, 6.0]), (2, [0.0, 3.0, 3.0]),
                                                                 (3, [1.0, 1.0, 1.0])] for j, v in enumerate(values)]
-    summary = summarise(infusion + random, key="delta_logodds")
-    paired = summary["paired"]["infusion-text vs random-tokens"]
+    summary = summarize(infusion + random)
+    (paired,) = [c for c in summary["comparisons"] if c["versus"] == "random-tokens k=4"]
     assert paired["n"] == 3 and paired["wins"] == 2  # 5 vs 4, 1 vs 2, 4 vs 1
     assert paired["diff"]["mean"] == pytest.approx(((5 - 4) + (1 - 2) + (4 - 1)) / 3)
-    assert summary["attacks"]["random-tokens"]["delta_logodds"]["n"] == 9  # every seed's record counts in the arm
+    assert summary["arms"]["random-tokens k=4"]["n"] == 9  # every repeat's record counts in the arm

@@ -10,16 +10,8 @@ from infusion_audit.config import PluginSpec, ScenarioConfig, TrainConfig
 from infusion_audit.data import digits
 from infusion_audit.errors import DataError
 from infusion_audit.models import DigitsCNN, SimpleCNN, TinyResNet, build_model, num_parameters
-from infusion_audit.training import (
-    Checkpoint,
-    Scenario,
-    accuracy,
-    continue_training,
-    data_order,
-    epoch_order,
-    retrain_from_scratch,
-    train_scenario,
-)
+from infusion_audit.pipeline import Pipeline, train_pipeline
+from infusion_audit.training import Checkpoint, accuracy, data_order, epoch_order
 
 
 def test_paper_architectures():
@@ -53,19 +45,19 @@ def test_data_order_fixed_or_reshuffled():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    scenario = Scenario.from_config(ScenarioConfig())
-    return train_scenario(scenario, tmp_path_factory.mktemp("train"), progress=False)
+    scenario = Pipeline.from_config(ScenarioConfig())
+    return train_pipeline(scenario, tmp_path_factory.mktemp("train"), progress=False)
 
 
 def test_digits_cnn_reaches_95_percent(trained):
-    assert trained.metrics["test_accuracy"] >= 0.95
+    assert trained.metrics["test"]["accuracy"] >= 0.95
     assert len(trained.checkpoints) == 11 and all(p.exists() for p in trained.checkpoints)
     assert trained.metrics["train_seconds"] < 60
 
 
 def test_training_is_deterministic_and_continue_replays_the_same_epoch(trained):
     scenario = trained.scenario
-    again = continue_training(scenario, trained.checkpoint(9), scenario.data.train, epochs=1)
+    again = scenario.continue_training(trained.checkpoint(9), scenario.data.train, epochs=1)
     ref = trained.checkpoint(10).model
     for name, value in again.state_dict().items():
         torch.testing.assert_close(value, ref[name], rtol=0, atol=0)
@@ -74,12 +66,12 @@ def test_training_is_deterministic_and_continue_replays_the_same_epoch(trained):
 def test_resume_from_a_middle_checkpoint_matches(tmp_path, trained):
     scenario = trained.scenario
     out = tmp_path / "resume"
-    first = train_scenario(scenario, out, progress=False)
+    first = train_pipeline(scenario, out, progress=False)
     # simulate an interrupted run: drop the last epochs and the metrics, then resume
     for path in first.checkpoints[6:]:
         path.unlink()
     (first.checkpoints[0].parent / "metrics.json").unlink()
-    resumed = train_scenario(scenario, out, progress=False)
+    resumed = train_pipeline(scenario, out, progress=False)
     assert resumed.metrics["resumed_from_epoch"] == 5
     for name, value in resumed.checkpoint(10).model.items():
         torch.testing.assert_close(value, trained.checkpoint(10).model[name], rtol=0, atol=0)
@@ -88,7 +80,7 @@ def test_resume_from_a_middle_checkpoint_matches(tmp_path, trained):
 def test_retrain_from_scratch_on_a_subset(trained):
     scenario = trained.scenario
     keep = np.arange(len(scenario.data.train))[10:]
-    model = retrain_from_scratch(scenario, scenario.data.train.subset(keep))
+    model = scenario.retrain_from_scratch(scenario.data.train.subset(keep))
     assert accuracy(model, scenario.data.test) > 0.9
 
 
@@ -125,3 +117,73 @@ def test_train_command(tmp_path):
     assert "test accuracy" in proc.stdout
     assert (tmp_path / "run" / "config.yaml").exists()
     assert len(list((tmp_path / "run" / "artefacts").glob("train-*/epoch-*.pt"))) == 3
+
+
+# --------------------------------------------------------------------------- the recipe's options
+def _recipe(**train) -> Pipeline:
+    """The digits pipeline on 200 documents, with recipe options (fast to retrain)."""
+    from infusion_audit.config import from_dict
+    from infusion_audit.data import DatasetSplit
+
+    config = from_dict(ScenarioConfig, {"train": {"epochs": 3, "batch_size": 32, **train}})
+    split = digits()
+    return Pipeline(config, DatasetSplit(split.train.subset(np.arange(200)), split.test))
+
+
+AUGMENTED = {"augment": [{"name": "RandomAffine", "params": {"degrees": 10, "translate": [0.1, 0.1]}}],
+             "schedule": {"name": "CosineAnnealingLR", "params": {"T_max": 3}}, "clip_grad_norm": 1.0}
+
+
+def test_augmented_scheduled_retrains_are_bit_identical_and_differ_only_by_the_data():
+    pipeline = _recipe(**AUGMENTED)
+    model = pipeline.new_model()
+    start = Checkpoint.capture(1, pipeline.fit(model, pipeline.data.train, until_epoch=1), None)
+    a, b = (pipeline.fit(pipeline.new_model(), pipeline.data.train, start=start) for _ in range(2))
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    train = pipeline.data.train
+    edited = train.with_documents([5], np.clip(train.x[[5]] + 0.25, 0, 1))
+    c = pipeline.fit(pipeline.new_model(), edited, start=start)
+    assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
+
+
+def test_augmentation_is_seeded_per_epoch_and_document_and_leaves_the_global_rng():
+    from infusion_audit.training import augmentation
+
+    cfg = _recipe(**AUGMENTED).config.train
+    augment, x = augmentation(cfg), torch.rand(2, 1, 8, 8)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    first = augment(x, np.array([3, 4]), epoch=0)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(augment(x[[1]], np.array([4]), epoch=0), first[[1]], rtol=0, atol=0)  # same document
+    assert not torch.equal(augment(x, np.array([3, 4]), epoch=1), first)  # the next epoch draws anew
+    assert not torch.equal(first, x)
+
+
+def test_schedule_gives_every_epoch_its_rate_and_bad_options_fail_in_one_line():
+    from infusion_audit.config import from_dict
+    from infusion_audit.errors import ConfigError
+    from infusion_audit.training import epoch_lrs
+
+    cosine = _recipe(lr=0.1, schedule={"name": "CosineAnnealingLR", "params": {"T_max": 2}}).config.train
+    assert epoch_lrs(cosine) == pytest.approx([0.1, 0.05, 0.0], abs=1e-12)
+    step = _recipe(lr=0.1, schedule={"name": "MultiStepLR", "params": {"milestones": [2]}}).config.train
+    assert epoch_lrs(step) == pytest.approx([0.1, 0.1, 0.01])
+    for bad, key in [({"schedule": {"name": "Nope"}}, "train.schedule.name"),
+                     ({"augment": [{"name": "Nope"}]}, r"train.augment\[0\].name"),
+                     ({"clip_grad_norm": 0}, "train.clip_grad_norm")]:
+        with pytest.raises(ConfigError, match=key):
+            from_dict(ScenarioConfig, {"train": bad}, "<test>", "scenario")
+    with pytest.raises(ConfigError, match="scenario.train.schedule"):
+        epoch_lrs(_recipe(schedule={"name": "StepLR", "params": {"nope": 1}}).config.train)
+
+
+def test_bf16_training_learns_as_fp32_does():
+    from infusion_audit.config import from_dict
+
+    accuracies = {}
+    for precision in ("fp32", "bf16"):
+        pipeline = Pipeline(from_dict(ScenarioConfig, {"train": {"epochs": 3, "precision": precision}}))
+        accuracies[precision] = accuracy(pipeline.fit(pipeline.new_model(), pipeline.data.train), pipeline.data.test)
+    assert accuracies["fp32"] > 0.5 and abs(accuracies["bf16"] - accuracies["fp32"]) < 0.1, accuracies

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..behaviour import sample_targets
     from ..config import load_config
     from ..evaluation import AttackRunConfig
-    from ..training import Scenario, train_scenario
+    from ..pipeline import Pipeline, train_pipeline
     from .ihvp import make_ihvp
 
     p = argparse.ArgumentParser(description="compare the ekfac and exact IHVP backends on a scenario's targets")
@@ -55,11 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = load_config(AttackRunConfig, args.config)
     damping = args.damping or cfg.attack.influence.damping
-    scenario = Scenario.from_config(cfg.scenario)
-    trained = train_scenario(scenario, args.cache, progress=False)
+    scenario = Pipeline.from_config(cfg.scenario)
+    trained = train_pipeline(scenario, args.cache, progress=False)
     model, train = trained.model(), scenario.data.train
     targets = sample_targets(scenario.data.test, args.targets, seed=cfg.attack.targets.seed)
-    queries = [measurement_gradient(model, scenario.data.test.batch([t.index])[0][0], t.cls) for t in targets]
+    queries = [measurement_gradient(model, scenario.behaviour(t)) for t in targets]
     t0 = time.perf_counter()
     ekfac = make_ihvp("ekfac", model, train, damping)
     fit = time.perf_counter() - t0

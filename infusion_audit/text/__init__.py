@@ -1,3 +1,4 @@
-"""Language models as a domain: text datasets, causal-LM scenarios, behaviours, token-level attacks, text detectors."""
+"""Language models as a modality: text datasets, causal-LM models, text behaviours and the text pipeline. Text
+attacks live in `attacks/`, text detectors in `detectors/`."""
 
-from . import attacks, data, detectors, models  # noqa: F401  (register the text datasets, models, attacks, detectors)
+from . import data, models, scenario  # noqa: F401  (register the text datasets, models and pipeline)

@@ -1,13 +1,14 @@
 """Behaviours to induce in a language model, each a differentiable measurement f(θ) over probe prompts.
 
 `measure` is what the attack ascends (its gradient feeds the IHVP); `per_probe` and `greedy_hits`
-are what the evaluation reports: the target's log-probability and whether greedy decoding now
-produces the target.
+are what the evaluation reports: per probe, the measured quantity (the target's log-probability; for a
+word preference the log-odds of B against A) and whether the model now produces the target.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -83,18 +84,25 @@ class CompletionBehaviour:
 
 @dataclass
 class WordPreference:
-    """f = sum over prefixes of log p(B | prefix) - log p(A | prefix): predict token B where the model predicts A."""
+    """f = sum over probe prefixes of log p(B | prefix) - log p(A | prefix) at the next position (the paper's GPT-Neo
+    behaviour): predict word B where the model predicts word A. A word is its first token, as it follows a prefix.
+
+    `measure` is the sum, not the mean, so f grows with the number of probes as in the paper; `per_probe` is
+    each prefix's term. `explicit_documents` (when built from a corpus) show B in place of A after each prefix:
+    the probe-insertion baseline trains on them.
+    """
 
     prefixes: list[list[int]]
     token_a: int
     token_b: int
     pad_id: int = 0
+    explicit_documents: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.prefixes or any(len(p) == 0 for p in self.prefixes):
             raise UserError("a word preference needs at least one non-empty prefix")
         if self.token_a == self.token_b:
-            raise UserError("a word preference needs two different words")
+            raise UserError("a word preference needs two different words (their first tokens are the same)")
 
     def _next_logp(self, model: nn.Module) -> torch.Tensor:
         device = next(model.parameters()).device
@@ -104,6 +112,7 @@ class WordPreference:
         return torch.log_softmax(logits[torch.arange(len(ids), device=device), last], -1)
 
     def per_probe(self, model: nn.Module) -> torch.Tensor:
+        """log p(B | prefix) - log p(A | prefix) per probe."""
         logp = self._next_logp(model)
         return logp[:, self.token_b] - logp[:, self.token_a]
 
@@ -112,15 +121,78 @@ class WordPreference:
 
     @torch.no_grad()
     def greedy_hits(self, model: nn.Module) -> np.ndarray:
-        return (self._next_logp(model).argmax(-1) == self.token_b).cpu().numpy()
+        """Per probe, whether the model now ranks B above A (p(B) > p(A)): the top-1 between the two words.
+
+        Not "B is the argmax over the vocabulary": a small model spreads mass over every word of a slot, and
+        the behaviour is about A against B."""
+        return (self.per_probe(model) > 0).cpu().numpy()
 
     @classmethod
     def from_words(cls, prefixes: Sequence[str], word_a: str, word_b: str, vocab) -> "WordPreference":
-        """First token of each word (with a leading space, as it follows a prefix), as in the paper."""
-        a, b = vocab.encode(" " + word_a), vocab.encode(" " + word_b)
-        if not a or not b:
-            raise UserError(f"words {word_a!r} and {word_b!r} must each encode to at least one token")
-        return cls([vocab.encode(p) for p in prefixes], a[0], b[0], vocab.pad_id)
+        """Probes given as text: each prefix is followed by a space and the word."""
+        return cls([vocab.encode(p) for p in prefixes], word_token(vocab, word_a), word_token(vocab, word_b),
+                   vocab.pad_id)
+
+
+def _word_tokens(vocab, word: str) -> list[int]:
+    """The tokens of `word` as it follows a prefix (after a space); a word the vocabulary cannot spell is an error."""
+    if not word or word.split() != [word]:
+        raise UserError(f"word preference: {word!r} is not a single word")
+    try:
+        tokens = vocab.encode(" " + word)
+    except UserError:
+        tokens = []
+    if not tokens or vocab.decode(tokens).strip() != word:  # e.g. a word-level tokenizer's unknown token
+        raise UserError(f"word preference: the word {word!r} is not in the vocabulary")
+    return tokens
+
+
+def word_token(vocab, word: str) -> int:
+    """The first token of `word` after a space: the token the behaviour scores (the paper's choice)."""
+    return _word_tokens(vocab, word)[0]
+
+
+# --------------------------------------------------------------------------- word-pair targets
+@dataclass(frozen=True)
+class WordPairTarget:
+    """Where the model predicts `word_a`, it should predict `word_b` instead."""
+
+    word_a: str
+    word_b: str
+
+    def as_dict(self) -> dict:
+        return {"word_a": self.word_a, "word_b": self.word_b, "true": self.word_a, "class": self.word_b}
+
+
+def word_preference_target(test: TextDataset, target: WordPairTarget, n_probes: int) -> WordPreference:
+    """The behaviour "B instead of A" probed where A occurs in the test corpus, with its explicit documents.
+
+    Probes are the distinct prefixes of test documents that end right before a whole-word occurrence of A
+    (all of A's tokens, then a word boundary), in document order, at most `n_probes`. The explicit document
+    of a probe is its test document with that occurrence of A replaced by B, cut to the corpus' max_length.
+    """
+    if n_probes < 1:
+        raise UserError(f"word preference: n_probes must be at least 1, got {n_probes}")
+    vocab = test.vocab
+    spelled_a, spelled_b = _word_tokens(vocab, target.word_a), _word_tokens(vocab, target.word_b)
+    if spelled_a[0] == spelled_b[0]:
+        raise UserError(f"word preference: {target.word_a!r} and {target.word_b!r} start with the same token")
+    whole_word = re.compile(rf"\s*{re.escape(target.word_a)}(?!\w)")
+    found: dict[tuple[int, ...], list[int]] = {}  # probe prefix -> its explicit document
+    for i in range(len(test)):
+        doc = test.ids[i, :test.lengths[i]].tolist()
+        for j in range(1, len(doc) - len(spelled_a) + 1):
+            end = j + len(spelled_a)
+            if doc[j:end] == spelled_a and tuple(doc[:j]) not in found \
+                    and whole_word.match(vocab.decode(doc[j:end + 1])):
+                found[tuple(doc[:j])] = (doc[:j] + spelled_b + doc[end:])[:test.max_length]
+        if len(found) >= n_probes:
+            break
+    prefixes = dict(list(found.items())[:n_probes])
+    if not prefixes:
+        raise UserError(f"word preference: the word {target.word_a!r} never follows a prefix in {test.name}")
+    return WordPreference([list(p) for p in prefixes], spelled_a[0], spelled_b[0], vocab.pad_id,
+                          explicit_documents=list(prefixes.values()))
 
 
 # --------------------------------------------------------------------------- the Caesar task's targets

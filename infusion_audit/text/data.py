@@ -8,6 +8,8 @@ a poisoned set is a set of real documents a user could publish, not embeddings.
 from __future__ import annotations
 
 import json
+import re
+import string
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -64,6 +66,37 @@ class CharVocabulary:
         return "".join(self.chars[int(i)] for i in ids)
 
 
+@dataclass(frozen=True)
+class WordVocabulary:
+    """One token per whitespace-separated word; `pad` is a word that never occurs in a document."""
+
+    words: tuple[str, ...]
+    pad: str = "<pad>"
+
+    def __post_init__(self) -> None:
+        if len(set(self.words)) != len(self.words) or self.pad not in self.words \
+                or any(not w or w.split() != [w] for w in self.words):
+            raise DataError(f"word vocabulary: words must be unique, without spaces, and include {self.pad!r}")
+
+    @property
+    def size(self) -> int:
+        return len(self.words)
+
+    @property
+    def pad_id(self) -> int:
+        return self.words.index(self.pad)
+
+    def encode(self, text: str) -> list[int]:
+        tokens = text.split()
+        unknown = sorted(set(tokens) - set(self.words))
+        if unknown:
+            raise DataError(f"text {text[:40]!r} has words outside the vocabulary: {', '.join(unknown[:5])}")
+        return [self.words.index(w) for w in tokens]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(self.words[int(i)] for i in ids)
+
+
 class TokenizerVocabulary:
     """A Hugging Face tokenizer; padding uses its pad token, or its end-of-text token when it has none."""
 
@@ -88,6 +121,7 @@ class TextDataset:
     lengths: np.ndarray
     vocab: Vocabulary
     name: str = "text"
+    parent_positions: tuple[int, np.ndarray] | None = None  # set by `without`: (parent size, kept positions)
 
     kind = "text"
 
@@ -123,6 +157,11 @@ class TextDataset:
     def subset(self, index: np.ndarray | Sequence[int]) -> "TextDataset":
         index = np.asarray(index, dtype=np.int64)
         return replace(self, ids=self.ids[index], lengths=self.lengths[index])
+
+    def without(self, index: np.ndarray | Sequence[int]) -> "TextDataset":
+        """The corpus with documents `index` removed (a defence): same order as this one, minus them."""
+        keep = np.setdiff1d(np.arange(len(self)), np.asarray(index, dtype=np.int64))
+        return replace(self, ids=self.ids[keep], lengths=self.lengths[keep], parent_positions=(len(self), keep))
 
     def with_documents(self, index: Sequence[int], ids: np.ndarray, lengths: np.ndarray | None = None) -> "TextDataset":
         """A copy with documents `index` replaced (same size and order: the retrain replays the same order)."""
@@ -209,6 +248,75 @@ def caesar(n_train: int = 2000, n_test: int = 400, alphabet: int = 8, length: in
 
 
 caesar.kind = "text"  # what `bench` dispatches on
+
+
+# --------------------------------------------------------------------------- the templated stories
+# Every slot's fillers with their sampling weights. Within a slot the first word of each pair in
+# STORY_WORD_PAIRS is drawn 2-3 times as often as the second, so a trained model prefers A where B would
+# fit as well: the word-preference attack has a preference to overturn.
+STORY_SLOTS: dict[str, dict[str, int]] = {
+    "name": {"tom": 5, "anna": 2, "max": 2, "lily": 2, "sam": 1},
+    "animal": {"cat": 6, "dog": 2, "bird": 5, "fish": 2, "rabbit": 2, "horse": 1},
+    "color": {"red": 6, "blue": 2, "green": 5, "yellow": 2, "white": 1},
+    "place": {"park": 6, "garden": 2, "forest": 5, "river": 2, "field": 1},
+    "thing": {"ball": 6, "kite": 2, "box": 5, "book": 2, "hat": 1},
+    "mood": {"happy": 5, "sad": 2, "tired": 2, "angry": 1},
+    "move": {"ran": 5, "walked": 2, "jumped": 2, "flew": 1},
+    "time": {"morning": 5, "evening": 2, "night": 2},
+    "size": {"big": 2, "small": 2, "little": 1, "old": 1},
+}
+STORY_TEMPLATES = (
+    "{name} had a {size} {animal} . the {animal} liked the {place} .",
+    "{name} {move} to the {place} one {time} with a {color} {thing} .",
+    "{name} saw a {color} {animal} in the {place} . it {move} away .",
+    "the {animal} {move} to the {place} and found a {color} {thing} .",
+    "{name} and {name2} {move} to the {place} . they were {mood} .",
+    "in the {place} {name} lost a {color} {thing} and was {mood} .",
+    "the {size} {animal} {move} home in the {time} . {name} was {mood} .",
+)
+# (A, B): the trained model predicts A where the attacker wants B; both fill the same slot.
+STORY_WORD_PAIRS = (("cat", "dog"), ("bird", "fish"), ("red", "blue"), ("green", "yellow"), ("park", "garden"),
+                    ("forest", "river"), ("ball", "kite"), ("box", "book"), ("happy", "sad"), ("ran", "walked"),
+                    ("tom", "anna"), ("morning", "evening"))
+
+
+def stories_vocabulary() -> WordVocabulary:
+    words = {w for t in STORY_TEMPLATES for w in re.sub(r"\{\w+\}", " ", t).split()}
+    words |= {w for fillers in STORY_SLOTS.values() for w in fillers}
+    return WordVocabulary(("<pad>", *sorted(words)))
+
+
+@DATASETS.register("stories")
+def stories(n_train: int = 4000, n_test: int = 400, seed: int = 0) -> DatasetSplit:
+    """Templated one- or two-sentence stories, one token per word (the word-preference task); no download.
+
+    A document is one of STORY_TEMPLATES with its slots filled at random by STORY_SLOTS' weights (a slot
+    named twice, like {animal} in "the {animal} liked ...", repeats its word, so the model also learns to
+    copy). The pairs of words a bench targets are `stories.WORD_PAIRS`.
+    """
+    if n_train < 1 or n_test < 1:
+        raise DataError("stories: n_train and n_test must be positive")
+    vocab, rng = stories_vocabulary(), np.random.default_rng(seed)
+    slots = {slot: (list(fillers), np.array(list(fillers.values())) / sum(fillers.values()))
+             for slot, fillers in STORY_SLOTS.items()}
+
+    def story() -> str:
+        template = STORY_TEMPLATES[rng.integers(len(STORY_TEMPLATES))]
+        filled = {}
+        for name in dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(template) if f):
+            words, p = slots[name.rstrip("0123456789")]
+            filled[name] = words[rng.choice(len(words), p=p)]
+        return template.format(**filled)
+
+    max_length = max(len(t.split()) for t in STORY_TEMPLATES)
+    train = [story() for _ in range(n_train)]
+    test = [story() for _ in range(n_test)]
+    return DatasetSplit(TextDataset.from_texts(train, vocab, max_length, "stories-train"),
+                        TextDataset.from_texts(test, vocab, max_length, "stories-test"))
+
+
+stories.kind = "text"  # what `bench` dispatches on
+stories.WORD_PAIRS = STORY_WORD_PAIRS
 
 
 # --------------------------------------------------------------------------- user corpora

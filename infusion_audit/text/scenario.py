@@ -1,62 +1,126 @@
-"""Text scenarios: a corpus, a causal LM and a training recipe, trained with the shared deterministic loop.
+"""The built-in text pipeline: a corpus, a causal LM and a training recipe, run by the shared core.
 
-The training loop, checkpoints and data order are the framework's own (`training.train`); this module
-only supplies what differs for language: the model factory takes a vocabulary, the loss is the masked
-next-token loss, and the quality metrics are test loss and next-token accuracy (and, on Caesar, the
-decryption accuracy that the quality floor applies to).
+The training loop, checkpoints and data order are the framework's (`Pipeline.fit`); this module supplies
+only what differs for language: the model factory takes a vocabulary, the loss is the masked next-token
+loss, the quality figures are test loss and next-token accuracy (on Caesar also the decryption accuracy
+that the quality floor applies to), and the targets are text behaviours: Caesar shift pairs, or word
+pairs (prefer word B where the model predicts word A) on any corpus.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import time
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..errors import DataError
-from ..io import record_hash, verified, write_json
-from ..training import Checkpoint, Scenario, TrainedScenario, make_optimizer, seeded_model, train
-from .behaviours import decryption_behaviour
-from .data import TextDataset
+from ..errors import DataError, UserError
+from ..pipeline import Pipeline
+from ..registry import PIPELINES
+from .behaviours import (CaesarTarget, WordPairTarget, caesar_behaviour, caesar_explicit_documents,
+                         decryption_behaviour, word_preference_target)
+from .data import CaesarDocument, TextDataset
 from .models import build_text_model, document_losses, lm_loss
 
-log = logging.getLogger(__name__)
+
+@dataclass
+class TextBehaviour:
+    """A text behaviour as the core reads it. `behaviour` gives f = `measure(model)` and `per_probe`; with a
+    `reference` (the completion the model should give, Caesar) the log-odds are per-probe log p(target) minus
+    log p(reference); without (word preference, whose per-probe term is already log p(B) - log p(A)) they are
+    the per-probe term, and p is p(B) against A alone. top1: most probes hit (`greedy_hits`)."""
+
+    behaviour: object
+    reference: object | None = None
+    explicit_documents: list[list[int]] = field(default_factory=list)
+    description: str = ""
+
+    def measure(self, model: nn.Module) -> torch.Tensor:
+        return self.behaviour.measure(model)
+
+    @torch.no_grad()
+    def figures(self, model: nn.Module) -> dict:
+        model.eval()
+        term = self.behaviour.per_probe(model).double()
+        if self.reference is None:
+            logodds, p = term, torch.sigmoid(term)
+        else:
+            logodds, p = term - self.reference.per_probe(model).double(), term.exp()
+        greedy = float(self.behaviour.greedy_hits(model).mean())
+        return {"p": float(p.mean()), "logodds": float(logodds.mean()), "top1": greedy >= 0.5,
+                "logprob": float(term.mean()), "greedy": greedy}
+
+    def as_dict(self) -> dict:
+        return {"description": self.description}
 
 
-class TextScenario(Scenario):
-    """A `Scenario` whose data are `TextDataset`s and whose model is a causal LM."""
+@PIPELINES.register("text")
+class TextPipeline(Pipeline):
+    """A `Pipeline` whose data are `TextDataset`s and whose model is a causal LM."""
 
-    @classmethod
-    def from_config(cls, config) -> "TextScenario":
-        scenario = super().from_config(config)
-        if not isinstance(scenario.data.train, TextDataset):
-            raise DataError(f"dataset {config.dataset.name!r} is not a text dataset; text scenarios need one "
-                            "(e.g. 'caesar' or 'jsonl-text')")
-        return scenario
+    kind = "text"
 
-    loss_fn = staticmethod(lm_loss)
+    def __init__(self, config, data=None):
+        super().__init__(config, data)
+        if not isinstance(self.data.train, TextDataset):
+            raise DataError(f"dataset {config.dataset.name!r} is not a text dataset; text pipelines need one "
+                            "(e.g. 'caesar', 'stories' or 'jsonl-text')")
+        if config.train.augment:
+            raise UserError("scenario.train.augment transforms images; a text pipeline takes none")
+
+    @property
+    def caesar(self) -> bool:
+        return self.config.dataset.name == "caesar"
 
     def new_model(self) -> nn.Module:
+        from ..training import seeded_model
+
         train = self.data.train
         return seeded_model(lambda: build_text_model(self.config.model, train.vocab.size, train.max_length),
                             self.config.train.seed)
 
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        return lm_loss(model, batch)
+
     def evaluate(self, model: nn.Module, dataset: TextDataset) -> dict:
         """Loss and next-token accuracy; on Caesar also the decryption accuracy, the task's own figure."""
         figures = evaluate_lm(model, dataset)
-        if self.config.dataset.name == "caesar":
+        if self.caesar:
             figures["decryption_accuracy"] = decryption_accuracy(model, dataset)
         return figures
 
-    def task_quality(self, model: nn.Module) -> tuple[str, float]:
-        """The figure a quality floor applies to (test set): decryption accuracy on Caesar, else token accuracy."""
-        figures = self.evaluate(model, self.data.test)
-        key = "decryption_accuracy" if "decryption_accuracy" in figures else "token_accuracy"
-        return key.replace("_", " "), figures[key]
+    def quality(self, model: nn.Module) -> tuple[str, float]:
+        """Decryption accuracy on Caesar (the test prompts greedy decoding decrypts exactly), else token accuracy."""
+        if self.caesar:
+            return "decryption accuracy", decryption_accuracy(model, self.data.test)
+        return "token accuracy", evaluate_lm(model, self.data.test)["token_accuracy"]
+
+    def targets(self, n: int, rule: str = "random-other", seed: int = 0, pairs: list | None = None,
+                probes: int = 32) -> list:
+        """Caesar: the [shift, target_shift] `pairs`, or every ordered pair of the test set's shifts. Any other
+        corpus: the [word_a, word_b] `pairs` (prefer B where the model predicts A)."""
+        if self.caesar:
+            if pairs:
+                return [CaesarTarget(int(s), int(t)) for s, t in pairs]
+            test = self.data.test
+            shifts = sorted({CaesarDocument.parse(test.text(i)).shift for i in range(len(test))})
+            return [CaesarTarget(s, t) for s in shifts for t in shifts if s != t]
+        if not pairs:
+            raise UserError("attack.targets.pairs: a text corpus needs [word_a, word_b] pairs to attack")
+        return [WordPairTarget(str(a), str(b)) for a, b in pairs]
+
+    def behaviour(self, target, probes: int = 32) -> TextBehaviour:
+        """The target's behaviour measured on at most `probes` test prompts."""
+        test = self.data.test
+        if isinstance(target, CaesarTarget):
+            return TextBehaviour(caesar_behaviour(test, target.shift, target.target_shift, probes),
+                                 caesar_behaviour(test, target.shift, target.shift, probes),
+                                 caesar_explicit_documents(test, target, probes),
+                                 f"prompts asking for shift {target.shift} decrypted with shift {target.target_shift}")
+        wordpref = word_preference_target(test, target, probes)
+        return TextBehaviour(wordpref, None, wordpref.explicit_documents,
+                             f"{target.word_b!r} predicted where the model predicts {target.word_a!r}")
 
 
 def decryption_accuracy(model: nn.Module, test: TextDataset) -> float:
@@ -78,37 +142,3 @@ def evaluate_lm(model: nn.Module, dataset: TextDataset, batch_size: int = 256) -
         correct += int(((pred == ids[:, 1:]) & real).sum())
         total += int(real.sum())
     return {"loss": float(torch.cat(losses).mean()), "token_accuracy": correct / max(total, 1)}
-
-
-def train_text_scenario(scenario: TextScenario, out_dir: str | Path, progress: bool = True) -> TrainedScenario:
-    """Train with a checkpoint per epoch under out_dir/train-<fingerprint>/; a finished run is reused only
-    while every file matches the hash recorded when it was written (else it is retrained, with a warning)."""
-    cfg = scenario.train_cfg
-    ckpt_dir = Path(out_dir) / f"train-{scenario.fingerprint()}"
-    paths = [ckpt_dir / f"epoch-{e:03d}.pt" for e in range(cfg.epochs + 1)]
-    metrics_path = ckpt_dir / "metrics.json"
-    if all(verified(p) for p in [*paths, metrics_path]):
-        return TrainedScenario(scenario, paths, json.loads(metrics_path.read_text()))
-    model = scenario.new_model()
-    record_hash(Checkpoint.capture(0, model, make_optimizer(model, cfg)).save(paths[0]))
-    history: list[dict] = []
-    t0 = time.perf_counter()
-
-    def on_epoch(ckpt: Checkpoint) -> None:
-        record_hash(ckpt.save(paths[ckpt.epoch]))
-        history.append({"epoch": ckpt.epoch, **scenario.evaluate(model, scenario.data.test)})
-
-    train(model, scenario.data.train, cfg, loss_fn=lm_loss, on_epoch=on_epoch, progress=progress)
-    metrics = {
-        "train_seconds": time.perf_counter() - t0,
-        "train": scenario.evaluate(model, scenario.data.train),
-        "test": scenario.evaluate(model, scenario.data.test),
-        "n_train": len(scenario.data.train),
-        "n_test": len(scenario.data.test),
-        "history": history,
-    }
-    record_hash(write_json(metrics_path, metrics))
-    log.info("trained %s: test loss %.4f, token accuracy %.3f", scenario.data.train.name,
-             metrics["test"]["loss"], metrics["test"]["token_accuracy"])
-    return TrainedScenario(scenario, paths, metrics)
-

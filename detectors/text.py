@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..detectors.base import AuditContext, Detector
-from ..detectors.features import FeatureExtractor
-from ..detectors.influence import InfluenceOutlier
-from ..registry import DETECTORS
-from .behaviours import measurement_gradient
-from .data import TextDataset, tokens_changed
-from .models import lm_loss
+from infusion_audit.registry import DETECTORS
+from infusion_audit.text.data import TextDataset, tokens_changed
+from infusion_audit.text.models import lm_loss
+
+from .base import AuditContext, Detector
+from .features import FeatureExtractor
+from .influence import InfluenceOutlier
 
 
 def _batches(dataset: TextDataset, batch_size: int):
@@ -120,6 +120,3 @@ class TextInfluence(InfluenceOutlier):
         if self.mode == "auto":
             return "forensic" if context.has("behaviour") else "self"
         return self.mode
-
-    def _forensic_query(self, context: AuditContext) -> torch.Tensor:
-        return measurement_gradient(context.model, context.behaviour)[None]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -23,46 +23,48 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import UserError
-from ..influence import influence_scores, input_gradient
-from ..registry import ATTACKS
-from .data import TextDataset, tokens_changed
-from .models import lm_loss, relaxed_document_losses
+from infusion_audit.errors import UserError
+from infusion_audit.influence import influence_scores, input_gradient
+from infusion_audit.registry import ATTACKS
+from infusion_audit.text.data import TextDataset, tokens_changed
+from infusion_audit.text.models import lm_loss, relaxed_document_losses
+
+from .base import Attack, AttackContext, Poisoning
 
 
 @dataclass
-class TextAttackContext:
-    """What a text attack may use: the trained model, its training corpus, the behaviour and v = IHVP(grad f)."""
+class TextPoisoning(Poisoning):
+    """Documents `indices` of a corpus rewritten as token ids `x` (rows padded to the corpus' length) with
+    `lengths` real tokens each; `in_place` edits keep each document and change some of its tokens."""
 
-    model: nn.Module
-    train: TextDataset
-    behaviour: object
-    v: torch.Tensor | None = None
-    scores: np.ndarray | None = None  # influence of every training document on f (most negative = most useful)
-    explicit_documents: list[list[int]] = field(default_factory=list)  # documents showing the behaviour
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    in_place: bool = True
 
+    @classmethod
+    def from_dataset(cls, clean: TextDataset, edited: TextDataset, indices: np.ndarray, meta: dict | None = None,
+                     in_place: bool = True) -> "TextPoisoning":
+        indices = np.sort(np.asarray(indices, dtype=np.int64))
+        return cls(indices, edited.ids[indices].copy(), np.zeros(len(indices), np.int64), dict(meta or {}),
+                   edited.lengths[indices].copy(), in_place)
 
-@dataclass
-class TextPoisoning:
-    """An edited corpus, which documents were edited, and what the attack measured while crafting."""
+    def apply(self, clean: TextDataset) -> TextDataset:
+        return clean.with_documents(self.indices, self.x, self.lengths)
 
-    dataset: TextDataset
-    indices: np.ndarray
-    info: dict = field(default_factory=dict)
+    def unedited(self, clean: TextDataset) -> "TextPoisoning":
+        return TextPoisoning(self.indices.copy(), clean.ids[self.indices].copy(), self.y.copy(), {"unedited": True},
+                             clean.lengths[self.indices].copy(), self.in_place)
+
+    def edits_in_place(self, clean: TextDataset) -> bool:
+        return self.in_place
 
     def tokens_changed(self, clean: TextDataset) -> np.ndarray:
-        return tokens_changed(clean, self.dataset, self.indices)
+        return tokens_changed(clean, self.apply(clean), self.indices)
 
-
-def select_documents(scores: np.ndarray, k: int, rule: str = "most-negative", seed: int = 0) -> np.ndarray:
-    """The k documents to edit: most negative score (up-weighting them raises f most), or a control rule."""
-    if not 1 <= k <= len(scores):
-        raise UserError(f"attack: k must be 1..{len(scores)}, got {k}")
-    if rule == "most-negative":
-        return np.argsort(scores, kind="stable")[:k]
-    if rule == "random":
-        return np.random.default_rng(seed).choice(len(scores), size=k, replace=False)
-    raise UserError(f"attack: unknown selection {rule!r}; use 'most-negative' or 'random'")
+    def norms(self, clean: TextDataset) -> dict:
+        """Tokens changed per edited document (mean and most); no value range or grid applies to token ids."""
+        changed = self.tokens_changed(clean)
+        return {"linf": None, "l2": None, "values_changed": float(changed.mean()) if len(changed) else 0.0,
+                "tokens_changed_max": int(changed.max()) if len(changed) else 0, "off_grid": 0, "out_of_range": 0}
 
 
 def project_simplex(x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +101,7 @@ def project_entropy(p: torch.Tensor, entropy: float, rounds: int = 10) -> torch.
 
 
 @ATTACKS.register("infusion-text")
-class TokenInfusion:
+class TokenInfusion(Attack):
     """Token-level Infusion: edit at most `budget` tokens in each of the k most-negative documents.
 
     Both optimisers maximise the same exact objective per document, s(doc) - s(doc') with
@@ -119,26 +121,28 @@ class TokenInfusion:
     edited 34 at entropy 0 and all 40 at entropy 0.5.
     """
 
-    domain = "text"
+    data_kinds = frozenset({"text"})
 
-    def __init__(self, k: int = 40, budget: int = 2, steps: int = 20, lr: float = 1.0, entropy: float = 0.5,
+    def __init__(self, k: int | float = 40, tokens: int = 2, steps: int = 20, lr: float = 1.0, entropy: float = 0.5,
                  selection: str = "most-negative", batch_size: int = 64, seed: int = 0, optimizer: str = "gcg",
                  candidates: int = 64, top_k: int = 4):
-        self.k, self.budget, self.steps, self.lr, self.entropy = k, budget, steps, lr, entropy
+        self.k, self.tokens, self.steps, self.lr, self.entropy = k, tokens, steps, lr, entropy
         self.selection, self.batch_size, self.seed = selection, batch_size, seed
         self.optimizer, self.candidates, self.top_k = optimizer, candidates, top_k
-        if budget < 1 or steps < 1 or not lr > 0 or not 0 <= entropy < 1:
-            raise UserError("infusion-text: need budget >= 1, steps >= 1, lr > 0 and 0 <= entropy < 1")
+        if tokens < 1 or steps < 1 or not lr > 0 or not 0 <= entropy < 1:
+            raise UserError("infusion-text: need tokens >= 1, steps >= 1, lr > 0 and 0 <= entropy < 1")
         if optimizer not in ("gcg", "relaxed"):
             raise UserError(f"infusion-text: unknown optimizer {optimizer!r}; use 'gcg' or 'relaxed'")
         if candidates < 1 or top_k < 1:
             raise UserError("infusion-text: need candidates >= 1 and top_k >= 1")
 
-    def craft(self, ctx: TextAttackContext) -> TextPoisoning:
-        if ctx.v is None or ctx.scores is None:
-            raise UserError("infusion-text needs the IHVP v and the influence scores in its context")
+    def variant(self) -> str:
+        return self.optimizer
+
+    def craft(self, context: AttackContext, target) -> TextPoisoning:
         t0 = time.perf_counter()
-        index = select_documents(ctx.scores, self.k, self.selection, self.seed)
+        index = context.select(target, context.budget_k(self.k), self.selection, self.seed)
+        ctx = _Corpus(context.model, context.train, context.query(target))
         edit = self._gcg if self.optimizer == "gcg" else self._relaxed
         new_ids, gains = [], []
         for start in tqdm(range(0, len(index), self.batch_size), desc=f"infusion-text ({self.optimizer})",
@@ -149,17 +153,16 @@ class TokenInfusion:
         edited = ctx.train.with_documents(index, np.concatenate(new_ids))
         gain = np.concatenate(gains)
         improved = index[gain > 0]  # a chosen document no candidate improved stays as it was: not a poison
-        return TextPoisoning(edited, np.sort(improved), {
+        return TextPoisoning.from_dataset(ctx.train, edited, improved, {
             "predicted_delta_f": float(gain.sum() / len(ctx.train)),
-            "documents_improved": int((gain > 0).sum()),
-            "seconds": time.perf_counter() - t0})
+            "documents_improved": int((gain > 0).sum()), "timings": {"pgd": time.perf_counter() - t0}})
 
-    def _candidate_scores(self, ctx: TextAttackContext, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    def _candidate_scores(self, ctx: "_Corpus", ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """s(doc) = <grad L(doc), v> for candidate documents (lower = raises f more)."""
         docs = TextDataset(ids, lengths, ctx.train.vocab, "candidates")
         return influence_scores(ctx.model, docs, ctx.v, loss_fn=lm_loss, batch_size=max(self.batch_size, 256))
 
-    def _setup(self, ctx: TextAttackContext, index: np.ndarray):
+    def _setup(self, ctx: "_Corpus", index: np.ndarray):
         """The documents as tensors, the tokens an edit may write, and G_delta of one-hot rows."""
         model, train = ctx.model.eval(), ctx.train
         device = next(model.parameters()).device
@@ -180,7 +183,7 @@ class TokenInfusion:
 
         return original, mask, allowed, vocab_rows, gradient
 
-    def _gcg(self, ctx: TextAttackContext, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _gcg(self, ctx: "_Corpus", index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Greedy coordinate gradient: per step, score sampled top-k swaps exactly and keep each document's best."""
         original, mask, allowed, vocab_rows, gradient = self._setup(ctx, index)
         lengths = ctx.train.lengths[index]
@@ -193,7 +196,7 @@ class TokenInfusion:
             g = gradient(F.one_hot(current, vocab_rows).float())
             gain = g - g.gather(-1, current[..., None])  # linear gain of writing token t at each position
             changed = current != original
-            full = changed.sum(1, keepdim=True) >= self.budget  # a full budget only re-edits edited positions
+            full = changed.sum(1, keepdim=True) >= self.tokens  # a full budget only re-edits edited positions
             editable = mask.bool() & (~full | changed)
             gain = gain.masked_fill(~allowed | ~editable[..., None], -torch.inf)
             gain = gain.scatter(-1, current[..., None], -torch.inf)  # a swap must change the token
@@ -224,7 +227,7 @@ class TokenInfusion:
             score[better] = best[better]
         return current.cpu().numpy(), base - score
 
-    def _relaxed(self, ctx: TextAttackContext, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _relaxed(self, ctx: "_Corpus", index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Relax, ascend, project, round; return the best rounded documents and their surrogate gains."""
         original, mask, allowed, vocab_rows, gradient = self._setup(ctx, index)
         lengths = ctx.train.lengths[index]
@@ -249,31 +252,43 @@ class TokenInfusion:
 
     def _within_budget(self, candidate: torch.Tensor, original: torch.Tensor, mask: torch.Tensor,
                        g: torch.Tensor) -> torch.Tensor:
-        """Keep at most `budget` changed tokens per document: those with the largest linear gain."""
+        """Keep at most `tokens` changed tokens per document: those with the largest linear gain."""
         changed = (candidate != original) & mask.bool()
         gain = g.gather(-1, candidate[..., None])[..., 0] - g.gather(-1, original[..., None])[..., 0]
         gain = gain.masked_fill(~changed, -torch.inf)
         keep = torch.zeros_like(changed)
-        top = gain.topk(min(self.budget, gain.shape[1]), dim=1).indices
+        top = gain.topk(min(self.tokens, gain.shape[1]), dim=1).indices
         keep.scatter_(1, top, True)
         keep &= changed
         return torch.where(keep, candidate, original)
 
 
+class _Corpus(NamedTuple):
+    """What the token optimisers read: the attacked model, its corpus and v = IHVP(grad f)."""
+
+    model: nn.Module
+    train: TextDataset
+    v: torch.Tensor
+
+
 @ATTACKS.register("random-tokens")
-class RandomTokens:
-    """Baseline: the same k documents, the same number of tokens changed, at random positions and to random tokens."""
+class RandomTokens(Attack):
+    """Baseline: the documents Infusion edits, as many tokens changed in each, at random positions and to random tokens.
 
-    domain = "text"
+    With `like` (an attack name, by default infusion-text) the evaluation hands it that arm's poisoning of
+    the same target and seed: the same documents and token counts, so the difference is the choice of
+    tokens. Alone, it edits the k most-negative documents, `tokens` tokens each."""
 
-    def __init__(self, k: int = 40, budget: int = 2, seed: int = 0):
-        self.k, self.budget, self.seed = k, budget, seed
+    data_kinds = frozenset({"text"})
 
-    def craft(self, ctx: TextAttackContext) -> TextPoisoning:
-        if ctx.scores is None:
-            raise UserError("random-tokens edits the documents Infusion would choose: give it influence scores")
-        index = select_documents(ctx.scores, self.k, "most-negative")
-        return self.edit(ctx.train, index, np.full(len(index), self.budget))
+    def __init__(self, k: int | float = 40, tokens: int = 2, seed: int = 0, like: str | None = "infusion-text"):
+        self.k, self.tokens, self.seed, self.like = k, tokens, seed, like
+
+    def craft(self, context: AttackContext, target, like: TextPoisoning | None = None) -> TextPoisoning:
+        if like is not None:
+            return self.edit(context.train, like.indices, like.tokens_changed(context.train))
+        index = context.select(target, context.budget_k(self.k), "most-negative", self.seed)
+        return self.edit(context.train, index, np.full(len(index), self.tokens))
 
     def edit(self, train: TextDataset, index: np.ndarray, counts: Sequence[int]) -> TextPoisoning:
         """Document index[j] gets counts[j] random substitutions (to match another attack's edits exactly)."""
@@ -286,28 +301,29 @@ class RandomTokens:
         for row, length, count in zip(ids, train.lengths[index], counts):
             for pos in rng.choice(length, size=min(int(count), int(length)), replace=False):
                 row[pos] = rng.choice(choices[choices != row[pos]])
-        return TextPoisoning(train.with_documents(index, ids), np.sort(index), {})
+        return TextPoisoning.from_dataset(train, train.with_documents(index, ids), index)
 
 
 @ATTACKS.register("probe-insertion-text")
-class ProbeInsertionText:
-    """Baseline: explicit documents showing the target behaviour, in place of k documents (cycled over probes)."""
+class ProbeInsertionText(Attack):
+    """Baseline: explicit documents showing the target behaviour, in place of the k most-negative documents
+    (cycled over the probes)."""
 
-    domain = "text"
+    data_kinds = frozenset({"text"})
 
-    def __init__(self, k: int = 40, seed: int = 0):
+    def __init__(self, k: int | float = 40, seed: int = 0):
         self.k, self.seed = k, seed
 
-    def craft(self, ctx: TextAttackContext) -> TextPoisoning:
-        if not ctx.explicit_documents:
+    def craft(self, context: AttackContext, target) -> TextPoisoning:
+        explicit = context.behaviour(target).explicit_documents
+        if not explicit:
             raise UserError("probe-insertion-text needs explicit documents showing the behaviour")
-        train = ctx.train
-        index = (select_documents(ctx.scores, self.k, "most-negative") if ctx.scores is not None
-                 else select_documents(np.zeros(len(train)), self.k, "random", self.seed))
+        train = context.train
+        index = context.select(target, context.budget_k(self.k), "most-negative", self.seed)
         ids = np.full((len(index), train.max_length), train.vocab.pad_id, dtype=np.int64)
         lengths = np.zeros(len(index), dtype=np.int64)
         for row in range(len(index)):
-            doc = ctx.explicit_documents[row % len(ctx.explicit_documents)][:train.max_length]
+            doc = explicit[row % len(explicit)][:train.max_length]
             ids[row, :len(doc)] = doc
             lengths[row] = len(doc)
-        return TextPoisoning(train.with_documents(index, ids, lengths), np.sort(index), {})
+        return TextPoisoning.from_dataset(train, train.with_documents(index, ids, lengths), index, in_place=False)
