@@ -56,7 +56,7 @@ def test_digits_cnn_reaches_95_percent(trained):
 
 
 def test_training_is_deterministic_and_continue_replays_the_same_epoch(trained):
-    scenario = trained.scenario
+    scenario = trained.pipeline
     again = scenario.continue_training(trained.checkpoint(9), scenario.data.train, epochs=1)
     ref = trained.checkpoint(10).model
     for name, value in again.state_dict().items():
@@ -64,7 +64,7 @@ def test_training_is_deterministic_and_continue_replays_the_same_epoch(trained):
 
 
 def test_resume_from_a_middle_checkpoint_matches(tmp_path, trained):
-    scenario = trained.scenario
+    scenario = trained.pipeline
     out = tmp_path / "resume"
     first = train_pipeline(scenario, out, progress=False)
     # simulate an interrupted run: drop the last epochs and the metrics, then resume
@@ -78,7 +78,7 @@ def test_resume_from_a_middle_checkpoint_matches(tmp_path, trained):
 
 
 def test_retrain_from_scratch_on_a_subset(trained):
-    scenario = trained.scenario
+    scenario = trained.pipeline
     keep = np.arange(len(scenario.data.train))[10:]
     model = scenario.retrain_from_scratch(scenario.data.train.subset(keep))
     assert accuracy(model, scenario.data.test) > 0.9
