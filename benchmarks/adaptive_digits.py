@@ -11,7 +11,7 @@ model on the clean set), which says how much of a detection the selection alone 
 Records are appended to --out as cells finish (a rerun resumes); the table is printed and written as
 JSON beside them.
 
-    OMP_NUM_THREADS=1 python benchmarks/adaptive_digits.py --targets 30
+    python benchmarks/adaptive_digits.py --targets 30
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ optimisation budget (steps x restarts). Records are appended to --out as they fi
 resumes); the table prints mean Δ log-odds [95% CI] (n) per attack and paired Wilcoxon tests of ours
 against ART and against Infusion, and is written beside the records as JSON.
 
-    OMP_NUM_THREADS=1 python benchmarks/gradient_matching_vs_art.py --targets 12
+    python benchmarks/gradient_matching_vs_art.py --targets 12
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ retrains from the initialisation instead (each shard's model sees only its shard
 Records are appended to --out as cells finish (a rerun resumes); the table is printed and written as
 JSON beside them.
 
-    OMP_NUM_THREADS=1 python benchmarks/mitigations_digits.py --targets 10
+    python benchmarks/mitigations_digits.py --targets 10
 """
 
 from __future__ import annotations

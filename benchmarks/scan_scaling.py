@@ -8,7 +8,7 @@ measured on trained models elsewhere). influence-outlier needs a full per-exampl
 document, which on a CPU is far slower than everything else: it runs on a seeded subset and its
 documents per second are reported with the subset size.
 
-    OMP_NUM_THREADS=2 python benchmarks/scan_scaling.py --out benchmarks/results/scan_scaling.json
+    python benchmarks/scan_scaling.py --out benchmarks/results/scan_scaling.json
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 from infusion_audit.data import GRID_8BIT, ImageDataset
 from infusion_audit.detectors import AuditContext, build_detector, run_detector
 from infusion_audit.io import write_json
+from infusion_audit.runtime import set_threads
 from infusion_audit.models import TinyResNet
 
 DETECTORS = [("perturbation-norm", {}), ("spectral-signature", {}), ("spectral-signature", {"centre": False}),
@@ -92,7 +93,9 @@ def main() -> None:
     p.add_argument("--n", type=int, default=50_000)
     p.add_argument("--influence-n", type=int, default=256, help="documents influence-outlier scores (subset)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/scan_scaling.json"))
+    p.add_argument("--threads", type=int, default=2, help="torch and BLAS threads (default: 2, the CI machine's cores)")
     args = p.parse_args()
+    set_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     result = {"n": args.n, "shape": [3, 32, 32], "threads": torch.get_num_threads(), "torch": torch.__version__,

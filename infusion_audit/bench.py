@@ -32,6 +32,8 @@ from .scan import ScanConfig
 from .executors import DEFAULT_WORKERS, EXECUTORS, Executor, LocalExecutor, SerialExecutor, make_executor
 from .io import append_jsonl_many, atomic_write_text, read_jsonl, repair_jsonl, run_lock, stable_hash, write_json
 from .mitigations import build_mitigation
+from .pipeline import Pipeline
+from .registry import PIPELINES, load_callable
 from .runtime import threads_info
 
 log = logging.getLogger(__name__)
@@ -156,9 +158,10 @@ class BenchRunner:
     def cells(self) -> list[Cell]:
         return [cell for unit in self.units() for cell in unit]
 
-    def run_unit(self, unit: list[Cell], done: frozenset = frozenset()) -> list[list[dict]]:
-        """The records of each cell of a unit not in `done` (one list per cell, in order)."""
-        return [self.run_cell(cell) for cell in unit if cell.key not in done]
+    def run_unit(self, unit: list[Cell]) -> list[list[dict]]:
+        """The records of each cell of a unit (one list per cell, in order). A cell whose source arm's cell
+        is not in the unit (recorded by an earlier run) crafts that poisoning again: it is deterministic."""
+        return [self.run_cell(cell) for cell in unit]
 
     def run_cell(self, cell: Cell) -> list[dict]:
         """Every record of one cell: the attack on each victim, then detection and defence on the main victim."""
@@ -286,9 +289,6 @@ class BenchRunner:
 def victim_scenario(scenario: ScenarioConfig, spec: PluginSpec) -> ScenarioConfig:
     """The scenario a transfer victim trains in: the same data and recipe with its own pipeline, or the
     built-in recipe with its own model."""
-    from .pipeline import Pipeline
-    from .registry import PIPELINES, load_callable
-
     found = load_callable(spec.name) if ":" in spec.name else None
     if spec.name in PIPELINES.names() or isinstance(found, type) and issubclass(found, Pipeline):
         return replace(scenario, pipeline=spec)
@@ -325,11 +325,6 @@ def _worker_runner(config: BenchConfig, run_dir: str) -> BenchRunner:
     """A worker's state (built once per worker by the executor): the shared checkpoints, IHVP and controls."""
     logging.getLogger().setLevel(logging.WARNING)
     return BenchRunner(config, run_dir, progress=False)
-
-
-def _worker_unit(runner: BenchRunner, item: tuple[list[Cell], frozenset]) -> list[list[dict]]:
-    unit, done = item
-    return runner.run_unit(unit, done)
 
 
 # --------------------------------------------------------------------------- the entry point
@@ -409,9 +404,9 @@ def run_grid(config: BenchConfig, out: Path, executor: Executor, progress: bool 
     runner = BenchRunner(config, out, progress=progress)
     units = runner.units()
     n_cells = sum(len(unit) for unit in units)
-    done = frozenset(r["cell"] for r in read_jsonl(results) if r.get("kind") == "attack")
-    todo = [unit for unit in units if any(cell.key not in done for cell in unit)]
-    left = sum(cell.key not in done for unit in todo for cell in unit)
+    done = {r["cell"] for r in read_jsonl(results) if r.get("kind") == "attack"}
+    todo = [pending for pending in ([c for c in unit if c.key not in done] for unit in units) if pending]
+    left = sum(len(unit) for unit in todo)
     log.info("%d cells, %d already finished, %d to run", n_cells, n_cells - left, left)
     bar = tqdm(total=n_cells, initial=n_cells - left, desc="bench cells", unit="cell", disable=not progress)
     said: set = set()  # (detector, reason) already logged
@@ -423,10 +418,9 @@ def run_grid(config: BenchConfig, out: Path, executor: Executor, progress: bool 
 
     if isinstance(executor, SerialExecutor) or isinstance(executor, LocalExecutor) and len(todo) <= 1:
         for unit in todo:
-            finish(runner.run_unit(unit, done))
+            finish(runner.run_unit(unit))
     else:
-        for _, cells in executor.map_unordered(_worker_runner, (config, str(out)), _worker_unit,
-                                               [(unit, done) for unit in todo]):
+        for _, cells in executor.map_unordered(_worker_runner, (config, str(out)), BenchRunner.run_unit, todo):
             finish(cells)
     bar.close()
     write_json(out / "provenance.json", provenance(config, runner, time.perf_counter() - started, left))

@@ -14,9 +14,11 @@ Record timings: `factors_shared` is paid once per scenario and `control_shared` 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -136,7 +138,7 @@ def resolve_attacks(scenario: ScenarioConfig, attack: AttackConfig, source: str)
     arm edits that kind of data (before any training)."""
     kind = pipeline_kind(scenario)
     if not attack.attacks:
-        attack.attacks = [AttackSpec(a.name, dict(a.params), a.variant, a.repeats) for a in DEFAULT_ATTACKS[kind]]
+        attack.attacks = copy.deepcopy(DEFAULT_ATTACKS[kind])
     for i, spec in enumerate(attack.attacks):
         kinds = ATTACKS.get(spec.name).data_kinds
         if kind not in kinds:
@@ -254,6 +256,11 @@ class AttackEvaluation:
                             **({"probes": self.config.attack.targets.probes} if self.scenario.kind == "text" else {}),
                             **({"repeat": repeat} if repeat else {})})
 
+    @cached_property
+    def copied(self) -> list[AttackSpec]:
+        """The arms another arm copies: their poisonings are kept for it."""
+        return [source for source in map(self.source_spec, self.config.attack.attacks) if source is not None]
+
     def source_spec(self, spec: AttackSpec) -> AttackSpec | None:
         """The arm whose poisoning `spec` copies (its attack's `like` param), or None."""
         like = self.build_attack(spec, 0).get_params().get("like")
@@ -279,7 +286,7 @@ class AttackEvaluation:
             poisoning = attack.craft(self.context, target, like=self.source_poisoning(source, target, seed, budget))
         crafted = Crafted(spec, attack, target, seed, cell, poisoning, poisoning.apply(clean),
                           time.perf_counter() - t0, repeat=repeat)
-        if any(self.source_spec(other) is spec for other in self.config.attack.attacks):
+        if spec in self.copied:
             self._sources[cell] = poisoning
         if self.config.attack.write_artefacts:
             rel = Path("artefacts") / "poisoned" / cell

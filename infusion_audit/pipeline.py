@@ -33,7 +33,8 @@ from .errors import UserError
 from .io import record_hash, stable_hash, verified, write_json
 from .models import build_model
 from .registry import PIPELINES
-from .training import Checkpoint, Wrap, accuracy, classification_loss, document_ids, epoch_order, seeded_model, train
+from .training import (Checkpoint, Wrap, accuracy, classification_loss, document_ids, document_seed, epoch_order,
+                       seeded_model, train)
 
 
 @PIPELINES.register("image")
@@ -121,8 +122,6 @@ class Pipeline:
 
     def document_seed(self, dataset, epoch: int) -> np.ndarray:
         """Per document of `dataset`, the seed of its randomness in `epoch` (follows the document, not its slot)."""
-        from .training import document_seed
-
         return np.array([document_seed(self.config.train.seed, epoch, int(d)) for d in document_ids(dataset)])
 
     def model_at(self, checkpoint: Checkpoint) -> nn.Module:

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..influence import flatten, trainable_parameters
 from .data import ANSWER, EOS, LETTERS, CaesarDocument, TextDataset, caesar_prompt, shift_text
 
 
@@ -28,13 +27,6 @@ def _padded(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.T
         ids[i, :len(row)] = torch.as_tensor(list(row), dtype=torch.long)
         mask[i, :len(row)] = 1
     return ids.to(device), mask.to(device)
-
-
-def measurement_gradient(model: nn.Module, behaviour) -> torch.Tensor:
-    """grad_theta f for a behaviour's measurement, flattened over the trainable parameters (eval mode)."""
-    model.eval()
-    params = list(trainable_parameters(model).values())
-    return flatten(torch.autograd.grad(behaviour.measure(model), params)).detach().cpu()
 
 
 @dataclass

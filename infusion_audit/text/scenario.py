@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import DataError, UserError
 from ..pipeline import Pipeline
 from ..registry import PIPELINES
+from ..training import seeded_model
 from .behaviours import (CaesarTarget, WordPairTarget, caesar_behaviour, caesar_explicit_documents,
                          decryption_behaviour, word_preference_target)
 from .data import CaesarDocument, TextDataset
@@ -74,8 +75,6 @@ class TextPipeline(Pipeline):
         return self.config.dataset.name == "caesar"
 
     def new_model(self) -> nn.Module:
-        from ..training import seeded_model
-
         train = self.data.train
         return seeded_model(lambda: build_text_model(self.config.model, train.vocab.size, train.max_length),
                             self.config.train.seed)
