@@ -90,16 +90,17 @@ class EvasiveInfusion(Infusion):
 
     def _clean_statistics(self, context: AttackContext) -> dict:
         """Class centres, and per signal the robust centre, scale and the z a clean document stays under."""
-        def compute() -> dict:
+        def compute() -> dict:  # on the model's device: the penalty reads them at every PGD step
             audit = self._audit(context)
+            device = next(context.model.parameters()).device
             labels = audit.labels
             feats = torch.from_numpy(audit.features()).double()
             centres = torch.stack([feats[torch.from_numpy(labels == c)].mean(0) for c in range(audit.num_classes)])
             distance = (feats - centres[torch.from_numpy(labels)]).norm(dim=1).numpy()
             log_loss = np.log(np.maximum(audit.losses(), 1e-12))
-            return {"centres": centres.float(),
-                    "log_loss": _robust_limits(log_loss, np.zeros_like(labels), 1, self.evade_quantile),
-                    "distance": _robust_limits(distance, labels, audit.num_classes, self.evade_quantile)}
+            return {"centres": centres.float().to(device),
+                    "log_loss": _robust_limits(log_loss, np.zeros_like(labels), 1, self.evade_quantile, device),
+                    "distance": _robust_limits(distance, labels, audit.num_classes, self.evade_quantile, device)}
 
         return context.cached(f"stealth:{self.evade_quantile:g}", compute)
 
@@ -110,10 +111,10 @@ class EvasiveInfusion(Infusion):
         h = features.flatten(1)
         signals = {  # the loss over all documents (as loss-outlier ranks them), the distance within the class
             "log_loss": (torch.log(F.cross_entropy(logits, y, reduction="none").clamp_min(1e-12)), torch.zeros_like(y)),
-            "distance": ((h - stats["centres"].to(h.device)[y]).norm(dim=1), y)}
+            "distance": ((h - stats["centres"][y]).norm(dim=1), y)}
         total = torch.zeros(len(x), device=x.device)
         for name, (value, group) in signals.items():
-            centre, scale, limit = (t.to(x.device)[group] for t in stats[name])
+            centre, scale, limit = (t[group] for t in stats[name])
             total = total + F.relu((value - centre) / scale - limit) ** 2
         return total
 
@@ -128,12 +129,14 @@ class EvasiveInfusion(Infusion):
         return g - self.stealth * grad_penalty
 
 
-def _robust_limits(values: np.ndarray, groups: np.ndarray, n_groups: int, quantile: float) -> tuple:
-    """Per group: median, 1.4826·MAD and the `quantile` of the robust z-scores (float tensors indexed by group)."""
+def _robust_limits(values: np.ndarray, groups: np.ndarray, n_groups: int, quantile: float,
+                   device: torch.device) -> tuple:
+    """Per group: median, 1.4826·MAD and the `quantile` of the robust z-scores (float tensors on `device`,
+    indexed by group)."""
     centre, scale, limit = np.zeros(n_groups), np.ones(n_groups), np.zeros(n_groups)
     for g in np.unique(groups):
         v = values[groups == g]
         centre[g] = np.median(v)
         scale[g] = max(1.4826 * np.median(np.abs(v - centre[g])), 1e-12)
         limit[g] = np.quantile((v - centre[g]) / scale[g], quantile)
-    return tuple(torch.from_numpy(a).float() for a in (centre, scale, limit))
+    return tuple(torch.from_numpy(a).float().to(device) for a in (centre, scale, limit))

@@ -158,7 +158,8 @@ class ARTGradientMatching(GradientMatching):
         k = context.budget_k(self.k)
         model = copy.deepcopy(context.model).eval()  # ART's backward also fills the model's .grad
         classifier = PyTorchClassifier(model, loss=torch.nn.CrossEntropyLoss(), input_shape=train.input_shape,
-                                       nb_classes=train.num_classes, clip_values=train.value_range)
+                                       nb_classes=train.num_classes, clip_values=train.value_range,
+                                       device_type="cpu" if next(model.parameters()).device.type == "cpu" else "gpu")
         schedule = ([1e-1, 1e-2, 1e-3, 1e-4], [max(1, int(self.steps * f)) for f in (0.4, 0.6, 0.8, 0.88)])
         attack = GradientMatchingAttack(classifier, percent_poison=(k + 0.5) / len(train), epsilon=self.eps,
                                         max_trials=self.restarts, max_epochs=self.steps,

@@ -76,7 +76,7 @@ class Infusion(Attack):
         step = self.step if self.step is not None else 2.5 * self.eps / self.steps
         n = len(context.train)
         device = next(context.model.parameters()).device
-        x0, y = x0.to(device), y.to(device)
+        x0, y, v = x0.to(device), y.to(device), v.to(device)  # once, not at every step
         x = x0.clone()
         for _ in range(self.steps):
             g = self._ascent(context, v, x, y, n)

@@ -172,13 +172,14 @@ class TokenInfusion(Attack):
         allowed[train.vocab.pad_id] = False
         original = torch.from_numpy(train.ids[index]).to(device)
         mask = torch.from_numpy(train.mask(index)).to(device)
+        v = ctx.v.to(device)  # once, not at every step (the exact scores take ctx.v on the CPU)
 
         def loss_fn(m: nn.Module, batch) -> torch.Tensor:
             onehot, attention = batch
             return relaxed_document_losses(m, onehot, attention).mean()
 
         def gradient(x: torch.Tensor) -> torch.Tensor:
-            g = input_gradient(model, x, mask, ctx.v, len(train), loss_fn=loss_fn)
+            g = input_gradient(model, x, mask, v, len(train), loss_fn=loss_fn)
             return g.masked_fill(~allowed, 0) * mask[..., None]  # padding never moves
 
         return original, mask, allowed, vocab_rows, gradient

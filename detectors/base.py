@@ -17,6 +17,7 @@ they cannot be taken from while the others still run. A caller that already hold
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 
 from infusion_audit.errors import DataError, PluginError
 from infusion_audit.io import iter_chunks
+from infusion_audit.runtime import model_device
 
 from .features import FeatureExtractor
 
@@ -65,7 +67,9 @@ class AuditContext:
     `features_layer`, else found as FeatureExtractor says); `behaviour` the suspicious prediction
     (a behaviour: a ClassBehaviour, or a text behaviour); `probe` held-out inputs for influence probes (a dataset with ``x``);
     `expected_fraction` the poison fraction ε that removal budgets assume; `influence` the IHVP
-    backend and its parameters (see ``infusion_audit.influence.make_ihvp``).
+    backend and its parameters (``infusion_audit.influence.make_ihvp``; backend "projected" takes
+    `rank`, `damping` (a number or "auto") and `seed`, see ``infusion_audit.influence.projection``; the
+    others take `fit_size`, fitting the inverse Hessian on a seeded sample of that many documents).
     """
 
     data: Any
@@ -76,7 +80,7 @@ class AuditContext:
     expected_fraction: float = 0.01
     loss_fn: Callable | None = None
     batch_size: int = 256
-    device: str = "cpu"
+    device: str | None = None  # default: the model's own (a context never moves a caller's model)
     progress: bool = True
     influence: dict = field(default_factory=lambda: dict(DEFAULT_INFLUENCE))
     gradient_cache_bytes: int = 1 << 30
@@ -93,6 +97,9 @@ class AuditContext:
             if self.reference.x.shape != self.data.x.shape:
                 raise DataError(f"reference shape {self.reference.x.shape} differs from the suspect data's "
                                 f"{self.data.x.shape}; a reference must hold the same documents in the same order")
+        check_influence(self.influence)
+        if self.device is None:
+            self.device = str(model_device(self.model)) if self.model is not None else "cpu"
         if self.model is not None:
             self.model.to(self.device).eval()
             self.extractor = FeatureExtractor(self.model, self.features_layer)
@@ -259,15 +266,93 @@ class AuditContext:
         return {} if self.loss_fn is None else {"loss_fn": self.loss_fn}
 
     def ihvp(self) -> Any:
-        """The inverse-Hessian solver (G + λI)^-1 of the model on the suspect data, fitted once."""
+        """The inverse-Hessian solver (G + λI)^-1 of the model on the suspect data, fitted once.
+
+        With backend "projected" it solves in the projected space: pass it `influence_rows` of
+        gradients, never full ones."""
+        if self.projected_influence:
+            return self._projected()[1]
+
         def compute() -> Any:
             from infusion_audit.influence import make_ihvp
 
             model = self._require_model("influence")
             params = dict(self.influence)
-            return make_ihvp(params.pop("backend", "ekfac"), model, self.data, **params, **self.loss_kwargs())
+            fit_size, data = params.pop("fit_size", None), self.data
+            if fit_size is not None and fit_size < len(data):  # the curvature of a large set, from a seeded sample
+                data = data.subset(np.sort(np.random.default_rng(0).choice(len(data), fit_size, replace=False)))
+            return make_ihvp(params.pop("backend", "ekfac"), model, data, **params, **self.loss_kwargs())
 
         return self.cached("ihvp", compute)
+
+    # -------------------------------------------------- the space influence is taken in (full or projected)
+    @property
+    def projected_influence(self) -> bool:
+        return self.influence.get("backend") == "projected"
+
+    def _projected(self) -> tuple:
+        """Projector, IHVP and the documents' projected gradients, from one pass over the data."""
+        def compute() -> tuple:
+            from infusion_audit.influence import projected_influence
+
+            params = {"batch_size": self.batch_size, **{k: v for k, v in self.influence.items() if k != "backend"}}
+            return projected_influence(self._require_model("influence"), self.data, progress=self.progress,
+                                       **params, **self.loss_kwargs())
+
+        return self.cached("projected", compute)
+
+    def influence_chunks(self, chunk_size: int = 512) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Each document's loss gradient in the influence space, chunk by chunk (see `gradient_chunks`)."""
+        if not self.projected_influence:
+            yield from self.gradient_chunks(chunk_size)
+            return
+        rows = self._projected()[2]
+        for chunk in iter_chunks(len(rows), chunk_size):
+            yield chunk, rows[chunk]
+
+    def influence_products(self, vectors: torch.Tensor, chunk_size: int = 512) -> np.ndarray:
+        """Every document's loss gradient dotted with each row of `vectors` (m, influence space): (N, m).
+
+        Without projection and when the gradients are not kept, vectors that live on the Linear/Conv2d
+        layers only (EK-FAC's) are applied layer by layer from one batched backward pass per chunk, exact
+        and far cheaper than forming per-document gradients."""
+        vectors = torch.as_tensor(vectors).float()
+        out = np.zeros((len(self), len(vectors)))
+        if not self.projected_influence and "gradients" not in self._cache and self.model is not None \
+                and len(self.data) * self.gradient_bytes() > self.gradient_cache_bytes:
+            from infusion_audit.influence import LayerGradients
+
+            layers = LayerGradients(self.model)
+            if layers.covers(vectors):
+                bar = tqdm(total=len(self), desc="influence", unit="doc", disable=not self.progress, leave=False)
+                for chunk in iter_chunks(len(self), self.batch_size):
+                    batch = self.data.batch(np.arange(chunk.start, chunk.stop), self.device)
+                    out[chunk] = layers.products(batch, vectors, **self.loss_kwargs()).numpy()
+                    bar.update(chunk.stop - chunk.start)
+                bar.close()
+                return out
+        for chunk, grads in self.influence_chunks(chunk_size):
+            out[chunk] = (grads.float() @ vectors.T).double().numpy()
+        return out
+
+    def influence_rows(self, gradients: torch.Tensor) -> torch.Tensor:
+        """Full flat gradients (m, P), e.g. a measurement's, in the influence space."""
+        return self._projected()[0].project(gradients) if self.projected_influence else gradients
+
+    def influence_gradients(self, dataset) -> torch.Tensor:
+        """Loss gradients of another dataset's documents (held-out probes) in the influence space."""
+        model = self._require_model("per-example gradients")
+        if self.projected_influence:
+            return self._projected()[0].gradients(dataset, batch_size=self.batch_size, **self.loss_kwargs())
+        from infusion_audit.influence import per_example_gradients
+
+        return per_example_gradients(model, dataset, batch_size=self.batch_size, **self.loss_kwargs())
+
+    def influence_row_bytes(self) -> int:
+        """Bytes of one document's gradient in the influence space (float32)."""
+        if self.projected_influence:
+            return 4 * self._projected()[0].dim
+        return self.gradient_bytes()
 
     def removal_budget(self, n: int, multiplier: float = 1.5) -> int:
         """How many of `n` documents a budget of multiplier x ε removes (at least one)."""
@@ -318,6 +403,31 @@ class Detector:
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({params})"
+
+
+def check_influence(params: dict) -> None:
+    """A one-line error, before any work, for an unknown influence backend or a parameter it does not take."""
+    problem = influence_problem(params)
+    if problem is not None:
+        raise DataError(f"influence: expected {problem[0]}, got {problem[1]!r}")
+
+
+def influence_problem(params: dict) -> tuple[str, Any] | None:
+    """(what was expected, what was given) for influence settings a backend cannot take, or None."""
+    from infusion_audit.influence import projected_influence
+    from infusion_audit.influence.ihvp import BACKENDS
+
+    backend = params.get("backend", "ekfac")
+    solvers = {**BACKENDS, "projected": projected_influence}
+    if backend not in solvers:
+        return f"backend one of {', '.join(solvers)}", backend
+    taken = set(inspect.signature(solvers[backend]).parameters) - {"model", "dataset", "loss_fn", "progress"}
+    if backend in BACKENDS:
+        taken.add("fit_size")
+    unknown = sorted(set(params) - taken - {"backend"})
+    if unknown:
+        return f"parameters of backend {backend}: {', '.join(sorted(taken))}", unknown
+    return None
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .config import PluginSpec, ScenarioConfig, dump_yaml, from_sections, load_yaml, resolve_config_path, to_dict
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 from .evaluation import (AttackConfig, AttackEvaluation, AttackRunConfig, AttackSpec, BudgetConfig, Victim,
                          resolve_attacks)
 from .scan import ScanConfig
@@ -34,7 +34,7 @@ from .io import append_jsonl_many, atomic_write_text, read_jsonl, repair_jsonl, 
 from .mitigations import build_mitigation
 from .pipeline import Pipeline
 from .registry import PIPELINES, load_callable
-from .runtime import threads_info
+from .runtime import device_info, threads_info
 
 log = logging.getLogger(__name__)
 
@@ -374,16 +374,23 @@ class BenchResult:
 
 def bench(config=None, out: str | Path = "runs/bench", jobs: int | None = 1, progress: bool = True,
           report: bool = True, executor: str = "local", address: str | None = None,
-          gpus_per_worker: float = 0.0) -> BenchResult:
+          gpus_per_worker: float = 0.0, device: str | None = None) -> BenchResult:
     """Run (or resume) a benchmark into `out`: a BenchConfig, a dict of config sections, a YAML path or a
     built-in name (default: the quick digits benchmark). Units run in this process (`jobs=1`), in `jobs`
     local processes, or on Ray (`executor="ray"`, at `address`; `jobs` caps the workers, None: as many as
-    the cluster holds). Returns the run read back as a BenchResult."""
+    the cluster holds). `device` ("auto", "cpu", "cuda"; default: the scenario's train.device) is resolved
+    here, once, and every worker computes on it. Returns the run read back as a BenchResult."""
     if config is None or isinstance(config, (dict, str, Path)):
         config = load_bench_config(config)
     elif not hasattr(config, "scenario"):
         raise ConfigError("<config>", "", "a dict of sections, a YAML path, a built-in name or a BenchConfig",
                           type(config).__name__)
+    config = replace(config, scenario=config.scenario.on_device(device))
+    if executor == "ray" and config.scenario.train.device == "cuda" and not gpus_per_worker > 0:
+        raise UserError("device cuda on the ray executor: give each worker a GPU with --gpus-per-worker (e.g. 1)")
+    if gpus_per_worker > 0 and config.scenario.train.device == "cpu":
+        log.warning("--gpus-per-worker %g, but the bench computes on the cpu (--device cuda or auto to use them)",
+                    gpus_per_worker)
     out = Path(out)
     with run_lock(out):  # one writer per run directory: a second bench here is refused, not interleaved
         atomic_write_text(out / "config.yaml", dump_yaml(config))
@@ -444,7 +451,8 @@ def provenance(config: BenchConfig, runner: BenchRunner, seconds: float, cells_r
     data = runner.evaluation.scenario.data
     return {
         "domain": runner.evaluation.scenario.kind,
-        "packages": package_versions(), "compute": threads_info(), "config_hash": stable_hash(to_dict(config)),
+        "packages": package_versions(), "compute": threads_info(), **device_info(config.scenario.train.device),
+        "config_hash": stable_hash(to_dict(config)),
         "seeds": {"train": config.scenario.train.seed, "targets": config.attack.targets.seed,
                   "attack": config.attack.seeds},
         "data": {"train_hash": data.train.content_hash(), "test_hash": data.test.content_hash(),
@@ -483,7 +491,8 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ConfigError("--jobs", "", "an integer >= 1", args.jobs)
     started = time.perf_counter()
     result = bench(args.config, args.out, jobs=args.jobs, progress=not args.quiet, report=not args.no_report,
-                   executor=args.executor, address=args.address, gpus_per_worker=args.gpus_per_worker)
+                   executor=args.executor, address=args.address, gpus_per_worker=args.gpus_per_worker,
+                   device=getattr(args, "device", None))
     print(f"finished in {time.perf_counter() - started:.0f} s")
     print(f"results: {args.out / 'results.jsonl'}")
     if result.report is not None:

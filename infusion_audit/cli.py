@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .version import __version__
 from .errors import ConfigError, UserError
-from .runtime import DEFAULT_THREADS, set_threads
+from .runtime import DEFAULT_THREADS, DEVICES, resolve_device, set_threads
 
 log = logging.getLogger("infusion_audit")
 
@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                         help=f"torch threads per process (default: {DEFAULT_THREADS}, the same arithmetic on every "
                              "machine; bench workers use it too)")
+    parser.add_argument("--device", choices=DEVICES, default=None,
+                        help="where train, attack, scan and bench compute: models, gradients, influence, detectors "
+                             "(auto: cuda where present, else cpu; default: the config's scenario.train.device, cpu "
+                             "unless it says otherwise)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
@@ -72,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads < 1:
             raise ConfigError("--threads", "", "an integer >= 1", args.threads)
         set_threads(args.threads)
+        if args.device is not None:
+            resolve_device(args.device)  # cuda without a CUDA device: one line before any work
         return int(args.handler(args) or 0)
     except UserError as exc:
         print(f"infusion-audit: error: {exc}", file=sys.stderr)
@@ -117,6 +123,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .pipeline import Pipeline, train_pipeline
 
     cfg = load_config(TrainRunConfig, args.config)
+    cfg.scenario = cfg.scenario.on_device(args.device)
     atomic_write_text(args.out / "config.yaml", dump_yaml(cfg))
     trained = train_pipeline(Pipeline.from_config(cfg.scenario), args.out / "artefacts", progress=not args.quiet)
     m = trained.metrics

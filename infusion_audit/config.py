@@ -62,7 +62,9 @@ class TrainConfig:
     epochs: int = bounded(10, min=1)
     seed: int = 0
     order: Literal["fixed", "reshuffle"] = "fixed"
-    device: str = "cpu"
+    device: Literal["auto", "cpu", "cuda"] = field(default="cpu", metadata={
+        "help": "where models train and attacks, influence and detectors compute (auto: cuda where present); "
+                "the command line's --device overrides it"})
 
     def validate(self, source: str, prefix: str) -> None:
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
@@ -98,6 +100,14 @@ class ScenarioConfig:
     def identity(self) -> dict:
         """What a trained model depends on: everything but the quality floor, which only gates attacks."""
         return {k: v for k, v in to_dict(self).items() if k != "quality_floor"}
+
+    def on_device(self, device: str | None = None) -> "ScenarioConfig":
+        """A copy with `train.device` set to `device` (default: its own) as resolved in this process (auto -> cpu
+        or cuda), so that what a pipeline's fingerprint records is the device its numbers come from."""
+        from .runtime import resolve_device
+
+        resolved = resolve_device(device or self.train.device).type
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, device=resolved))
 
     def check_quality(self, figure: str, value: float) -> None:
         """Refuse to attack a model that has not learned its task: an audit of it would measure nothing."""

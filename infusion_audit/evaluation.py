@@ -498,6 +498,7 @@ def run_attack(args: argparse.Namespace) -> int:
     from .io import atomic_write_text
 
     cfg = load_config(AttackRunConfig, args.config)
+    cfg.scenario = cfg.scenario.on_device(getattr(args, "device", None))  # config.yaml records the device used
     atomic_write_text(args.out / "config.yaml", dump_yaml(cfg))
     evaluation = AttackEvaluation(cfg, args.out, progress=not getattr(args, "quiet", False))
     records = evaluation.run(args.out / "results.jsonl")

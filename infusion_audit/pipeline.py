@@ -50,7 +50,7 @@ class Pipeline:
     kind = "image"
 
     def __init__(self, config: ScenarioConfig, data: DatasetSplit | None = None):
-        self.config = config
+        self.config = config.on_device()  # auto resolved here: the fingerprint names the device computed on
         self.data = build_dataset(config.dataset) if data is None else data
 
     @staticmethod

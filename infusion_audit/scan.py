@@ -31,9 +31,10 @@ from .version import __version__
 from .config import PluginSpec, ScenarioConfig, TrainConfig, bounded, load_config, to_dict
 from .data import (ImageDataset, images_from_arrays, load_suspect, png_shape, read_manifest, read_npy, read_npz,
                    read_png, unit_float_images)
-from .errors import DataError, UserError
+from .errors import ConfigError, DataError, UserError
 from .io import _jsonable, atomic_write_text, record_hash, run_lock, stable_hash, verified, write_json
 from .metrics import detection_metrics
+from .runtime import model_device, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +49,22 @@ class ScanConfig:
 
     detectors: list[PluginSpec] = field(default_factory=list)
     expected_fraction: float = bounded(0.01, gt=0, max=0.49, help="expected poison fraction ε")
-    influence: dict = field(default_factory=dict,
-                            metadata={"help": "IHVP backend and damping (default: ekfac, damping 1e-3)"})
+    influence: dict = field(default_factory=dict, metadata={
+        "help": "IHVP backend and its settings (default: ekfac, damping 1e-3; fit_size: fit on a seeded sample; "
+                "backend projected with rank, damping (a number or auto) for self-influence and probes at scale)"})
     bootstrap: int = bounded(1000, min=0, help="bootstrap resamples for the CIs (0: none)")
     features_layer: str | None = field(default=None, metadata={
         "help": "module whose output the feature detectors read, e.g. layer4 (default: the input of the last "
                 "nn.Linear, or the model's features()/head)"})
     attacks: list[str] = field(default_factory=list, metadata={
         "help": "bench: the attacks whose poisoned sets are scanned and defended against (default: every one)"})
+
+    def validate(self, source: str, prefix: str) -> None:
+        from .detectors.base import influence_problem
+
+        problem = influence_problem(self.influence)
+        if problem is not None:
+            raise ConfigError(source, f"{prefix}.influence", *problem)
 
 
 @dataclass
@@ -93,7 +102,7 @@ def train_on_suspect(data: ImageDataset, scenario: ScenarioConfig, cache: Path |
         if ckpt.meta.get("key") == key:
             model.load_state_dict(ckpt.model)
             log.info("reusing the model trained on this data: %s", cache)
-            return model.eval(), dict(ckpt.meta["info"], reused=True)
+            return model.to(pipeline.train_cfg.device).eval(), dict(ckpt.meta["info"], reused=True)
     t0 = time.perf_counter()
     pipeline.fit(model, data, progress=progress)
     info = {"source": "trained", "model": to_dict(scenario.model), "train": to_dict(scenario.train),
@@ -119,7 +128,8 @@ def load_model(path: str | Path, data: ImageDataset, scenario: ScenarioConfig) -
         first = str(exc).strip().splitlines()[0][:160]
         raise DataError(f"{path}: does not fit model {scenario.model.name!r} for {data.input_shape} inputs and "
                         f"{data.num_classes} classes ({first}); name the architecture with --config") from None
-    return model.eval(), {"source": "checkpoint", "checkpoint": str(path), "model": to_dict(scenario.model)}
+    info = {"source": "checkpoint", "checkpoint": str(path), "model": to_dict(scenario.model)}
+    return model.to(resolve_device(scenario.train.device)).eval(), info
 
 
 # --------------------------------------------------------------------------- scanning
@@ -457,8 +467,7 @@ def check_model(model: Any, data: Any) -> None:
         raise UserError(f"model: expected a torch nn.Module trained on the data, got {type(model).__name__}")
     if data.kind != "image":
         return
-    param = next(model.parameters(), None)
-    x, _ = data.batch(np.arange(2), param.device if param is not None else "cpu")
+    x, _ = data.batch(np.arange(2), model_device(model))
     model.eval()
     try:
         with torch.no_grad():
@@ -597,7 +606,7 @@ def run_scan(args: argparse.Namespace) -> int:
         specs = [PluginSpec(name.strip()) for name in args.detectors.split(",") if name.strip()]
     truth = read_truth(args.ground_truth, len(data)) if args.ground_truth else None
     behaviour = parse_behaviour(args.behaviour, data) if args.behaviour else None
-    scenario = cfg.scenario or default_scenario(data)
+    scenario = (cfg.scenario or default_scenario(data)).on_device(getattr(args, "device", None))
     progress = not getattr(args, "quiet", False)
     model, model_info = None, None
     if args.model:

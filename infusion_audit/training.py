@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .errors import ConfigError, DataError
+from .runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +167,23 @@ class Checkpoint:
 
     @classmethod
     def capture(cls, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, meta: dict | None = None) -> "Checkpoint":
-        return cls(epoch, copy.deepcopy(model.state_dict()),
-                   copy.deepcopy(optimizer.state_dict()) if optimizer is not None else {}, dict(meta or {}))
+        """A copy of the state on the CPU: whichever device trained it, a checkpoint saves and loads without one."""
+        return cls(epoch, _cpu_copy(model.state_dict()),
+                   _cpu_copy(optimizer.state_dict()) if optimizer is not None else {}, dict(meta or {}))
+
+
+def _cpu_copy(state: Any) -> Any:
+    """A deep copy of a state dict (nested dicts, lists, tuples) with every tensor on the CPU."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):  # an OrderedDict keeps its type and the version `_metadata` load_state_dict reads
+        out = type(state)((key, _cpu_copy(value)) for key, value in state.items())
+        if hasattr(state, "_metadata"):
+            out._metadata = copy.deepcopy(state._metadata)
+        return out
+    if isinstance(state, (list, tuple)):
+        return type(state)(_cpu_copy(value) for value in state)
+    return copy.deepcopy(state)
 
 
 def train(model: nn.Module, dataset, cfg: TrainConfig, *, start: Checkpoint | None = None,
@@ -180,7 +196,7 @@ def train(model: nn.Module, dataset, cfg: TrainConfig, *, start: Checkpoint | No
     n_documents, batch_size)` returns the module and optimizer to train with instead (a mitigation such as
     per-example clipping); the weights it trains are `model`'s, which is what is returned.
     """
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     model.to(device)
     optimizer = make_optimizer(model, cfg)
     first = 0

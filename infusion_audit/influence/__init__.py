@@ -1,9 +1,11 @@
-"""Influence engine: per-example gradients, IHVP backends (exact, ekfac), scores, input-gradients."""
+"""Influence engine: per-example gradients, IHVP backends (exact, ekfac, projected), scores, input-gradients."""
 
 from .gradients import (flatten, input_gradient, loss_gradient, num_trainable, per_example_gradients,
                         trainable_parameters, unflatten)
 from .ihvp import IHVP, EkfacIHVP, ExactIHVP, make_ihvp
+from .projection import LayerGradients, ProjectedIHVP, projected_influence
 from .scores import influence_scores
 
-__all__ = ["IHVP", "EkfacIHVP", "ExactIHVP", "flatten", "influence_scores", "input_gradient", "loss_gradient",
-           "make_ihvp", "num_trainable", "per_example_gradients", "trainable_parameters", "unflatten"]
+__all__ = ["IHVP", "EkfacIHVP", "ExactIHVP", "LayerGradients", "ProjectedIHVP", "flatten", "influence_scores",
+           "input_gradient", "loss_gradient", "make_ihvp", "num_trainable", "per_example_gradients",
+           "projected_influence", "trainable_parameters", "unflatten"]

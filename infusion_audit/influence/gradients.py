@@ -100,6 +100,14 @@ def per_example_gradients(model: nn.Module, dataset, indices: np.ndarray | None 
     return torch.cat(rows) if rows else torch.zeros(0, num_trainable(model))
 
 
+def batch_size_of(batch: Any) -> int:
+    """Number of documents in a batch: the length of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return len(batch)
+    items = batch.values() if isinstance(batch, dict) else batch
+    return batch_size_of(next(iter(items)))
+
+
 def loss_gradient(model: nn.Module, batch: Any, loss_fn: LossFn = classification_loss) -> torch.Tensor:
     """Flat gradient of the (mean) loss of one batch: (P,)."""
     params = list(trainable_parameters(model).values())

@@ -27,17 +27,9 @@ from torch import nn
 from ..errors import UserError
 from ..io import array_hash, record_hash, stable_hash, verified, waiting_lock
 from ..training import classification_loss
-from .gradients import LossFn, capture_output, flatten, trainable_parameters, unflatten
+from .gradients import LossFn, batch_size_of, capture_output, flatten, trainable_parameters, unflatten
 
 log = logging.getLogger(__name__)
-
-
-def batch_size_of(batch: Any) -> int:
-    """Number of documents in a batch: the length of its first tensor."""
-    if isinstance(batch, torch.Tensor):
-        return len(batch)
-    items = batch.values() if isinstance(batch, dict) else batch
-    return batch_size_of(next(iter(items)))
 
 
 class IHVP:
@@ -79,7 +71,7 @@ class ExactIHVP(IHVP):
         device = params[0].device
         vs = list(unflatten(model, v.to(device=device, dtype=params[0].dtype)).values())
         n = len(self.dataset)
-        out = torch.zeros(v.numel(), dtype=torch.float64)
+        out = torch.zeros(v.numel(), dtype=torch.float64, device=device)  # summed where computed, copied once
         for start in range(0, n, self.batch_size):
             batch = self.dataset.batch(np.arange(start, min(n, start + self.batch_size)), device)
             leaves: list[torch.Tensor] = []
@@ -97,8 +89,8 @@ class ExactIHVP(IHVP):
             (jv,) = torch.autograd.grad(jtu, u, vs)
             (hjv,) = torch.autograd.grad(gz, leaf, jv)
             gv = torch.autograd.grad(z, params, hjv)
-            out += flatten(gv).detach().cpu().double() * (batch_size_of(batch) / n)
-        return out
+            out += flatten(gv).detach().double() * (batch_size_of(batch) / n)
+        return out.cpu()
 
     def solve_many(self, V: torch.Tensor) -> torch.Tensor:
         return torch.stack([self._cg(v) for v in V]).to(V.dtype)
@@ -139,11 +131,15 @@ def sampled_fisher_loss(model: nn.Module, batch: Any, loss_fn: LossFn = classifi
     Works for any loss_fn whose model returns logits over classes in the last dimension."""
     with capture_output(model) as seen:
         loss_fn(model, batch)
-    logits = seen[0]
-    flat = logits.reshape(-1, logits.shape[-1])
-    with torch.no_grad():
-        labels = torch.multinomial(torch.softmax(flat.detach().float(), -1), 1, generator=generator)[:, 0]
-    return F.cross_entropy(flat, labels, reduction="sum")
+    flat = seen[0].reshape(-1, seen[0].shape[-1])
+    return F.cross_entropy(flat, sampled_labels(flat, generator), reduction="sum")
+
+
+def sampled_labels(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One label per row of (n, classes) logits, drawn from the model's prediction with a CPU generator, so
+    that the same seed gives the same labels on any device."""
+    probs = torch.softmax(logits.detach().float(), -1).cpu()
+    return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
 
 
 class _IndexDataset(torch.utils.data.Dataset):
@@ -197,7 +193,7 @@ class EkfacIHVP(IHVP):
                  sampled_loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None):
         super().__init__(model, damping)
         self.loss_fn = loss_fn
-        generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)  # the Fisher's labels
+        generator = torch.Generator().manual_seed(seed)  # the Fisher's labels, drawn on the CPU on any device
         self.sampled_loss_fn = sampled_loss_fn or (lambda m, b: sampled_fisher_loss(m, b, loss_fn, generator))
         t0 = time.perf_counter()
         factors, cached = self._fit(dataset, cache_dir, batch_size, seed)
