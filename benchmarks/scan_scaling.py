@@ -36,7 +36,7 @@ from infusion_audit.config import TrainConfig
 from infusion_audit.data import GRID_8BIT, ImageDataset
 from infusion_audit.behaviour import measurement_gradient
 from infusion_audit.detectors import AuditContext, build_detector, run_detector
-from infusion_audit.detectors.base import robust_z
+from infusion_audit.detectors.influence import most_helped
 from infusion_audit.influence import per_example_gradients
 from infusion_audit.io import write_json
 from infusion_audit.runtime import set_threads
@@ -207,9 +207,9 @@ def agreement(projected: AuditContext, forensic: AuditContext, scores: dict, pro
     inputs = probe.subset(np.arange(probes))
     queries = torch.cat([-per_example_gradients(model, dataclasses.replace(inputs, y=np.full(probes, c)))
                          for c in range(probe.num_classes)])
-    reference["probe"] = most_helped(grads.double() @ ekfac.solve_many(queries).double().T)
-    fast["probe"] = most_helped(projected.influence_rows(grads).double()
-                                @ compact.solve_many(projected.influence_rows(queries)).double().T)
+    reference["probe"] = most_helped((grads.double() @ ekfac.solve_many(queries).double().T).numpy())
+    fast["probe"] = most_helped((projected.influence_rows(grads).double()
+                                 @ compact.solve_many(projected.influence_rows(queries)).double().T).numpy())
     top, out = max(1, n // 100), {}
     for mode in SCALE:
         a, b = reference[mode], fast[mode]
@@ -218,12 +218,6 @@ def agreement(projected: AuditContext, forensic: AuditContext, scores: dict, pro
         print(f"agreement with full-gradient scores (EK-FAC), mode={mode}, {n} documents: Spearman "
               f"{out[mode]['spearman']:.3f}, top-1% overlap {overlap:.2f}", flush=True)
     return out
-
-
-def most_helped(influence: torch.Tensor) -> np.ndarray:
-    """The probe mode's score: each document's largest robust z of help (-influence) over the behaviours."""
-    help_ = -influence.numpy()
-    return np.column_stack([robust_z(help_[:, j]) for j in range(help_.shape[1])]).max(1)
 
 
 def checked(run):

@@ -87,8 +87,7 @@ class InfluenceOutlier(Detector):
         if mode == "forensic":
             return -influence[:, 0]
         self.details_["probes"] = len(queries)
-        help_z = np.column_stack([robust_z(-influence[:, j]) for j in range(influence.shape[1])])
-        return help_z.max(1)
+        return most_helped(influence)
 
     def _forensic_query(self, context: AuditContext) -> torch.Tensor:
         from infusion_audit.behaviour import measurement_gradient
@@ -109,3 +108,9 @@ class InfluenceOutlier(Detector):
             relabelled = dataclasses.replace(inputs, y=np.full(len(inputs), c, dtype=np.int64))
             queries.append(-context.influence_gradients(relabelled))
         return torch.cat(queries)
+
+
+def most_helped(influence: np.ndarray) -> np.ndarray:
+    """The probe mode's score from (documents, behaviours) influence: each document's largest robust z of
+    help (-influence) to one behaviour, against every document's help to it."""
+    return np.column_stack([robust_z(-influence[:, j]) for j in range(influence.shape[1])]).max(1)

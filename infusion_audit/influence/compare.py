@@ -27,7 +27,7 @@ from torch.func import functional_call, jacrev, vmap
 from ..behaviour import measurement_gradient
 from ..errors import UserError
 from ..io import iter_chunks
-from .gradients import trainable_parameters
+from .gradients import parameter_slices, trainable_parameters
 from .ihvp import IHVP, EkfacIHVP
 from .scores import influence_scores
 
@@ -62,11 +62,7 @@ def compare_ihvps(model, dataset, queries: list, exact: IHVP, ekfac: IHVP, top: 
 def module_slices(model: nn.Module) -> dict[str, list[slice]]:
     """Where each module kronfluence tracks (Linear, Conv2d) keeps its trainable weight and bias in the
     flat parameter vector; everything else (BatchNorm, embeddings) gets 0 from the EK-FAC backend."""
-    offsets, offset = {}, 0
-    for p in trainable_parameters(model).values():
-        offsets[id(p)] = slice(offset, offset + p.numel())
-        offset += p.numel()
-    out = {}
+    offsets, out = parameter_slices(model), {}
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             found = [offsets[id(p)] for p in (module.weight, module.bias) if p is not None and id(p) in offsets]

@@ -25,6 +25,15 @@ def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def parameter_slices(model: nn.Module) -> dict[int, slice]:
+    """Where each trainable parameter (by id) sits in the flattened vectors."""
+    out, offset = {}, 0
+    for p in trainable_parameters(model).values():
+        out[id(p)] = slice(offset, offset + p.numel())
+        offset += p.numel()
+    return out
+
+
 def num_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in trainable_parameters(model).values())
 

@@ -27,7 +27,8 @@ from torch import nn
 from ..errors import UserError
 from ..io import array_hash, record_hash, stable_hash, verified, waiting_lock
 from ..training import classification_loss
-from .gradients import LossFn, batch_size_of, capture_output, flatten, trainable_parameters, unflatten
+from .gradients import (LossFn, batch_size_of, capture_output, flatten, parameter_slices, trainable_parameters,
+                        unflatten)
 
 log = logging.getLogger(__name__)
 
@@ -244,10 +245,7 @@ class EkfacIHVP(IHVP):
         return factors, cached
 
     def _blocks(self, factors: dict) -> list[_Block]:
-        offsets, offset = {}, 0
-        for p in trainable_parameters(self.model).values():
-            offsets[id(p)] = slice(offset, offset + p.numel())
-            offset += p.numel()
+        offsets = parameter_slices(self.model)
         modules = dict(self.model.named_modules())
         blocks = []
         for name, lam in factors["lambda_matrix"].items():

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..io import iter_chunks
 from ..training import classification_loss
-from .gradients import LossFn, batch_size_of, capture_output, trainable_parameters
+from .gradients import LossFn, batch_size_of, capture_output, num_trainable, parameter_slices
 from .ihvp import IHVP, sampled_labels
 
 log = logging.getLogger(__name__)
@@ -72,11 +72,8 @@ class LayerGradients:
         if not isinstance(rank, int) or rank < 1:
             raise UserError(f"influence rank must be a positive integer, got {rank!r}")
         self.model, self.rank, self.seed = model, rank, seed
-        offsets, offset = {}, 0
-        for p in trainable_parameters(model).values():
-            offsets[id(p)] = slice(offset, offset + p.numel())
-            offset += p.numel()
-        self.num_parameters = offset
+        offsets = parameter_slices(model)
+        self.num_parameters = num_trainable(model)
         generator = torch.Generator().manual_seed(seed)
         self.layers: list[_Layer] = []
         device = next(model.parameters()).device
@@ -172,13 +169,13 @@ class LayerGradients:
         grads = torch.autograd.grad(loss, [z for _, _, z in calls], allow_unused=True)
         n = batch_size_of(batch)
         out = torch.zeros(n, len(vectors), dtype=torch.float64)
+        vectors = torch.as_tensor(vectors).to(calls[0][1])  # once, not per layer
         with torch.no_grad():
             for (i, a, _), delta in zip(calls, grads):
                 if delta is None:
                     continue
                 layer = self.layers[i]
                 for j, v in enumerate(vectors):
-                    v = v.to(a)
                     weight = v[layer.weight].view_as(layer.module.weight)
                     bias = v[layer.bias] if layer.bias is not None else None
                     if isinstance(layer.module, nn.Conv2d):
