@@ -24,10 +24,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from infusion_audit.errors import UserError
-from infusion_audit.influence import influence_scores, input_gradient
+from infusion_audit.influence import cosine_scores, directional_scores, input_gradient
 from infusion_audit.registry import ATTACKS
 from infusion_audit.text.data import TextDataset, tokens_changed
-from infusion_audit.text.models import lm_loss, relaxed_document_losses
+from infusion_audit.text.models import document_losses, lm_loss, relaxed_document_losses
 
 from .base import Attack, AttackContext, Poisoning
 
@@ -102,7 +102,7 @@ def project_entropy(p: torch.Tensor, entropy: float, rounds: int = 10) -> torch.
 
 @ATTACKS.register("infusion-text")
 class TokenInfusion(Attack):
-    """Token-level Infusion: edit at most `budget` tokens in each of the k most-negative documents.
+    """Token-level Infusion: edit at most `tokens` tokens in each of k documents.
 
     Both optimisers maximise the same exact objective per document, s(doc) - s(doc') with
     s = <grad_theta L, v> (the influence surrogate of replacing doc by doc'), and keep a document
@@ -110,39 +110,53 @@ class TokenInfusion(Attack):
     linear gain G_delta[pos, token] - G_delta[pos, current], takes the `top_k` tokens per position,
     scores `candidates` of those swaps (drawn at random, as in GCG) exactly, and applies the best;
     once `budget` positions differ from the original only those positions can change again. It stops
-    after `steps` steps or when no document improves. On bench-caesar (12 targets, 3 random seeds each,
-    benchmarks/caesar_gcg.py) Infusion minus random edits in delta log-odds was +4.33 [-0.93, 9.59] with gcg
-    (64 candidates, top 4), +2.52 [-1.08, 6.12] with relaxed, and +1.13 [-2.81, 5.07] with every swap scored
-    (256, top 22) although that doubled the surrogate gain: the surrogate, not the search, is the limit.
-    `relaxed`: the step is taken on the gradient
-    scaled to a largest entry of 1 per document, so `lr` is in units of probability mass; entropy 0
-    (the paper's) snaps every row back to a vertex, so a token only changes when one step alone makes
-    it the argmax. Measured on Caesar (k = 40, budget 2, 10 steps): lr 0.2 edited no document; lr 1.0
-    edited 34 at entropy 0 and all 40 at entropy 0.5.
+    after `steps` steps or when no document improves. `relaxed` (the paper's): the step is taken on the
+    gradient scaled to a largest entry of 1 per document, so `lr` is in units of probability mass;
+    entropy 0 snaps every row back to a vertex, so a token only changes when one step alone makes it the
+    argmax (on Caesar, k = 40, budget 2, 10 steps: lr 0.2 edited no document, lr 1.0 edited 34).
+
+    Which documents: `selection` most-negative (the paper's) edits the documents that already help f;
+    `most-improvable` screens every document with one GCG step of `screen` swaps and edits the k whose
+    best swap gains most. `objective: cosine` scores s / |grad L| instead of s: raw influence grows with
+    the gradient's norm, so it prefers absurd edits whose gradients are huge in any direction.
+    On bench-caesar (12 targets, 3 random seeds each) the paper's choices (most-negative, influence) did
+    not beat random edits of the same documents (+2.96 [-1.84, 7.75], p = 0.34): the selection did the
+    work. Figures for most-improvable with the cosine objective: README.
     """
 
     data_kinds = frozenset({"text"})
 
     def __init__(self, k: int | float = 40, tokens: int = 2, steps: int = 20, lr: float = 1.0, entropy: float = 0.5,
                  selection: str = "most-negative", batch_size: int = 64, seed: int = 0, optimizer: str = "gcg",
-                 candidates: int = 64, top_k: int = 4):
+                 candidates: int = 64, top_k: int = 4, screen: int = 16, objective: str = "influence"):
         self.k, self.tokens, self.steps, self.lr, self.entropy = k, tokens, steps, lr, entropy
         self.selection, self.batch_size, self.seed = selection, batch_size, seed
-        self.optimizer, self.candidates, self.top_k = optimizer, candidates, top_k
+        self.optimizer, self.candidates, self.top_k, self.screen = optimizer, candidates, top_k, screen
+        self.objective = objective
         if tokens < 1 or steps < 1 or not lr > 0 or not 0 <= entropy < 1:
             raise UserError("infusion-text: need tokens >= 1, steps >= 1, lr > 0 and 0 <= entropy < 1")
         if optimizer not in ("gcg", "relaxed"):
             raise UserError(f"infusion-text: unknown optimizer {optimizer!r}; use 'gcg' or 'relaxed'")
-        if candidates < 1 or top_k < 1:
-            raise UserError("infusion-text: need candidates >= 1 and top_k >= 1")
+        if candidates < 1 or top_k < 1 or screen < 1:
+            raise UserError("infusion-text: need candidates >= 1, top_k >= 1 and screen >= 1")
+        if objective not in ("influence", "cosine"):
+            raise UserError(f"infusion-text: unknown objective {objective!r}; use 'influence' or 'cosine'")
+        if selection not in ("most-negative", "most-absolute", "random", "most-positive", "most-improvable"):
+            raise UserError(f"infusion-text: unknown selection {selection!r}; use most-negative, most-absolute, "
+                            "random, most-positive or most-improvable")
 
     def variant(self) -> str:
-        return self.optimizer
+        return ", ".join([self.optimizer] + [s for s in (self.selection, self.objective)
+                                              if s not in ("most-negative", "influence")])
 
     def craft(self, context: AttackContext, target) -> TextPoisoning:
-        t0 = time.perf_counter()
-        index = context.select(target, context.budget_k(self.k), self.selection, self.seed)
-        ctx = _Corpus(context.model, context.train, context.query(target))
+        ctx = _Corpus(context.model, context.train, context.query(target))  # the IHVP is timed by the context
+        k, t0 = context.budget_k(self.k), time.perf_counter()
+        if self.selection == "most-improvable":
+            index = self._most_improvable(ctx, k)
+        else:
+            index = context.select(target, k, self.selection, self.seed)
+        t_select, t0 = time.perf_counter() - t0, time.perf_counter()
         edit = self._gcg if self.optimizer == "gcg" else self._relaxed
         new_ids, gains = [], []
         for start in tqdm(range(0, len(index), self.batch_size), desc=f"infusion-text ({self.optimizer})",
@@ -153,14 +167,34 @@ class TokenInfusion(Attack):
         edited = ctx.train.with_documents(index, np.concatenate(new_ids))
         gain = np.concatenate(gains)
         improved = index[gain > 0]  # a chosen document no candidate improved stays as it was: not a poison
-        return TextPoisoning.from_dataset(ctx.train, edited, improved, {
-            "predicted_delta_f": float(gain.sum() / len(ctx.train)),
-            "documents_improved": int((gain > 0).sum()), "timings": {"pgd": time.perf_counter() - t0}})
+        meta = {"documents_improved": int((gain > 0).sum()),
+                "timings": {"select": t_select, "pgd": time.perf_counter() - t0}}
+        if self.objective == "influence":  # a cosine gain is not a change of f
+            meta["predicted_delta_f"] = float(gain.sum() / len(ctx.train))
+        return TextPoisoning.from_dataset(ctx.train, edited, improved, meta)
 
     def _candidate_scores(self, ctx: "_Corpus", ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """s(doc) = <grad L(doc), v> for candidate documents (lower = raises f more)."""
+        """s(doc) = <grad L(doc), v> for candidate documents, or its cosine (lower = raises f more)."""
         docs = TextDataset(ids, lengths, ctx.train.vocab, "candidates")
-        return influence_scores(ctx.model, docs, ctx.v, loss_fn=lm_loss, batch_size=max(self.batch_size, 256))
+        if self.objective == "cosine":
+            return cosine_scores(ctx.model, docs, ctx.v, loss_fn=lm_loss)
+        return directional_scores(ctx.model, docs, ctx.v, document_losses)
+
+    def _most_improvable(self, ctx: "_Corpus", k: int) -> np.ndarray:
+        """The k documents whose best single swap gains the most, exactly scored: one GCG step over the corpus.
+
+        The most-negative documents are the ones that already help f; with a budget of a few tokens the
+        edit that helps f most is often in another document (on Caesar, a document of the target shift
+        whose shift digit is rewritten is an example of the behaviour). Each document gets `screen`
+        candidate swaps drawn as GCG draws them, scored exactly; the first-order gain of the linear
+        ranking alone misses such swaps (top_k must then cover the vocabulary).
+        """
+        gains = np.zeros(len(ctx.train))
+        everything = np.arange(len(ctx.train))
+        for start in tqdm(range(0, len(everything), self.batch_size), desc="infusion-text (screen)", leave=False):
+            batch = everything[start:start + self.batch_size]
+            _, gains[batch] = self._gcg(ctx, batch, steps=1, candidates=self.screen)
+        return np.sort(np.argsort(-gains, kind="stable")[:k])
 
     def _setup(self, ctx: "_Corpus", index: np.ndarray):
         """The documents as tensors, the tokens an edit may write, and G_delta of one-hot rows."""
@@ -184,16 +218,18 @@ class TokenInfusion(Attack):
 
         return original, mask, allowed, vocab_rows, gradient
 
-    def _gcg(self, ctx: "_Corpus", index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _gcg(self, ctx: "_Corpus", index: np.ndarray, steps: int | None = None,
+             candidates: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Greedy coordinate gradient: per step, score sampled top-k swaps exactly and keep each document's best."""
         original, mask, allowed, vocab_rows, gradient = self._setup(ctx, index)
         lengths = ctx.train.lengths[index]
+        candidates = self.candidates if candidates is None else candidates
         rng = torch.Generator().manual_seed(self.seed)
         current = original.clone()
         base = self._candidate_scores(ctx, current.cpu().numpy(), lengths)
         score = base.copy()
         rows = torch.arange(len(index), device=original.device)
-        for _ in range(self.steps):
+        for _ in range(self.steps if steps is None else steps):
             g = gradient(F.one_hot(current, vocab_rows).float())
             gain = g - g.gather(-1, current[..., None])  # linear gain of writing token t at each position
             changed = current != original
@@ -205,12 +241,12 @@ class TokenInfusion(Attack):
             valid = torch.isfinite(top.values).flatten(1)
             tokens = top.indices.flatten(1)
             noise = torch.rand(valid.shape, generator=rng).to(valid.device)
-            pick = noise.masked_fill(~valid, -1).topk(min(self.candidates, valid.shape[1]), dim=1).indices
+            pick = noise.masked_fill(~valid, -1).topk(min(candidates, valid.shape[1]), dim=1).indices
             picked_valid = valid.gather(1, pick)  # (B, C): fewer valid swaps than candidates leaves some unused
             position = pick // top.indices.shape[-1]
-            candidates = current[:, None, :].repeat(1, pick.shape[1], 1)
-            candidates.scatter_(2, position[..., None], tokens.gather(1, pick)[..., None])
-            flat = candidates[picked_valid]
+            swapped = current[:, None, :].repeat(1, pick.shape[1], 1)
+            swapped.scatter_(2, position[..., None], tokens.gather(1, pick)[..., None])
+            flat = swapped[picked_valid]
             if len(flat) == 0:
                 break
             owner = rows[:, None].expand_as(pick)[picked_valid].cpu().numpy()

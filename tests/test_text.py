@@ -217,7 +217,9 @@ def test_an_image_attack_on_a_text_scenario_is_refused_when_the_config_loads(tmp
     path.write_text("scenario: {dataset: {name: caesar}}\nattack: {attacks: [{name: infusion}]}\n")
     with pytest.raises(ConfigError, match=r"attack.attacks\[0\].*edits text"):
         load_bench_config(path)
-    assert load_bench_config("bench-caesar").attack.attacks[0].name == "infusion-text"
+    arm = load_bench_config("bench-caesar").attack.attacks[0]
+    assert arm.name == "infusion-text"
+    assert ATTACKS.get(arm.name)(**arm.params).variant() == "gcg, most-improvable, cosine"  # README's measured arm
 
 
 def test_retrains_from_one_checkpoint_are_identical(hf_folder, tmp_path):

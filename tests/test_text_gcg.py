@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from infusion_audit.errors import UserError
-from infusion_audit.influence import influence_scores
+from infusion_audit.influence import cosine_scores, directional_scores, influence_scores, per_example_gradients
 from infusion_audit.influence.gradients import num_trainable
 from infusion_audit.attacks.text import TokenInfusion
 from infusion_audit.evaluation import summarize
 from infusion_audit.text.data import caesar
-from infusion_audit.text.models import lm_loss, tiny_gpt_neo
+from infusion_audit.text.data import TextDataset
+from infusion_audit.text.models import document_losses, lm_loss, tiny_gpt_neo
 
 
 class FixedDirection:
@@ -81,6 +82,64 @@ def test_gcg_options_are_checked():
         TokenInfusion(optimizer="adam")
     with pytest.raises(UserError, match="candidates"):
         TokenInfusion(candidates=0)
+    with pytest.raises(UserError, match="objective"):
+        TokenInfusion(objective="loss")
+    with pytest.raises(UserError, match="selection"):
+        TokenInfusion(selection="best")
+
+
+def test_forward_mode_and_cosine_scores_equal_the_per_document_gradients(context):
+    ctx = context
+    grads = per_example_gradients(ctx.model, ctx.train, loss_fn=lm_loss).double()
+    exact = (grads @ ctx.v.double()).numpy()
+    forward = directional_scores(ctx.model, ctx.train, ctx.v, document_losses, batch_size=7)  # ragged batches
+    np.testing.assert_allclose(forward, exact, rtol=1e-4, atol=1e-5 * np.abs(exact).max())
+    cosine = cosine_scores(ctx.model, ctx.train, ctx.v, loss_fn=lm_loss)
+    np.testing.assert_allclose(cosine, exact / grads.norm(dim=1).numpy(), rtol=1e-6)
+    assert np.all(np.abs(cosine) <= ctx.v.norm().item() + 1e-9)
+
+
+def _every_swap(train, index: int) -> np.ndarray:
+    """Every single-token swap of document `index` to another non-padding token (one row each)."""
+    rows = []
+    for pos in range(train.lengths[index]):
+        for token in range(train.vocab.size):
+            if token not in (train.vocab.pad_id, train.ids[index, pos]):
+                row = train.ids[index].copy()
+                row[pos] = token
+                rows.append(row)
+    return np.array(rows)
+
+
+def test_most_improvable_takes_the_documents_whose_best_swap_gains_most(context):
+    """With a screen that covers every swap, the selection is the top k of a brute-force search."""
+    ctx, train = context, context.train
+    best = np.zeros(len(train))
+    for i in range(len(train)):
+        swaps = _every_swap(train, i)
+        docs = TextDataset(swaps, np.full(len(swaps), train.lengths[i]), train.vocab, "swaps")
+        best[i] = ctx.scores[i] - directional_scores(ctx.model, docs, ctx.v, document_losses).min()
+    every = train.max_length * train.vocab.size
+    attack = TokenInfusion(k=6, tokens=1, steps=1, selection="most-improvable", top_k=train.vocab.size,
+                           screen=every, candidates=every)
+    poisoning = attack.craft(ctx, None)
+    np.testing.assert_array_equal(poisoning.indices, np.sort(np.argsort(-best, kind="stable")[:6]))
+    gained = ctx.scores[poisoning.indices] - influence_scores(ctx.model, poisoning.apply(train), ctx.v,
+                                                               poisoning.indices, loss_fn=lm_loss)
+    np.testing.assert_allclose(gained, best[poisoning.indices], rtol=1e-4)  # and the swap is the best one
+    assert gained.min() > np.median(best)  # unlike the most negative documents', these swaps are the top
+    assert attack.variant() == "gcg, most-improvable"
+
+
+def test_the_cosine_objective_improves_every_edited_documents_cosine(context):
+    ctx, train = context, context.train
+    attack = TokenInfusion(k=12, tokens=2, steps=4, candidates=16, top_k=3, objective="cosine")
+    poisoning = attack.craft(ctx, None)
+    before = cosine_scores(ctx.model, train, ctx.v, poisoning.indices, loss_fn=lm_loss)
+    after = cosine_scores(ctx.model, poisoning.apply(train), ctx.v, poisoning.indices, loss_fn=lm_loss)
+    assert len(poisoning.indices) > 0 and np.all(after < before)
+    assert "predicted_delta_f" not in poisoning.meta  # a cosine gain is not a change of f
+    assert attack.variant() == "gcg, cosine"
 
 
 def test_repeats_of_an_arm_pair_by_their_per_target_mean():
