@@ -92,7 +92,7 @@ def test_forward_mode_and_cosine_scores_equal_the_per_document_gradients(context
     ctx = context
     grads = per_example_gradients(ctx.model, ctx.train, loss_fn=lm_loss).double()
     exact = (grads @ ctx.v.double()).numpy()
-    forward = directional_scores(ctx.model, ctx.train, ctx.v, document_losses, batch_size=7)  # ragged batches
+    forward = directional_scores(ctx.model, ctx.train, ctx.v.double(), document_losses, batch_size=7)  # ragged
     np.testing.assert_allclose(forward, exact, rtol=1e-4, atol=1e-5 * np.abs(exact).max())
     cosine = cosine_scores(ctx.model, ctx.train, ctx.v, loss_fn=lm_loss)
     np.testing.assert_allclose(cosine, exact / grads.norm(dim=1).numpy(), rtol=1e-6)

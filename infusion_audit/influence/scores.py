@@ -48,7 +48,7 @@ def directional_scores(model: nn.Module, dataset, v: torch.Tensor, document_loss
     """The same s_i as `influence_scores`, as each document's loss differentiated along v (forward mode).
 
     One Jacobian-vector product per batch replaces a gradient per document (3x the documents per second
-    on the Caesar model), which is what lets a token attack score every candidate edit exactly.
+    on the Caesar model), so a token attack can afford to score many candidate edits exactly.
     `document_loss_fn(model, batch)` returns one loss per document; documents in a batch must not
     interact (the model is put in eval mode).
     """
@@ -56,7 +56,8 @@ def directional_scores(model: nn.Module, dataset, v: torch.Tensor, document_loss
     indices = np.arange(len(dataset)) if indices is None else np.asarray(indices)
     wrapped = _LossOf(model, document_loss_fn)
     params = {f"model.{k}": p.detach() for k, p in trainable_parameters(model).items()}
-    tangents = {f"model.{k}": t for k, t in unflatten(model, v.detach().to(_device(model))).items()}
+    like = next(iter(params.values()))
+    tangents = {f"model.{k}": t for k, t in unflatten(model, v.detach().to(like.device, like.dtype)).items()}
     buffers = {f"model.{k}": b for k, b in model.named_buffers()}
     out = []
     with torch.no_grad():
