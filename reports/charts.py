@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.transforms import offset_copy  # noqa: E402
 import numpy as np  # noqa: E402
 from markupsafe import Markup  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -80,7 +81,8 @@ def detection_by_knowledge(panels: Sequence[dict], fpr_label: str) -> Markup:
             ax.set_xticks([0, 0.5, 1], ["0", "0.5", "1"])
             ax.set_title(textwrap.fill(panel["title"], 26), fontsize=9, fontweight="bold", loc="left")
             ax.set_xlabel(fpr_label)
-            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2 - 0.9 / max(len(arms), 1)), frameon=False,
+            below_label = offset_copy(ax.transAxes, fig=fig, y=-30, units="points")  # clear of ticks and title
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0), bbox_transform=below_label, frameon=False,
                       fontsize=7, ncol=1)
         first = axes.flat[0]
         first.set_yticks(y, arms)
