@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..detectors import AuditContext, build_detector, run_detector
 from ..errors import UserError
 from ..registry import ATTACKS
+from ..runtime import model_device
 from .base import AttackContext, Selection
 from .infusion import Infusion
 
@@ -69,7 +70,7 @@ class EvasiveInfusion(Infusion):
         model = context.model
         return context.cached(f"audit:{fraction:.6g}", lambda: AuditContext(
             context.train, model=model, expected_fraction=fraction, progress=False,
-            device=str(next(model.parameters()).device)))
+            device=str(model_device(model))))
 
     def _eligible(self, context: AttackContext) -> np.ndarray | None:
         if not self.evade:
@@ -92,7 +93,7 @@ class EvasiveInfusion(Infusion):
         """Class centres, and per signal the robust centre, scale and the z a clean document stays under."""
         def compute() -> dict:  # on the model's device: the penalty reads them at every PGD step
             audit = self._audit(context)
-            device = next(context.model.parameters()).device
+            device = model_device(context.model)
             labels = audit.labels
             feats = torch.from_numpy(audit.features()).double()
             centres = torch.stack([feats[torch.from_numpy(labels == c)].mean(0) for c in range(audit.num_classes)])

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Sequence, get_args
 
 import numpy as np
 import torch
@@ -24,12 +24,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from infusion_audit.errors import UserError
-from infusion_audit.influence import cosine_scores, directional_scores, input_gradient
+from infusion_audit.influence import directional_scores, influence_scores, input_gradient
 from infusion_audit.registry import ATTACKS
 from infusion_audit.text.data import TextDataset, tokens_changed
 from infusion_audit.text.models import document_losses, lm_loss, relaxed_document_losses
 
-from .base import Attack, AttackContext, Poisoning
+from .base import Attack, AttackContext, Poisoning, Selection
 
 
 @dataclass
@@ -141,9 +141,9 @@ class TokenInfusion(Attack):
             raise UserError("infusion-text: need candidates >= 1, top_k >= 1 and screen >= 1")
         if objective not in ("influence", "cosine"):
             raise UserError(f"infusion-text: unknown objective {objective!r}; use 'influence' or 'cosine'")
-        if selection not in ("most-negative", "most-absolute", "random", "most-positive", "most-improvable"):
-            raise UserError(f"infusion-text: unknown selection {selection!r}; use most-negative, most-absolute, "
-                            "random, most-positive or most-improvable")
+        if selection not in (*get_args(Selection), "most-improvable"):
+            raise UserError(f"infusion-text: unknown selection {selection!r}; use most-improvable or one of "
+                            f"{', '.join(get_args(Selection))}")
 
     def variant(self) -> str:
         return ", ".join([self.optimizer] + [s for s in (self.selection, self.objective)
@@ -177,7 +177,7 @@ class TokenInfusion(Attack):
         """s(doc) = <grad L(doc), v> for candidate documents, or its cosine (lower = raises f more)."""
         docs = TextDataset(ids, lengths, ctx.train.vocab, "candidates")
         if self.objective == "cosine":
-            return cosine_scores(ctx.model, docs, ctx.v, loss_fn=lm_loss)
+            return influence_scores(ctx.model, docs, ctx.v, loss_fn=lm_loss, cosine=True)
         return directional_scores(ctx.model, docs, ctx.v, document_losses)
 
     def _most_improvable(self, ctx: "_Corpus", k: int) -> np.ndarray:

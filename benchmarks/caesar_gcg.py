@@ -35,8 +35,8 @@ def run(out: Path, optimizer: str, random_seeds: int, targets: int | None, param
                              AttackSpec("random-tokens", repeats=random_seeds)]
     config.scan.attacks = ["none"]  # no detectors: only the effects are compared
     if targets is not None:  # the first n ordered pairs of shifts, in the bench's order
-        params = config.scenario.dataset.params
-        shifts = range(params["min_shift"], params["max_shift"] + 1)
+        data = config.scenario.dataset.params
+        shifts = range(data["min_shift"], data["max_shift"] + 1)
         config.attack.targets.pairs = [[s, t] for s in shifts for t in shifts if s != t][:targets]
     tag = optimizer if optimizer == "relaxed" else f"gcg-c{params['candidates']}-k{params['top_k']}"
     if params["selection"] != "most-negative" or params["objective"] != "influence":

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from kronfluence.utils.constants import HEURISTIC_DAMPING_SCALE
 
 from infusion_audit.behaviour import measurement_gradient, sample_targets
 from infusion_audit.config import load_config
@@ -133,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     results["spectrum"] = {
         "seconds": round(time.perf_counter() - t0, 1), "max": float(eig[0]), "mean": float(eig.mean()),
         "nonzero_possible": len(dense.M), "quantiles": {q: float(np.quantile(eig, q)) for q in (0.5, 0.9, 0.99, 0.999)},
-        "ekfac_mean_lambda": {k: float(sum(b.lambdas.sum() for b in e.blocks)
-                                       / sum(b.lambdas.numel() for b in e.blocks)) for k, e in ekfacs.items()}}
+        "ekfac_mean_lambda": {k: heuristic_damping(e) / HEURISTIC_DAMPING_SCALE for k, e in ekfacs.items()}}
     log.info("spectrum %s", json.dumps(results["spectrum"]))
 
     per_example = per_example_gradients(model, train).double()
@@ -158,9 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         solutions = {"exact block-diagonal": B, **{k: ekfac_solve(e, Q, d) for k, e in ekfacs.items()},
                      "gradient (no curvature)": Q}
         sb = scores(B)
-        row["per_target_vs_exact"] = {}
+        row["per_target_vs_exact"], solution_scores = {}, {}
         for k, V in solutions.items():
-            sv = scores(V)
+            sv = solution_scores[k] = scores(V)
             per_target = [agreement(X[i], V[i], sx[i], sv[i], top) for i in range(len(Q))]
             row["per_target_vs_exact"][k] = per_target
             row["vs_exact"][k] = mean_rows(per_target)
@@ -170,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
             row["per_module_cosine_vs_exact_block"][k] = block_cosines(V, B, slices)
         seeds = [k for k in ekfacs if k.startswith("ekfac sampled")]
         if len(seeds) > 1:  # EK-FAC's own label-sampling noise
-            a, b = solutions[seeds[0]], solutions[seeds[1]]
-            row["ekfac_seed_vs_seed"] = mean_rows([agreement(a[i], b[i], scores(a)[i], scores(b)[i], top)
-                                                   for i in range(len(Q))])
+            a, b = seeds[:2]
+            row["ekfac_seed_vs_seed"] = mean_rows([agreement(solutions[a][i], solutions[b][i], solution_scores[a][i],
+                                                             solution_scores[b][i], top) for i in range(len(Q))])
         results["sweep"].append(row)
         kept[label] = {"exact": X, "ekfac": solutions[seeds[0]]}
         log.info("damping %s (%.0f s): %s", label, t_exact, json.dumps(row["vs_exact"]))
@@ -182,9 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     if default in kept:
         X0 = kept[default]["exact"]
         s0 = scores(X0)
-        results["vs_exact_at_default_damping"] = {"default": default_damping, **{
-            label: {k: mean_rows([agreement(X0[i], V[i], s0[i], scores(V)[i], top) for i in range(len(Q))])
-                    for k, V in sol.items()} for label, sol in kept.items()}}
+        results["vs_exact_at_default_damping"] = {"default": default_damping}
+        for label, sol in kept.items():
+            results["vs_exact_at_default_damping"][label] = {}
+            for k, V in sol.items():
+                sV = scores(V)
+                results["vs_exact_at_default_damping"][label][k] = mean_rows(
+                    [agreement(X0[i], V[i], s0[i], sV[i], top) for i in range(len(Q))])
 
     if args.cg_check:
         cg = make_ihvp("exact", model, train, args.cg_check, tol=1e-6)

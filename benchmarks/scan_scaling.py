@@ -31,10 +31,9 @@ import torch
 
 from scipy.stats import spearmanr
 
-from infusion_audit.behaviour import ClassBehaviour
+from infusion_audit.behaviour import ClassBehaviour, measurement_gradient
 from infusion_audit.config import TrainConfig
 from infusion_audit.data import GRID_8BIT, ImageDataset
-from infusion_audit.behaviour import measurement_gradient
 from infusion_audit.detectors import AuditContext, build_detector, run_detector
 from infusion_audit.detectors.influence import most_helped
 from infusion_audit.influence import per_example_gradients

@@ -234,9 +234,8 @@ class AuditContext:
 
         When all N x P gradients fit in `gradient_cache_bytes` they are computed once and kept for
         every later detector; otherwise they are recomputed per pass in chunks that fit in it."""
-        if "gradients" not in self._cache and self.model is not None:
-            if len(self.data) * self.gradient_bytes() <= self.gradient_cache_bytes:
-                self.cached("gradients", lambda: torch.cat([g for _, g in self._compute_gradients(chunk_size)]))
+        if self._keeps_gradients() and "gradients" not in self._cache:
+            self.cached("gradients", lambda: torch.cat([g for _, g in self._compute_gradients(chunk_size)]))
         if "gradients" in self._cache:
             grads = self._cache["gradients"]
             for chunk in iter_chunks(len(grads), chunk_size):
@@ -310,6 +309,11 @@ class AuditContext:
         for chunk in iter_chunks(len(rows), chunk_size):
             yield chunk, rows[chunk]
 
+    def _keeps_gradients(self) -> bool:
+        """Whether all N x P per-document gradients fit in `gradient_cache_bytes` (then they are kept)."""
+        return "gradients" in self._cache or (
+            self.model is not None and len(self.data) * self.gradient_bytes() <= self.gradient_cache_bytes)
+
     def influence_products(self, vectors: torch.Tensor, chunk_size: int = 512) -> np.ndarray:
         """Every document's loss gradient dotted with each row of `vectors` (m, influence space): (N, m).
 
@@ -318,12 +322,12 @@ class AuditContext:
         and far cheaper than forming per-document gradients."""
         vectors = torch.as_tensor(vectors).float()
         out = np.zeros((len(self), len(vectors)))
-        if not self.projected_influence and "gradients" not in self._cache and self.model is not None \
-                and len(self.data) * self.gradient_bytes() > self.gradient_cache_bytes:
+        if not self.projected_influence and self.model is not None and not self._keeps_gradients():
             from infusion_audit.influence import LayerGradients
 
             layers = LayerGradients(self.model)
             if layers.covers(vectors):
+                vectors = vectors.to(self.device)  # once, not per chunk
                 bar = tqdm(total=len(self), desc="influence", unit="doc", disable=not self.progress, leave=False)
                 for chunk in iter_chunks(len(self), self.batch_size):
                     batch = self.data.batch(np.arange(chunk.start, chunk.stop), self.device)

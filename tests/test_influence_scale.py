@@ -173,7 +173,7 @@ def test_ekfac_fit_size_fits_on_a_sample(trained, ekfac):
     solver = context.ihvp()
     full = make_ihvp("ekfac", model, data, 1e-3, cache_dir=ekfac["cache_dir"])
     v = torch.randn(1, sum(p.numel() for p in model.parameters()))
-    assert not torch.allclose(solver.solve_many(v), full.solve_many(v))  # other factors: fitted on 100 documents
+    assert not torch.allclose(solver.solve_many(v), full.solve_many(v))  # other factors: fitted on 300 documents
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

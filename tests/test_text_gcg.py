@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from infusion_audit.errors import UserError
-from infusion_audit.influence import cosine_scores, directional_scores, influence_scores, per_example_gradients
+from infusion_audit.influence import directional_scores, influence_scores, per_example_gradients
 from infusion_audit.influence.gradients import num_trainable
 from infusion_audit.attacks.text import TokenInfusion
 from infusion_audit.evaluation import summarize
-from infusion_audit.text.data import caesar
-from infusion_audit.text.data import TextDataset
+from infusion_audit.text.data import TextDataset, caesar
 from infusion_audit.text.models import document_losses, lm_loss, tiny_gpt_neo
 
 
@@ -94,7 +93,7 @@ def test_forward_mode_and_cosine_scores_equal_the_per_document_gradients(context
     exact = (grads @ ctx.v.double()).numpy()
     forward = directional_scores(ctx.model, ctx.train, ctx.v.double(), document_losses, batch_size=7)  # ragged
     np.testing.assert_allclose(forward, exact, rtol=1e-4, atol=1e-5 * np.abs(exact).max())
-    cosine = cosine_scores(ctx.model, ctx.train, ctx.v, loss_fn=lm_loss)
+    cosine = influence_scores(ctx.model, ctx.train, ctx.v, loss_fn=lm_loss, cosine=True)
     np.testing.assert_allclose(cosine, exact / grads.norm(dim=1).numpy(), rtol=1e-6)
     assert np.all(np.abs(cosine) <= ctx.v.norm().item() + 1e-9)
 
@@ -135,8 +134,9 @@ def test_the_cosine_objective_improves_every_edited_documents_cosine(context):
     ctx, train = context, context.train
     attack = TokenInfusion(k=12, tokens=2, steps=4, candidates=16, top_k=3, objective="cosine")
     poisoning = attack.craft(ctx, None)
-    before = cosine_scores(ctx.model, train, ctx.v, poisoning.indices, loss_fn=lm_loss)
-    after = cosine_scores(ctx.model, poisoning.apply(train), ctx.v, poisoning.indices, loss_fn=lm_loss)
+    before = influence_scores(ctx.model, train, ctx.v, poisoning.indices, loss_fn=lm_loss, cosine=True)
+    after = influence_scores(ctx.model, poisoning.apply(train), ctx.v, poisoning.indices, loss_fn=lm_loss,
+                             cosine=True)
     assert len(poisoning.indices) > 0 and np.all(after < before)
     assert "predicted_delta_f" not in poisoning.meta  # a cosine gain is not a change of f
     assert attack.variant() == "gcg, cosine"

@@ -4,8 +4,8 @@ from .gradients import (flatten, input_gradient, loss_gradient, num_trainable, p
                         trainable_parameters, unflatten)
 from .ihvp import IHVP, EkfacIHVP, ExactIHVP, make_ihvp
 from .projection import LayerGradients, ProjectedIHVP, projected_influence
-from .scores import cosine_scores, directional_scores, influence_scores
+from .scores import directional_scores, influence_scores
 
-__all__ = ["IHVP", "EkfacIHVP", "ExactIHVP", "LayerGradients", "ProjectedIHVP", "cosine_scores", "directional_scores",
-           "flatten", "influence_scores", "input_gradient", "loss_gradient", "make_ihvp", "num_trainable", "per_example_gradients",
+__all__ = ["IHVP", "EkfacIHVP", "ExactIHVP", "LayerGradients", "ProjectedIHVP", "directional_scores", "flatten",
+           "influence_scores", "input_gradient", "loss_gradient", "make_ihvp", "num_trainable", "per_example_gradients",
            "projected_influence", "trainable_parameters", "unflatten"]

@@ -27,7 +27,8 @@ from torch.func import functional_call, jacrev, vmap
 from ..behaviour import measurement_gradient
 from ..errors import UserError
 from ..io import iter_chunks
-from .gradients import parameter_slices, trainable_parameters
+from ..runtime import model_device
+from .gradients import num_trainable, parameter_slices, trainable_parameters
 from .ihvp import IHVP, EkfacIHVP
 from .scores import influence_scores
 
@@ -73,7 +74,7 @@ def module_slices(model: nn.Module) -> dict[str, list[slice]]:
 
 def tracked_mask(model: nn.Module) -> torch.Tensor:
     """(P,) booleans: True where EK-FAC has curvature for the parameter (see `module_slices`)."""
-    mask = torch.zeros(sum(p.numel() for p in trainable_parameters(model).values()), dtype=torch.bool)
+    mask = torch.zeros(num_trainable(model), dtype=torch.bool)
     for slices in module_slices(model).values():
         for s in slices:
             mask[s] = True
@@ -100,9 +101,9 @@ class DenseGaussNewton:
             return torch.log_softmax(functional_call(model, (p, buffers), (x[None],))[0], -1)
 
         jac = vmap(jacrev(log_probs), in_dims=(None, 0))
-        rows = []
+        rows, device = [], model_device(model)
         for s in iter_chunks(len(dataset), batch_size):
-            x = dataset.batch(np.arange(s.start, s.stop), next(model.parameters()).device)[0]
+            x = dataset.batch(np.arange(s.start, s.stop), device)[0]
             with torch.no_grad():
                 sqrt_p = torch.exp(0.5 * torch.log_softmax(model(x), -1))
             J = torch.cat([j.reshape(*j.shape[:2], -1) for j in jac(params, x).values()], dim=2)
@@ -198,7 +199,7 @@ class DenseGaussNewton:
         d = self.dampings(damping)
         out = torch.zeros_like(V)
         if block_diagonal:
-            for name, slices in self.blocks.items():
+            for name in self.blocks:
                 self._solve(V, out, {name: d[name]})
             return out
         self._solve(V, out, d)
@@ -322,7 +323,7 @@ def kronfluence_pairwise_scores(ekfac: EkfacIHVP, dataset, query: int, damping: 
 
     from .ihvp import _IndexDataset
 
-    device = next(ekfac.model.parameters()).device
+    device = model_device(ekfac.model)
     analyzer = Analyzer(ekfac.analysis_name, prepare_model(copy.deepcopy(ekfac.model).eval(), ekfac.task), ekfac.task,
                         cpu=device.type == "cpu", disable_tqdm=True, output_dir=str(output_dir))
     collate = DataLoaderKwargs(collate_fn=lambda idx: dataset.batch(np.asarray(idx), device))

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..io import iter_chunks
+from ..runtime import model_device
 from ..training import classification_loss
 from .gradients import LossFn, batch_size_of, capture_output, num_trainable, parameter_slices
 from .ihvp import IHVP, sampled_labels
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 class _Layer:
     """One projected module: where its weight (and bias) sit in the flat gradient, and its two projections."""
 
-    name: str
     module: nn.Module
     weight: slice
     bias: slice | None
@@ -71,19 +71,18 @@ class LayerGradients:
     def __init__(self, model: nn.Module, rank: int = 16, seed: int = 0):
         if not isinstance(rank, int) or rank < 1:
             raise UserError(f"influence rank must be a positive integer, got {rank!r}")
-        self.model, self.rank, self.seed = model, rank, seed
+        self.model = model
         offsets = parameter_slices(model)
         self.num_parameters = num_trainable(model)
         generator = torch.Generator().manual_seed(seed)
         self.layers: list[_Layer] = []
-        device = next(model.parameters()).device
-        for name, module in model.named_modules():
+        device = model_device(model)
+        for module in model.modules():
             if not self._supported(module) or id(module.weight) not in offsets:
                 continue
             bias = module.bias if module.bias is not None and id(module.bias) in offsets else None
             fan_in = module.weight[0].numel() + (bias is not None)
-            self.layers.append(_Layer(name, module, offsets[id(module.weight)],
-                                      None if bias is None else offsets[id(bias)],
+            self.layers.append(_Layer(module, offsets[id(module.weight)], None if bias is None else offsets[id(bias)],
                                       _projection(rank, module.weight.shape[0], generator).to(device),
                                       _projection(rank, fan_in, generator).to(device)))
         if not self.layers:
@@ -168,8 +167,8 @@ class LayerGradients:
         calls, loss, _ = self._record(batch, loss_fn)
         grads = torch.autograd.grad(loss, [z for _, _, z in calls], allow_unused=True)
         n = batch_size_of(batch)
-        out = torch.zeros(n, len(vectors), dtype=torch.float64)
-        vectors = torch.as_tensor(vectors).to(calls[0][1])  # once, not per layer
+        vectors = torch.as_tensor(vectors).to(calls[0][1])  # a no-op when the caller moved them once
+        out = torch.zeros(n, len(vectors), dtype=torch.float64, device=vectors.device)
         with torch.no_grad():
             for (i, a, _), delta in zip(calls, grads):
                 if delta is None:
@@ -182,8 +181,8 @@ class LayerGradients:
                         z = F.conv2d(a, weight, bias, layer.module.stride, layer.module.padding, layer.module.dilation)
                     else:
                         z = F.linear(a, weight, bias)
-                    out[:, j] += (z * delta).reshape(n, -1).sum(1).double().cpu()
-        return out
+                    out[:, j] += (z * delta).reshape(n, -1).sum(1).double()
+        return out.cpu()
 
     def _project_input(self, layer: _Layer, a: torch.Tensor) -> torch.Tensor:
         """The layer's input activations projected by P_in, one row per output position: (B, L, k_in)."""
@@ -213,33 +212,33 @@ class LayerGradients:
                 out[i] = term if out[i] is None else out[i] + term
         return torch.cat([torch.zeros(n, layer.dim) if o is None else o for o, layer in zip(out, self.layers)], dim=1)
 
-    def gradients(self, dataset, indices: np.ndarray | None = None, loss_fn: LossFn = classification_loss,
-                  batch_size: int = 256, progress: bool = False) -> torch.Tensor:
-        """Projected loss gradients of `dataset`'s documents (all, or `indices`): (N, dim)."""
-        rows, _ = self.gradients_and_fisher(dataset, indices, loss_fn, batch_size, progress=progress, fisher=False)
+    def gradients(self, dataset, loss_fn: LossFn = classification_loss, batch_size: int = 256,
+                  progress: bool = False) -> torch.Tensor:
+        """Projected loss gradients of `dataset`'s documents: (N, dim)."""
+        rows, _ = self.gradients_and_fisher(dataset, loss_fn, batch_size, progress=progress, fisher=False)
         return rows
 
-    def gradients_and_fisher(self, dataset, indices: np.ndarray | None = None, loss_fn: LossFn = classification_loss,
-                             batch_size: int = 256, seed: int = 0, progress: bool = False,
+    def gradients_and_fisher(self, dataset, loss_fn: LossFn = classification_loss, batch_size: int = 256,
+                             seed: int = 0, progress: bool = False,
                              fisher: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Projected loss gradients (N, dim) and, in the same pass, the projected true Fisher (dim, dim):
         the mean outer product of gradients against labels sampled from the model (seeded)."""
-        indices = np.arange(len(dataset)) if indices is None else np.asarray(indices)
-        device = next(self.model.parameters()).device
+        n, device = len(dataset), model_device(self.model)
         generator = torch.Generator().manual_seed(seed) if fisher else None
-        rows = torch.empty(len(indices), self.dim)
+        rows = torch.empty(n, self.dim)
         total = torch.zeros(self.dim, self.dim, dtype=torch.float64) if fisher else None
-        bar = tqdm(total=len(indices), desc="projected gradients", unit="doc", disable=not progress, leave=False)
+        bar = tqdm(total=n, desc="projected gradients", unit="doc", disable=not progress, leave=False)
         try:
-            for chunk in iter_chunks(len(indices), batch_size):
-                true, sampled = self.per_example(dataset.batch(indices[chunk], device), loss_fn, generator)
+            for chunk in iter_chunks(n, batch_size):
+                batch = dataset.batch(np.arange(chunk.start, chunk.stop), device)
+                true, sampled = self.per_example(batch, loss_fn, generator)
                 rows[chunk] = true
                 if fisher:
                     total += sampled.double().T @ sampled.double()
                 bar.update(chunk.stop - chunk.start)
         finally:
             bar.close()
-        return rows, (total / max(1, len(indices)) if fisher else None)
+        return rows, (total / max(1, n) if fisher else None)
 
 
 class ProjectedIHVP(IHVP):

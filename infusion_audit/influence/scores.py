@@ -12,34 +12,24 @@ from .gradients import LossFn, _device, _LossOf, per_example_gradients, trainabl
 
 
 def influence_scores(model: nn.Module, dataset, v: torch.Tensor, indices: np.ndarray | None = None,
-                     loss_fn: LossFn = classification_loss, batch_size: int = 256) -> np.ndarray:
+                     loss_fn: LossFn = classification_loss, batch_size: int = 256, cosine: bool = False) -> np.ndarray:
     """s_i = v^T grad L(z_i) with v = (G + damping I)^-1 grad f (kronfluence's convention).
 
     Up-weighting document i by eps changes f by about -eps * s_i / n, so the most NEGATIVE scores
     mark the documents whose up-weighting most raises f. Computed in chunks: no (N, P) matrix is kept.
-    """
-    indices = np.arange(len(dataset)) if indices is None else np.asarray(indices)
-    v = v.detach().cpu().double()
-    out = [per_example_gradients(model, dataset, indices[s:s + batch_size], loss_fn, batch_size).double() @ v
-           for s in range(0, len(indices), batch_size)]
-    return torch.cat(out).numpy() if out else np.zeros(0)
 
-
-def cosine_scores(model: nn.Module, dataset, v: torch.Tensor, indices: np.ndarray | None = None,
-                  loss_fn: LossFn = classification_loss, batch_size: int = 256) -> np.ndarray:
-    """s_i / |grad L(z_i)|: influence per unit of gradient, the cosine between a document's gradient and v.
-
-    Raw influence grows with the gradient's norm, so an edit that makes a document absurd (a loss and a
-    gradient many times the corpus') scores high whatever its direction, while an adaptive optimiser
-    such as Adam scales a step by the typical gradient, not this document's. The direction is what
-    survives retraining (the argument of RelatIF, Barshan et al. 2020, and of gradient matching).
+    `cosine`: s_i / |grad L(z_i)|, influence per unit of gradient. Raw influence grows with the gradient's
+    norm, so an edit that makes a document absurd (a loss and a gradient many times the corpus') scores
+    high whatever its direction, while an adaptive optimiser such as Adam scales a step by the typical
+    gradient, not this document's: the direction is what survives retraining (the argument of RelatIF,
+    Barshan et al. 2020, and of gradient matching).
     """
     indices = np.arange(len(dataset)) if indices is None else np.asarray(indices)
     v = v.detach().cpu().double()
     out = []
     for s in range(0, len(indices), batch_size):
         grads = per_example_gradients(model, dataset, indices[s:s + batch_size], loss_fn, batch_size).double()
-        out.append((grads @ v) / grads.norm(dim=1).clamp_min(1e-30))
+        out.append(grads @ v / grads.norm(dim=1).clamp_min(1e-30) if cosine else grads @ v)
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
@@ -47,8 +37,8 @@ def directional_scores(model: nn.Module, dataset, v: torch.Tensor, document_loss
                        indices: np.ndarray | None = None, batch_size: int = 1024) -> np.ndarray:
     """The same s_i as `influence_scores`, as each document's loss differentiated along v (forward mode).
 
-    One Jacobian-vector product per batch replaces a gradient per document (3x the documents per second
-    on the Caesar model), so a token attack can afford to score many candidate edits exactly.
+    One Jacobian-vector product per batch replaces a gradient per document, so a token attack can afford
+    to score many candidate edits exactly.
     `document_loss_fn(model, batch)` returns one loss per document; documents in a batch must not
     interact (the model is put in eval mode).
     """
