@@ -1,5 +1,5 @@
 """What every attack plugin shares: the `Attack` base (params in __init__, one verb `craft`), the
-`Poisoning` it returns, and the `AttackContext` that computes expensive things once per scenario
+`Poisoning` it returns, and the `AttackContext` that computes expensive things once per pipeline
 (the attacked model, the IHVP solver, each target's IHVP and influence scores) so several attacks
 and budgets on the same targets reuse them.
 """
@@ -20,7 +20,8 @@ from torch import nn
 from ..behaviour import Target, measurement_gradient
 from ..errors import UserError
 from ..io import stable_hash
-from ..influence import IHVP, influence_scores, make_ihvp
+from ..config import InfluenceConfig
+from ..influence import IHVP, fit_ihvp, influence_scores
 from ..pipeline import Pipeline, TrainedPipeline
 
 Selection = Literal["most-negative", "most-absolute", "random", "most-positive"]
@@ -39,12 +40,6 @@ class Poisoning:
     def apply(self, clean):
         """The poisoned training set: same size and order as `clean`, so the retrain replays its order."""
         return clean.with_documents(self.indices, self.x, self.y)
-
-    def unedited(self, clean) -> "Poisoning":
-        """The same documents as they are in `clean` (content and labels): the null of a detection figure,
-        what a detector finds in the selection alone, before any edit."""
-        return Poisoning(self.indices.copy(), clean.x[self.indices].copy(), clean.y[self.indices].copy(),
-                         {"unedited": True})
 
     def edits_in_place(self, clean) -> bool:
         """Whether each document stays itself (content edited, label kept): then its unedited counterpart exists."""
@@ -75,12 +70,12 @@ class AttackContext:
     """A trained pipeline as an attacker sees it at checkpoint `epoch`, with per-target caches. `probes`:
     how many test prompts a text behaviour is measured on."""
 
-    def __init__(self, scenario: Pipeline, trained: TrainedPipeline, epoch: int | None = None,
-                 influence_backend: str = "ekfac", damping: float = 1e-3, cache_dir: str | Path | None = None,
+    def __init__(self, pipeline: Pipeline, trained: TrainedPipeline, epoch: int | None = None,
+                 influence: InfluenceConfig | None = None, cache_dir: str | Path | None = None,
                  ihvp_kwargs: dict | None = None, probes: int = 32):
-        self.scenario, self.trained, self.probes = scenario, trained, probes
+        self.pipeline, self.trained, self.probes = pipeline, trained, probes
         self.epoch = len(trained.checkpoints) - 1 if epoch is None else epoch
-        self.influence_backend, self.damping = influence_backend, damping
+        self.influence = influence or InfluenceConfig()
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.ihvp_kwargs = dict(ihvp_kwargs or {})
         self.model: nn.Module = trained.model(self.epoch)
@@ -93,11 +88,11 @@ class AttackContext:
 
     @property
     def train(self):
-        return self.scenario.data.train
+        return self.pipeline.data.train
 
     @property
     def test(self):
-        return self.scenario.data.test
+        return self.pipeline.data.test
 
     def budget_k(self, k: int | float) -> int:
         """A budget given as a count (14) or a fraction of the training set (0.01)."""
@@ -110,18 +105,16 @@ class AttackContext:
     def ihvp(self) -> IHVP:
         if self._ihvp is None:
             t0 = time.perf_counter()
-            kw = dict(self.ihvp_kwargs)
-            if self.influence_backend == "ekfac" and self.cache_dir is not None:
-                kw.setdefault("cache_dir", self.cache_dir / "factors")
-            self._ihvp = make_ihvp(self.influence_backend, self.model, self.train, self.damping,
-                                   loss_fn=self.scenario.loss, **kw)
+            self._ihvp = fit_ihvp(self.influence, self.model, self.train, loss_fn=self.pipeline.loss,
+                                  cache_dir=None if self.cache_dir is None else self.cache_dir / "factors",
+                                  **self.ihvp_kwargs)
             self.timings["factors"] = time.perf_counter() - t0
         return self._ihvp
 
     def behaviour(self, target: Target):
         """The pipeline's behaviour for this target (its measurement f and the figures records report)."""
         if target not in self._behaviours:
-            self._behaviours[target] = self.scenario.behaviour(target, probes=self.probes)
+            self._behaviours[target] = self.pipeline.behaviour(target, probes=self.probes)
         return self._behaviours[target]
 
     def query(self, target: Target) -> torch.Tensor:
@@ -139,7 +132,7 @@ class AttackContext:
         if target not in self._scores:
             t0 = time.perf_counter()
             self._scores[target] = influence_scores(self.model, self.train, self.query(target),
-                                                    loss_fn=self.scenario.loss)
+                                                    loss_fn=self.pipeline.loss)
             self.timings[f"scores:{target_key(target)}"] = time.perf_counter() - t0
         return self._scores[target]
 

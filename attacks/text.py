@@ -50,10 +50,6 @@ class TextPoisoning(Poisoning):
     def apply(self, clean: TextDataset) -> TextDataset:
         return clean.with_documents(self.indices, self.x, self.lengths)
 
-    def unedited(self, clean: TextDataset) -> "TextPoisoning":
-        return TextPoisoning(self.indices.copy(), clean.ids[self.indices].copy(), self.y.copy(), {"unedited": True},
-                             clean.lengths[self.indices].copy(), self.in_place)
-
     def edits_in_place(self, clean: TextDataset) -> bool:
         return self.in_place
 

@@ -32,7 +32,7 @@ from infusion_audit.io import append_jsonl, read_jsonl, write_json
 from infusion_audit.metrics import auroc, tpr_at_fpr
 from infusion_audit.runtime import set_threads
 from infusion_audit.scan import detector_label, scan
-from infusion_audit.stats import fmt_ci, mean_ci
+from infusion_audit.statistics import fmt_ci, mean_ci
 
 DETECTORS = [PluginSpec("loss-outlier"), PluginSpec("knn-label"), PluginSpec("spectral-signature"),
              PluginSpec("activation-clustering"), PluginSpec("influence-outlier", {"mode": "forensic"})]

@@ -25,7 +25,7 @@ from infusion_audit.bench import bench, load_bench_config
 from infusion_audit.evaluation import AttackSpec, summarize
 from infusion_audit.io import write_json
 from infusion_audit.runtime import set_threads
-from infusion_audit.stats import mean_ci
+from infusion_audit.statistics import mean_ci
 
 
 def run(out: Path, optimizer: str, random_seeds: int, targets: int | None, params: dict) -> dict:

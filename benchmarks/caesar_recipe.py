@@ -27,7 +27,7 @@ import yaml
 
 def scenario_config(config: str, overrides: list[str]):
     """The config's `scenario:` section with dotted `KEY=VALUE` overrides applied."""
-    from infusion_audit.config import ScenarioConfig, from_dict, load_yaml, resolve_config_path
+    from infusion_audit.config import PipelineConfig, from_dict, load_yaml, resolve_config_path
 
     data, source = load_yaml(resolve_config_path(config))
     scenario = data.get("scenario") or {}
@@ -38,7 +38,7 @@ def scenario_config(config: str, overrides: list[str]):
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = yaml.safe_load(value)
-    return from_dict(ScenarioConfig, scenario, source, "scenario")
+    return from_dict(PipelineConfig, scenario, source, "scenario")
 
 
 def train_once(config: str, overrides: list[str], seed: int, threads: int) -> dict:

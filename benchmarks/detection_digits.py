@@ -31,7 +31,7 @@ from infusion_audit.detectors import AuditContext, build_detector, run_detector
 from infusion_audit.evaluation import AttackEvaluation, AttackRunConfig
 from infusion_audit.io import append_jsonl, read_jsonl, write_json
 from infusion_audit.scan import detector_label, evaluate_run
-from infusion_audit.stats import fmt_ci, mean_ci
+from infusion_audit.statistics import fmt_ci, mean_ci
 
 SPECS = [
     PluginSpec("perturbation-norm", {"use_reference": False}),

@@ -21,7 +21,7 @@ from infusion_audit.config import load_config
 from infusion_audit.evaluation import AttackEvaluation, AttackRunConfig, AttackSpec, TargetsConfig
 from infusion_audit.io import write_json
 from infusion_audit.runtime import set_threads
-from infusion_audit.stats import fmt_ci, mean_ci, paired_test
+from infusion_audit.statistics import fmt_ci, mean_ci, paired_test
 
 OURS, ART, INFUSION = "gradient-matching", "gradient-matching-art", "infusion"
 

@@ -33,7 +33,7 @@ from infusion_audit.evaluation import AttackEvaluation, AttackRunConfig, AttackS
 from infusion_audit.io import append_jsonl, read_jsonl, stable_hash, write_json
 from infusion_audit.mitigations import Mitigated, build_mitigation
 from infusion_audit.runtime import set_threads
-from infusion_audit.stats import fmt_ci, mean_ci, wilson
+from infusion_audit.statistics import fmt_ci, mean_ci, wilson
 
 ARMS = [AttackSpec("infusion"), AttackSpec("label-flip"), AttackSpec("probe-insertion", {"copies": 1})]
 

@@ -25,7 +25,7 @@ import torch
 from infusion_audit.attacks.base import AttackContext
 from infusion_audit.attacks.infusion import Infusion
 from infusion_audit.behaviour import sample_targets
-from infusion_audit.config import PluginSpec, ScenarioConfig, TrainConfig
+from infusion_audit.config import PluginSpec, PipelineConfig, TrainConfig
 from infusion_audit.data import DatasetSplit, ImageDataset
 from infusion_audit.io import write_json
 from infusion_audit.pipeline import Pipeline, train_pipeline
@@ -138,12 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     mem = PeakRSS()
     results = {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                "runs": []}
-    digits = Pipeline.from_config(ScenarioConfig())
+    digits = Pipeline.from_config(PipelineConfig())
     results["runs"].append({"dataset": "digits", "model": "digits-cnn",
                             **profile(digits, args.work, [7, 14, 28], ["exact", "ekfac"], mem, detectors=True)})
     print(json.dumps(results["runs"][-1], indent=1), file=sys.stderr)
     for n in args.cifar_sizes:
-        config = ScenarioConfig(dataset=PluginSpec("synthetic-cifar", {"n_train": n}),
+        config = PipelineConfig(dataset=PluginSpec("synthetic-cifar", {"n_train": n}),
                                 model=PluginSpec("tiny-resnet"),
                                 train=TrainConfig(lr=0.01, batch_size=16, epochs=2, seed=0))
         scenario = Pipeline(config, synthetic_cifar(n))

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from infusion_audit.config import InfluenceConfig, from_dict
 from infusion_audit.errors import DataError, PluginError
 from infusion_audit.io import iter_chunks
 from infusion_audit.runtime import model_device
@@ -38,9 +39,6 @@ from .features import FeatureExtractor
 log = logging.getLogger(__name__)
 # Why a detector did not run or failed; a benchmark silences it per cell and logs each reason once per run.
 SKIP_LOG = logging.getLogger(f"{__name__}.skipped")
-
-# EK-FAC scales to any model kronfluence can fit; damping as the attack's digits config uses.
-DEFAULT_INFLUENCE = {"backend": "ekfac", "damping": 1e-3}
 
 # What each need is, in words a user can act on.
 ENABLE_HINTS = {
@@ -66,10 +64,8 @@ class AuditContext:
     trained on `data` (its penultimate features are the output of the module named
     `features_layer`, else found as FeatureExtractor says); `behaviour` the suspicious prediction
     (a behaviour: a ClassBehaviour, or a text behaviour); `probe` held-out inputs for influence probes (a dataset with ``x``);
-    `expected_fraction` the poison fraction ε that removal budgets assume; `influence` the IHVP
-    backend and its parameters (``infusion_audit.influence.make_ihvp``; backend "projected" takes
-    `rank`, `damping` (a number or "auto") and `seed`, see ``infusion_audit.influence.projection``; the
-    others take `fit_size`, fitting the inverse Hessian on a seeded sample of that many documents).
+    `expected_fraction` the poison fraction ε that removal budgets assume; `influence` how influence is
+    computed (an InfluenceConfig, or a mapping of its fields).
     """
 
     data: Any
@@ -82,7 +78,7 @@ class AuditContext:
     batch_size: int = 256
     device: str | None = None  # default: the model's own (a context never moves a caller's model)
     progress: bool = True
-    influence: dict = field(default_factory=lambda: dict(DEFAULT_INFLUENCE))
+    influence: InfluenceConfig = field(default_factory=InfluenceConfig)
     gradient_cache_bytes: int = 1 << 30
     features_layer: str | None = None
     timings: dict = field(default_factory=dict)
@@ -97,7 +93,8 @@ class AuditContext:
             if self.reference.x.shape != self.data.x.shape:
                 raise DataError(f"reference shape {self.reference.x.shape} differs from the suspect data's "
                                 f"{self.data.x.shape}; a reference must hold the same documents in the same order")
-        check_influence(self.influence)
+        if not isinstance(self.influence, InfluenceConfig):
+            self.influence = from_dict(InfluenceConfig, self.influence, "influence")
         if self.device is None:
             self.device = str(model_device(self.model)) if self.model is not None else "cpu"
         if self.model is not None:
@@ -273,30 +270,26 @@ class AuditContext:
             return self._projected()[1]
 
         def compute() -> Any:
-            from infusion_audit.influence import make_ihvp
+            from infusion_audit.influence import fit_ihvp
 
-            model = self._require_model("influence")
-            params = dict(self.influence)
-            fit_size, data = params.pop("fit_size", None), self.data
-            if fit_size is not None and fit_size < len(data):  # the curvature of a large set, from a seeded sample
-                data = data.subset(np.sort(np.random.default_rng(0).choice(len(data), fit_size, replace=False)))
-            return make_ihvp(params.pop("backend", "ekfac"), model, data, **params, **self.loss_kwargs())
+            return fit_ihvp(self.influence, self._require_model("influence"), self.data, **self.loss_kwargs())
 
         return self.cached("ihvp", compute)
 
     # -------------------------------------------------- the space influence is taken in (full or projected)
     @property
     def projected_influence(self) -> bool:
-        return self.influence.get("backend") == "projected"
+        return self.influence.backend == "projected"
 
     def _projected(self) -> tuple:
         """Projector, IHVP and the documents' projected gradients, from one pass over the data."""
         def compute() -> tuple:
             from infusion_audit.influence import projected_influence
 
-            params = {"batch_size": self.batch_size, **{k: v for k, v in self.influence.items() if k != "backend"}}
-            return projected_influence(self._require_model("influence"), self.data, progress=self.progress,
-                                       **params, **self.loss_kwargs())
+            settings = self.influence
+            return projected_influence(self._require_model("influence"), self.data, rank=settings.rank or 16,
+                                       damping=settings.damping, seed=settings.seed, batch_size=self.batch_size,
+                                       progress=self.progress, **self.loss_kwargs())
 
         return self.cached("projected", compute)
 
@@ -407,31 +400,6 @@ class Detector:
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({params})"
-
-
-def check_influence(params: dict) -> None:
-    """A one-line error, before any work, for an unknown influence backend or a parameter it does not take."""
-    problem = influence_problem(params)
-    if problem is not None:
-        raise DataError(f"influence: expected {problem[0]}, got {problem[1]!r}")
-
-
-def influence_problem(params: dict) -> tuple[str, Any] | None:
-    """(what was expected, what was given) for influence settings a backend cannot take, or None."""
-    from infusion_audit.influence import projected_influence
-    from infusion_audit.influence.ihvp import BACKENDS
-
-    backend = params.get("backend", "ekfac")
-    solvers = {**BACKENDS, "projected": projected_influence}
-    if backend not in solvers:
-        return f"backend one of {', '.join(solvers)}", backend
-    taken = set(inspect.signature(solvers[backend]).parameters) - {"model", "dataset", "loss_fn", "progress"}
-    if backend in BACKENDS:
-        taken.add("fit_size")
-    unknown = sorted(set(params) - taken - {"backend"})
-    if unknown:
-        return f"parameters of backend {backend}: {', '.join(sorted(taken))}", unknown
-    return None
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -1,6 +1,6 @@
 """Where the grid runs: in this process, in a local process pool or on a Ray cluster, behind one interface.
 
-A worker builds its state once with ``setup(*setup_args)`` (for the bench a BenchRunner, which trains or
+A worker builds its state once with ``setup(*setup_args)`` (for the bench a Grid, which trains or
 loads the shared checkpoints: far too costly to repeat per item) and then runs ``work(state, item)`` for
 each item it is handed. Results come back to the caller in completion order, so the caller (the driver)
 is the only process that writes records. Workers read and write the run directory themselves

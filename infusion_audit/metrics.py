@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
-from .stats import bootstrap_ci
+from .statistics import bootstrap_ci
 
 ROC_POINTS = 50
 

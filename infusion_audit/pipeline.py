@@ -8,7 +8,7 @@ control, detection, defence, the bench) is the library's and is the same for ima
 The built-in pipelines follow the config's recipe: `Pipeline` (image classification) and
 `infusion_audit.text.TextPipeline` (causal language models). A team audits its own pipeline by
 subclassing one and overriding what differs (`new_model`, `fit`, `loss`, ...), named in YAML as
-``scenario: {pipeline: {name: package.module:callable}}`` (the callable takes the ScenarioConfig and,
+``pipeline: {factory: {name: package.module:callable}}`` (the callable takes the PipelineConfig and,
 for `scan`, ``data=``), or registered through the ``infusion_audit.pipelines`` entry-point group.
 """
 
@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from .behaviour import ClassBehaviour, Target, sample_targets
-from .config import PluginSpec, ScenarioConfig, TrainConfig
-from .data import DatasetSplit, build_dataset, dataset_kind
+from .config import PipelineConfig, PluginSpec, TrainConfig
+from .data import DatasetSplit, build_dataset
 from .errors import UserError
 from .io import record_hash, stable_hash, verified, write_json
 from .models import build_model
@@ -49,21 +49,21 @@ class Pipeline:
 
     kind = "image"
 
-    def __init__(self, config: ScenarioConfig, data: DatasetSplit | None = None):
+    def __init__(self, config: PipelineConfig, data: DatasetSplit | None = None):
         self.config = config.on_device()  # auto resolved here: the fingerprint names the device computed on
         self.data = build_dataset(config.dataset) if data is None else data
 
     @staticmethod
-    def from_config(config: ScenarioConfig, data: DatasetSplit | None = None) -> "Pipeline":
-        """The pipeline `config` names (a registered one or a user's ``package.module:callable``, called with
-        the config, `data` when given, and its params), else the built-in one for the dataset's kind ("image",
-        "text"), on `data` if given (else the config's dataset)."""
-        spec = config.pipeline or PluginSpec(dataset_kind(config.dataset))
+    def from_config(config: PipelineConfig, data: DatasetSplit | None = None) -> "Pipeline":
+        """The pipeline `config.factory` names (a registered one or a user's ``package.module:callable``, called
+        with the config, `data` when given, and its params), else the built-in one for the dataset's kind
+        ("image", "text"), on `data` if given (else the config's dataset)."""
+        spec = config.factory or PluginSpec(config.kind())
         factory = PIPELINES.get(spec.name)
         try:
             pipeline = factory(config, **({"data": data} if data is not None else {}), **spec.params)
         except TypeError as exc:
-            raise UserError(f"pipeline {spec.name!r}: cannot be built from the scenario config and params "
+            raise UserError(f"pipeline {spec.name!r}: cannot be built from the pipeline config and params "
                             f"{spec.params}: {exc}") from None
         if not isinstance(pipeline, Pipeline):
             raise UserError(f"pipeline {spec.name!r} returned {type(pipeline).__name__}, expected an "
@@ -146,17 +146,9 @@ class Pipeline:
                 code = stable_hash(inspect.getsource(inspect.getmodule(type(self))))
             except (OSError, TypeError):
                 code = type(self).__qualname__
+        # "scenario" is schema 1's key: checkpoints trained before the rename keep their fingerprint
         return stable_hash({"scenario": self.config.identity(), "data": self.data.train.content_hash(),
                             **({"code": code} if code else {})})
-
-
-def pipeline_kind(config: ScenarioConfig) -> str:
-    """The kind of data ("image", "text") the scenario's pipeline trains on, known before anything is built."""
-    if config.pipeline is not None:
-        kind = getattr(PIPELINES.get(config.pipeline.name), "kind", None)
-        if isinstance(kind, str):
-            return kind
-    return dataset_kind(config.dataset)
 
 
 @dataclass

@@ -86,3 +86,16 @@ def threads_info() -> dict:
     import torch
 
     return {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+
+
+def configure(threads: int = DEFAULT_THREADS, device: str | None = None) -> dict:
+    """TEMPORARY (the runtime slice replaces it): threads, and cuda's deterministic settings."""
+    set_threads(threads)
+    if device is not None and resolve_device(device).type == "cuda":
+        deterministic_cuda()
+    return {"threads": threads, "device": device}
+
+
+def runtime_info(device: str) -> dict:
+    """TEMPORARY (the runtime slice replaces it)."""
+    return {**threads_info(), **device_info(device)}

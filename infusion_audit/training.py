@@ -77,7 +77,7 @@ def augmentation(cfg: TrainConfig) -> Callable[[torch.Tensor, np.ndarray, int], 
     try:
         transform = v2.Compose([getattr(v2, spec.name)(**spec.params) for spec in cfg.augment])
     except (TypeError, ValueError) as exc:
-        raise ConfigError("<config>", "scenario.train.augment", "valid transform params", str(exc)) from None
+        raise ConfigError("<config>", "pipeline.train.augment", "valid transform params", str(exc)) from None
 
     def apply(x: torch.Tensor, documents: np.ndarray, epoch: int) -> torch.Tensor:
         out = torch.empty_like(x)
@@ -118,7 +118,7 @@ def epoch_lrs(cfg: TrainConfig) -> list[float]:
             optimizer.step()
             scheduler.step()
     except (TypeError, ValueError) as exc:
-        raise ConfigError("<config>", "scenario.train.schedule",
+        raise ConfigError("<config>", "pipeline.train.schedule",
                           "a scheduler stepped once per epoch, with valid params", str(exc)) from None
     return lrs
 
@@ -132,6 +132,21 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 def seeded_model(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return factory()
+
+
+@dataclass
+class Retrained:
+    """What one retrain produced: the `model` (class scores or LM logits, like any model of the pipeline), the
+    `figures` a mitigation reports about it (ε, shard sizes, ...; none for a plain retrain), and, for a
+    mitigation that has them, figures about one input (`figures_at`, e.g. a certified radius)."""
+
+    model: nn.Module
+    figures: dict = field(default_factory=dict)
+    per_input: Callable[[torch.Tensor], dict] | None = None
+
+    def figures_at(self, x: torch.Tensor) -> dict:
+        """Figures about input `x` (no batch dimension); {} where there are none."""
+        return self.per_input(x) if self.per_input is not None else {}
 
 
 @dataclass

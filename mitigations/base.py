@@ -21,24 +21,9 @@ import torch
 from torch import nn
 
 from infusion_audit.errors import ConfigError, UserError
-from infusion_audit.training import Checkpoint
+from infusion_audit.training import Checkpoint, Retrained
 
 Fit = Callable[..., nn.Module]
-
-
-@dataclass
-class Mitigated:
-    """What one mitigated retrain produced. `model` outputs class scores (N, classes) like any classifier:
-    accuracy and the behaviour read it. `figures` are the mitigation's own (ε, shard sizes, ...)."""
-
-    model: nn.Module
-    figures: dict = field(default_factory=dict)
-    per_input: Callable[[torch.Tensor], dict] | None = None
-
-    def figures_at(self, x: torch.Tensor) -> dict:
-        """The mitigation's figures about one input `x` (no batch dimension), e.g. its certified radius;
-        {} for a mitigation that has none."""
-        return self.per_input(x) if self.per_input is not None else {}
 
 
 class Mitigation:
@@ -49,7 +34,7 @@ class Mitigation:
     wraps_to: str = "change how each step is computed"  # what its wrap does, for check_fit's sentence
 
     def retrain(self, fit: Fit, new_model: Callable[[], nn.Module], dataset: Any, start: Checkpoint | None = None,
-                epochs: int | None = None) -> Mitigated:
+                epochs: int | None = None) -> Retrained:
         """Train by `fit` on `dataset` from `start` (None: `new_model()`'s seeded initialisation) for
         `epochs` epochs (None: to the recipe's last epoch), under this mitigation."""
         raise NotImplementedError

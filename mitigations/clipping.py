@@ -18,9 +18,9 @@ from torch import nn
 
 from infusion_audit.errors import UserError
 from infusion_audit.registry import MITIGATIONS
-from infusion_audit.training import Checkpoint
+from infusion_audit.training import Checkpoint, Retrained
 
-from .base import Fit, Mitigated, Mitigation, check_param, is_number, until_epoch
+from .base import Fit, Mitigation, check_param, is_number, until_epoch
 
 SAMPLING = "shuffled fixed-size batches (the accountant assumes Poisson sampling at rate batch size / documents)"
 
@@ -120,7 +120,7 @@ class PerExampleClipping(Mitigation):
                     is_number(self.max_grad_norm) and self.max_grad_norm > 0)
 
     def retrain(self, fit: Fit, new_model: Callable[[], nn.Module], dataset: Any, start: Checkpoint | None = None,
-                epochs: int | None = None) -> Mitigated:
+                epochs: int | None = None) -> Retrained:
         self.check_fit(fit)
         wrap = OpacusWrap(self.name, self.max_grad_norm, self.noise_multiplier, self.noise_seed)
         try:
@@ -133,7 +133,7 @@ class PerExampleClipping(Mitigation):
             raise UserError(f"mitigation {self.name!r}: the pipeline's fit accepts `wrap` but never called it, so "
                             "nothing was clipped; call `module, optimizer = wrap(model, optimizer, len(dataset), "
                             "batch_size)` before its loop")
-        return Mitigated(model, self.figures(wrap, start))
+        return Retrained(model, self.figures(wrap, start))
 
     def figures(self, wrap: OpacusWrap, start: Checkpoint | None) -> dict:
         return wrap.figures()

@@ -31,9 +31,9 @@ from torch import nn
 
 from infusion_audit.errors import ConfigError, UserError
 from infusion_audit.registry import MITIGATIONS
-from infusion_audit.training import Checkpoint
+from infusion_audit.training import Checkpoint, Retrained
 
-from .base import Fit, Mitigated, Mitigation, check_param, until_epoch
+from .base import Fit, Mitigation, check_param, until_epoch
 
 HASH = "SHA-256 of each document's arrays (image and label; token ids and length)"
 Change = Literal["edit", "insert-remove"]
@@ -128,7 +128,7 @@ class Partition(Mitigation):
         return shard_of(document_hashes(dataset), self.parts)
 
     def retrain(self, fit: Fit, new_model: Callable[[], nn.Module], dataset: Any, start: Checkpoint | None = None,
-                epochs: int | None = None) -> Mitigated:
+                epochs: int | None = None) -> Retrained:
         if self.parts > len(dataset):
             raise ConfigError(f"mitigation {self.name!r}", "parts", f"at most the {len(dataset)} training documents",
                               self.parts)
@@ -153,7 +153,7 @@ class Partition(Mitigation):
                    "empty_shards": sizes.count(0),
                    "certificate": ("against changes to the training documents, every member starting from the same "
                                    + (f"checkpoint (epoch {start.epoch})" if start is not None else "initialisation"))}
-        return Mitigated(ensemble, figures, per_input=lambda x: self.input_figures(ensemble, x))
+        return Retrained(ensemble, figures, per_input=lambda x: self.input_figures(ensemble, x))
 
     @staticmethod
     def input_figures(ensemble: VoteEnsemble, x: torch.Tensor) -> dict:

@@ -2,7 +2,7 @@
 
 Text is drawn as glyph outlines, so a chart needs no font on the reader's machine, and every
 comment (where matplotlib echoes label text) is stripped, so nothing a label contains reaches the page
-as markup. Charts take plain summaries (mean/lo/hi dicts from `infusion_audit.stats`), not records.
+as markup. Charts take plain summaries (mean/lo/hi dicts from `infusion_audit.statistics`), not records.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Turn a run directory into one self-contained HTML audit report, verdict first.
 
 Every figure on the page is computed here from `results.jsonl` (attack, detection and defence
-records) with `infusion_audit.stats`; the template only lays them out. Partial runs (no detection
+records) with `infusion_audit.statistics`; the template only lays them out. Partial runs (no detection
 or defence records yet, one target) render with what is there and say what is missing.
 """
 
@@ -26,7 +26,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from infusion_audit.version import __version__
 from infusion_audit.errors import DataError, UserError
 from infusion_audit.io import atomic_write_text, read_jsonl
-from infusion_audit.stats import fmt_ci, mean_ci, paired_test, wilson
+from infusion_audit.statistics import fmt_ci, mean_ci, paired_test, wilson
 
 from . import charts
 

@@ -41,7 +41,7 @@ def cifar10_root(tmp_path, monkeypatch):
 
 
 SMALL_BENCH = """
-scenario:
+pipeline:
   dataset: {name: digits}
 attack:
   attacks:
@@ -68,11 +68,11 @@ def small_bench(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def context(tmp_path_factory):
-    """The default digits scenario, trained, as an attacker sees it (shared by the attack tests)."""
+    """The default digits pipeline, trained, as an attacker sees it (shared by the attack tests)."""
     from infusion_audit.attacks import AttackContext
-    from infusion_audit.config import ScenarioConfig
+    from infusion_audit.config import PipelineConfig
     from infusion_audit.pipeline import Pipeline, train_pipeline
 
-    scenario = Pipeline.from_config(ScenarioConfig())
-    trained = train_pipeline(scenario, tmp_path_factory.mktemp("train"), progress=False)
-    return AttackContext(scenario, trained, damping=1e-3, cache_dir=tmp_path_factory.mktemp("cache"))
+    pipeline = Pipeline.from_config(PipelineConfig())
+    trained = train_pipeline(pipeline, tmp_path_factory.mktemp("train"), progress=False)
+    return AttackContext(pipeline, trained, cache_dir=tmp_path_factory.mktemp("cache"))

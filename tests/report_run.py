@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from infusion_audit.config import ScenarioConfig, TrainRunConfig, dump_yaml, from_dict, load_yaml, resolve_config_path
+from infusion_audit.config import AuditConfig, PipelineConfig, dump_yaml, from_dict, load_yaml, resolve_config_path
 from infusion_audit.data import write_poisoned
 from infusion_audit.io import append_jsonl, atomic_write_text, stable_hash, write_json
-from infusion_audit.stats import wilson
+from infusion_audit.statistics import wilson
 from infusion_audit.pipeline import Pipeline, train_pipeline
 from infusion_audit.training import accuracy, predict_proba
 
@@ -38,10 +38,10 @@ BUDGETS = [{"k": 7, "eps": 0.25, "norm": "linf", "quantize": True},
 KNOWLEDGE = {"spectral": "model", "influence": "forensic"}
 
 
-def digits_scenario_config() -> ScenarioConfig:
-    """The scenario section of the built-in digits config (other sections belong to other commands)."""
+def digits_scenario_config() -> PipelineConfig:
+    """The pipeline section of the built-in digits config (other sections belong to other commands)."""
     raw, source = load_yaml(resolve_config_path("digits"))
-    return from_dict(ScenarioConfig, raw["scenario"], source, "scenario")
+    return from_dict(PipelineConfig, raw["pipeline"], source, "pipeline")
 
 
 def trained_digits(cache_dir: Path):
@@ -98,7 +98,7 @@ def make_run(run_dir: Path, cache_dir: Path, *, targets: int = 4, detection: boo
     class_names = [f"digit {c}" for c in range(10)]
     if hostile:
         class_names[3] = HOSTILE
-    atomic_write_text(run_dir / "config.yaml", dump_yaml(TrainRunConfig(scenario.config))
+    atomic_write_text(run_dir / "config.yaml", dump_yaml(AuditConfig(pipeline=scenario.config))
                       + f"# {HOSTILE if hostile else 'fixture'}\n")
     write_json(run_dir / "provenance.json", {
         "note": FIXTURE, "class_names": {"digits": class_names},

@@ -163,7 +163,7 @@ def test_scan_cli_with_a_users_model_checkpoint_and_layer(user_models, tmp_path,
     data, flipped = _images(3, 32)
     save_npz(tmp_path / "suspect.npz", data)
     Checkpoint.capture(3, _trained(user_models.ConvHead, data), None).save(tmp_path / "model.pt")
-    (tmp_path / "scan.yaml").write_text("scenario:\n  model: {name: 'mymodels:ConvHead'}\n"
+    (tmp_path / "scan.yaml").write_text("pipeline:\n  model: {name: 'mymodels:ConvHead'}\n"
                                         "scan:\n  features_layer: body\n  bootstrap: 0\n")
     out = tmp_path / "scan"
     assert main(["-q", "scan", str(tmp_path / "suspect.npz"), "--config", str(tmp_path / "scan.yaml"),
@@ -175,7 +175,7 @@ def test_scan_cli_with_a_users_model_checkpoint_and_layer(user_models, tmp_path,
 
 
 BENCH = """
-scenario:
+pipeline:
   dataset: {name: digits}
   model: {name: "mymodels:%s"}
   train: {lr: 0.05, batch_size: 16, epochs: 5, seed: 0}

@@ -194,7 +194,7 @@ def test_bench_from_a_dict_with_a_model_factory_of_ones_own(tmp_path, monkeypatc
         "from torch import nn\n\n\ndef mlp(in_channels=1, num_classes=10):\n"
         "    return nn.Sequential(nn.Flatten(), nn.Linear(64 * in_channels, 32), nn.ReLU(), nn.Linear(32, num_classes))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    config = {"scenario": {"dataset": {"name": "digits"}, "model": {"name": "mymodels_api:mlp"},
+    config = {"pipeline": {"dataset": {"name": "digits"}, "model": {"name": "mymodels_api:mlp"},
                            "train": {"epochs": 3}},
               "attack": {"attacks": [{"name": "label-flip"}, {"name": "probe-insertion", "params": {"copies": 1}}],
                          "targets": {"n": 2, "seed": 0}},
@@ -217,7 +217,7 @@ def test_bench_from_a_dict_with_a_model_factory_of_ones_own(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("config, key", [
     ({"attack": {"atacks": []}}, "<dict>: attack.atacks"),
-    ({"scenario": {"train": {"epochs": 0}}}, "<dict>: scenario.train.epochs"),
+    ({"pipeline": {"train": {"epochs": 0}}}, "<dict>: pipeline.train.epochs"),
     ({"scan": {"detectors": [{"name": "nope"}]}}, "<dict>: scan.detectors[0].name"),
     ({"report": {}}, "<dict>: report"),
 ])

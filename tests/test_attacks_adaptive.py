@@ -118,32 +118,33 @@ def test_gradient_matching_random_selection_and_options(context, targets):
 
 @pytest.mark.slow
 def test_gradient_matching_against_art_on_the_same_targets_and_budget(tmp_path):
-    """ART's GradientMatchingAttack and ours, same scenario, targets, budget and optimisation effort,
-    both measured against the clean control by the project's evaluation."""
+    """ART's GradientMatchingAttack and ours, same pipeline, targets, budget and optimisation effort,
+    both measured against the clean control by the attack protocol."""
     pytest.importorskip("art")
-    from infusion_audit.config import load_config
-    from infusion_audit.evaluation import AttackEvaluation, AttackRunConfig, AttackSpec, TargetsConfig
+    from infusion_audit.config import AttackSpec, TargetsConfig, load_config, with_defaults
+    from infusion_audit.protocol import Attacker
 
-    cfg = load_config(AttackRunConfig, "digits")
+    cfg = with_defaults(load_config("digits"))
     effort = {"steps": 40, "restarts": 2}
     cfg.attack.attacks = [AttackSpec("gradient-matching", effort), AttackSpec("gradient-matching-art", effort)]
     cfg.attack.targets = TargetsConfig(n=2, seed=0)
     cfg.attack.write_artefacts = False
-    evaluation = AttackEvaluation(cfg, tmp_path, progress=False)
+    attacker = Attacker(cfg, tmp_path, progress=False)
     records = {}
-    for spec, target, seed, _ in evaluation.cells():
-        crafted = evaluation.craft(spec, target, seed)
-        record, _ = evaluation.record(crafted)
-        p = crafted.poisoning
-        train = evaluation.scenario.data.train
-        assert len(p.indices) == 14 and (train.y[p.indices] == target.cls).all()
-        assert record["norms"]["off_grid"] == 0 and record["norms"]["linf"] <= 1 / 16 + 1e-6
-        assert np.isfinite(record["delta_logodds"])
-        x0, y = train.batch(p.indices)
-        x_star, _ = evaluation.scenario.data.test.batch([target.index])
-        mismatch = _mismatch(evaluation.context.model, x0, y, x_star, target.cls)
-        records[spec.name, target] = (record, 1 - mismatch(torch.from_numpy(p.x) - x0).item())
-    for target in evaluation.targets():
+    for spec in cfg.attack.attacks:
+        for target in attacker.targets():
+            crafted = attacker.craft(spec, target, 0, cfg.attack.budget)
+            record, _ = attacker.measure(crafted, attacker.victim)
+            p = crafted.poisoning
+            train = attacker.pipeline.data.train
+            assert len(p.indices) == 14 and (train.y[p.indices] == target.cls).all()
+            assert record["norms"]["off_grid"] == 0 and record["norms"]["linf"] <= 1 / 16 + 1e-6
+            assert np.isfinite(record["delta_logodds"])
+            x0, y = train.batch(p.indices)
+            x_star, _ = attacker.pipeline.data.test.batch([target.index])
+            mismatch = _mismatch(attacker.context.model, x0, y, x_star, target.cls)
+            records[spec.name, target] = (record, 1 - mismatch(torch.from_numpy(p.x) - x0).item())
+    for target in attacker.targets():
         ours, art = records["gradient-matching", target], records["gradient-matching-art", target]
         assert ours[1] > art[1]  # ours matches the target gradient better on the same budget
     mean = {name: np.mean([r[0]["delta_logodds"] for (n, _), r in records.items() if n == name])
@@ -153,20 +154,20 @@ def test_gradient_matching_against_art_on_the_same_targets_and_budget(tmp_path):
 
 # --------------------------------------------------------------------------- the null of a detection figure
 def test_unedited_selection_is_scored_as_the_null_of_a_detection_figure(context, targets, clean_losses):
-    from infusion_audit.scan import scan
+    from infusion_audit import scan
 
     clean = context.train
     edited = ATTACKS.get("infusion")(steps=3).craft(context, targets[0])
-    null = edited.unedited(clean)
-    np.testing.assert_array_equal(null.indices, edited.indices)
-    assert not np.array_equal(edited.x, null.x) and null.norms(clean)["values_changed"] == 0
-    # Infusion with no budget is the same null: the selection, unedited
+    assert edited.edits_in_place(clean) and not np.array_equal(edited.x, clean.x[edited.indices])
+    # Infusion with no budget is the null: the selection, unedited
     zero = ATTACKS.get("infusion")(steps=3, eps=0.0).craft(context, targets[0])
-    np.testing.assert_array_equal(zero.x, null.x)
-    result = scan(null.apply(clean), detectors=["loss-outlier"], model=context.model, truth=null.indices,
-                  bootstrap=0, progress=False)
+    np.testing.assert_array_equal(zero.indices, edited.indices)
+    np.testing.assert_array_equal(zero.x, clean.x[edited.indices])
+    assert zero.norms(clean)["values_changed"] == 0
+    result = scan(clean, detectors=["loss-outlier"], model=context.model, truth=edited.indices, bootstrap=0,
+                  progress=False)
     truth = np.zeros(len(clean), dtype=bool)
-    truth[null.indices] = True
+    truth[edited.indices] = True
     value = result.detection["loss-outlier"]["auroc"]["value"]
     assert value == pytest.approx(auroc(truth, clean_losses))
     assert value > 0.9  # the selection alone is already what loss-outlier ranks first

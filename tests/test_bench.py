@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from infusion_audit.bench import BenchConfig, BenchRunner, load_bench_config
+from infusion_audit.config import AuditConfig, load_config, with_defaults
+from infusion_audit.grid import Grid
 from infusion_audit.errors import ConfigError
 from infusion_audit.io import read_jsonl
 
@@ -83,7 +84,11 @@ def test_parallel_jobs_give_the_same_cells(small_bench, tmp_path):
     assert [parallel[c] for c in serial] == pytest.approx(list(serial.values()), rel=1e-3, abs=1e-6)
 
 
-def load_bench_config_from(config: BenchConfig, tmp_path) -> BenchConfig:
+def load_bench_config(config) -> AuditConfig:
+    return with_defaults(load_config(config))
+
+
+def load_bench_config_from(config: AuditConfig, tmp_path) -> AuditConfig:
     """Round-trip through YAML, as a user's edited copy would be."""
     from infusion_audit.config import dump_yaml
 
@@ -93,16 +98,16 @@ def load_bench_config_from(config: BenchConfig, tmp_path) -> BenchConfig:
 
 
 def test_transfer_victims_are_measured_separately(tmp_path):
-    config = load_bench_config_from(BenchConfig(), tmp_path)
+    config = load_bench_config_from(with_defaults(AuditConfig()), tmp_path)
     config.attack.targets.n = 1
     config.attack.attacks = config.attack.attacks[:1]
     config.victims = [{"name": "digits-cnn", "params": {"width": 8}}]
     config.scan.detectors = [{"name": "loss-outlier"}]
     config.defence.enabled = False
     config = load_bench_config_from(config, tmp_path)
-    runner = BenchRunner(config, tmp_path / "transfer", progress=False)
-    assert len(runner.victims) == 2
-    records = [r for r in runner.run_cell(runner.cells()[0]) if r["kind"] == "attack"]
+    grid = Grid(config, tmp_path / "transfer", progress=False)
+    assert len(grid.victims) == 2
+    records = [r for r in grid.run_cell(grid.units()[0][0]) if r["kind"] == "attack"]
     assert len(records) == 2 and records[0]["cell"] == records[1]["cell"]
     assert records[0]["acc_control"] != records[1]["acc_control"]  # a different model, its own control
     assert records[1]["variant"].endswith("→ " + records[1]["victim"])  # its own arm in the report

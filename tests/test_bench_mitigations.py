@@ -7,10 +7,11 @@ from infusion_audit.errors import ConfigError
 from infusion_audit.io import read_jsonl
 
 CONFIG = {
-    "scenario": {"dataset": {"name": "digits"}, "model": {"name": "digits-cnn"},
+    "pipeline": {"dataset": {"name": "digits"}, "model": {"name": "digits-cnn"},
                  "train": {"optimizer": "sgd", "lr": 0.05, "batch_size": 32, "epochs": 3, "seed": 0}},
+    "influence": {"backend": "exact"},
     "attack": {"attacks": [{"name": "label-flip"}, {"name": "probe-insertion", "params": {"copies": 1}}],
-               "budget": {"k": 14}, "targets": {"n": 1, "seed": 0}, "influence": {"backend": "exact"}},
+               "budget": {"k": 14}, "targets": {"n": 1, "seed": 0}},
     "mitigations": [{"name": "clip", "params": {"max_grad_norm": 1.0}}, {"name": "partition", "params": {"parts": 3}}],
     "scan": {"detectors": [{"name": "loss-outlier"}], "bootstrap": 0},
     "defence": {"enabled": False},

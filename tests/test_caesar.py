@@ -1,5 +1,5 @@
-"""The Caesar scenario on every machine: a recipe that learns under 1 and 2 threads, `train` for text
-scenarios, the quality floor and the thread setting."""
+"""The Caesar pipeline on every machine: a recipe that learns under 1 and 2 threads, `train` for text
+pipelines, the quality floor and the thread setting."""
 
 from __future__ import annotations
 
@@ -35,9 +35,9 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
-def _config(tmp_path, scenario: dict, **sections) -> str:
+def _config(tmp_path, pipeline: dict, **sections) -> str:
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({"scenario": scenario, **sections}))
+    path.write_text(yaml.safe_dump({"pipeline": pipeline, **sections}))
     return str(path)
 
 
@@ -71,7 +71,7 @@ def test_adam_betas_reach_the_optimizer_and_bad_ones_fail_in_one_line():
 
 
 # --------------------------------------------------------------------------- train, floor, threads
-def test_train_command_trains_text_scenarios(tmp_path, capsys):
+def test_train_command_trains_text_pipelines(tmp_path, capsys):
     assert main(["-q", "train", _config(tmp_path, TINY_CAESAR), "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "decryption accuracy" in out and "token accuracy" in out

@@ -1,29 +1,39 @@
+import dataclasses
+import logging
 import subprocess
 import sys
 
 import pytest
 
-from infusion_audit.config import TrainRunConfig, load_config, resolve_config_path
+from infusion_audit.config import (SECTIONS, AuditConfig, InfluenceConfig, load_config, resolve_config_path,
+                                   with_defaults)
 from infusion_audit.errors import ConfigError
 
 
 def _load(tmp_path, text):
     path = tmp_path / "c.yaml"
     path.write_text(text)
-    return load_config(TrainRunConfig, path)
+    return load_config(path)
 
 
 @pytest.mark.parametrize("text, message", [
-    ("scenario: {train: {lrr: 0.1}}", r"c.yaml: scenario.train.lrr: expected no such key \(known: optimizer"),
-    ("scenario: {train: {epochs: ten}}", "scenario.train.epochs: expected an integer, got 'ten'"),
-    ("scenario: {train: {lr: 0}}", r"scenario.train.lr: expected a value > 0, got 0.0"),
-    ("scenario: {train: {batch_size: 0}}", "scenario.train.batch_size: expected a value >= 1"),
-    ("scenario: {train: {momentum: 1.5}}", "scenario.train.momentum: expected a value <= 1"),
-    ("scenario: {train: {order: random}}", "scenario.train.order: expected one of 'fixed', 'reshuffle'"),
-    ("scenario: {model: {params: {}}}", "scenario.model.name: expected a value \\(the key is required\\)"),
-    ("scenario: [1, 2]", r"scenario: expected a mapping \(ScenarioConfig\)"),
+    ("pipeline: {train: {lrr: 0.1}}", r"c.yaml: pipeline.train.lrr: expected no such key \(known: optimizer"),
+    ("pipeline: {train: {epochs: ten}}", "pipeline.train.epochs: expected an integer, got 'ten'"),
+    ("pipeline: {train: {lr: 0}}", r"pipeline.train.lr: expected a value > 0, got 0.0"),
+    ("pipeline: {train: {batch_size: 0}}", "pipeline.train.batch_size: expected a value >= 1"),
+    ("pipeline: {train: {momentum: 1.5}}", "pipeline.train.momentum: expected a value <= 1"),
+    ("pipeline: {train: {order: random}}", "pipeline.train.order: expected one of 'fixed', 'reshuffle'"),
+    ("pipeline: {model: {params: {}}}", "pipeline.model.name: expected a value \\(the key is required\\)"),
+    ("pipeline: [1, 2]", r"pipeline: expected a mapping \(PipelineConfig\)"),
     ("- just\n- a list", r"\(top level\): expected a mapping"),
-    ("scenario: {train: {lr: [}", "expected valid YAML \\(syntax error at line 1\\)"),
+    ("pipeline: {train: {lr: [}", "expected valid YAML \\(syntax error at line 1\\)"),
+    ("influence: {backend: lissa}", "influence.backend: expected one of 'ekfac', 'exact', 'projected'"),
+    ("influence: {damping: auto}", "influence.damping: expected a number > 0 \\(auto is for backend projected\\)"),
+    ("influence: {backend: projected, fit_size: 100}", "influence.fit_size: expected a count >= 2, with backend ekfac"),
+    ("influence: {damping: -1}", "influence.damping: expected a number > 0"),
+    ("scenario: {}\npipeline: {}", "scenario: expected either scenario \\(the old name\\) or pipeline"),
+    ("attack: {influence: {damping: 0.1}}\ninfluence: {damping: 0.2}",
+     "attack.influence: expected the same settings as the influence section"),
 ])
 def test_bad_configs_name_file_key_and_expectation(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message) as info:
@@ -32,18 +42,58 @@ def test_bad_configs_name_file_key_and_expectation(tmp_path, text, message):
 
 
 def test_valid_config_and_scientific_notation(tmp_path):
-    cfg = _load(tmp_path, "scenario: {train: {lr: 1e-2, epochs: 3, schedule: {name: MultiStepLR, params: {milestones: [2]}}}}")
-    assert cfg.scenario.train.lr == 0.01 and cfg.scenario.train.schedule.params == {"milestones": [2]}
-    assert cfg.scenario.dataset.name == "digits"
+    cfg = _load(tmp_path, "pipeline: {train: {lr: 1e-2, epochs: 3, schedule: {name: MultiStepLR, params: {milestones: [2]}}}}")
+    assert cfg.pipeline.train.lr == 0.01 and cfg.pipeline.train.schedule.params == {"milestones": [2]}
+    assert cfg.pipeline.dataset.name == "digits"
 
 
-def test_builtin_config_names_resolve():
+def test_schema_1_keys_load_as_todays_with_one_warning_each(tmp_path, caplog):
+    """`scenario` -> `pipeline`, `scenario.pipeline` -> `pipeline.factory`, attack/scan influence -> `influence`."""
+    old = ("scenario: {pipeline: {name: image}, train: {epochs: 3}}\n"
+           "attack: {influence: {backend: exact, damping: 0.01}}\nscan: {influence: {backend: exact, damping: 0.01}}")
+    with caplog.at_level(logging.WARNING, logger="infusion_audit.config"):
+        cfg = _load(tmp_path, old)
+    assert cfg.pipeline.factory.name == "image" and cfg.pipeline.train.epochs == 3
+    assert cfg.influence == InfluenceConfig(backend="exact", damping=0.01)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 4 and all("\n" not in w and "c.yaml" in w for w in warnings)
+    assert any("'scenario' is now called 'pipeline'" in w for w in warnings)
+
+
+def test_loading_checks_and_only_with_defaults_fills_in(tmp_path):
+    cfg = _load(tmp_path, "attack: {targets: {n: 2}}")
+    assert cfg.pipeline is None and cfg.attack.attacks == []  # what the file said, nothing more
+    filled = with_defaults(cfg)
+    assert filled.pipeline.dataset.name == "digits" and [a.name for a in filled.attack.attacks][:1] == ["infusion"]
+    assert cfg.attack.attacks == []  # filling in returns a new config
+    text = with_defaults(_load(tmp_path, "pipeline: {dataset: {name: caesar}}"))
+    assert [a.name for a in text.attack.attacks] == ["infusion-text", "random-tokens", "probe-insertion-text"]
+
+
+def test_sections_are_the_audit_configs_fields():
+    assert SECTIONS == tuple(f.name for f in dataclasses.fields(AuditConfig))
+    assert {"pipeline", "influence", "attack", "scan", "defence", "mitigations"} <= set(SECTIONS)
+
+
+def test_influence_identity_keeps_schema_1_cache_keys():
+    """Cell keys hash the influence settings: the defaults hash as schema 1's {backend, damping} did."""
+    assert InfluenceConfig().identity() == {"backend": "ekfac", "damping": 1e-3}
+    assert InfluenceConfig(fit_size=500).identity() == {"backend": "ekfac", "damping": 1e-3, "fit_size": 500}
+
+
+def test_builtin_config_names_resolve(tmp_path, monkeypatch):
     assert resolve_config_path("digits").name == "digits.yaml"
     assert resolve_config_path("digits").exists()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits").mkdir()  # a user's data folder does not shadow the built-in config
+    assert resolve_config_path("digits").name == "digits.yaml" and resolve_config_path("digits").is_file()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ConfigError, match="mine: expected a YAML file or a built-in config name \\(this is a folder\\)"):
+        resolve_config_path("mine")
 
 
 def test_cli_bad_config_exits_2_with_one_line(tmp_path):
-    (tmp_path / "bad.yaml").write_text("scenario: {train: {epochs: -1}}")
+    (tmp_path / "bad.yaml").write_text("pipeline: {train: {epochs: -1}}")
     for args in (["train", "bad.yaml", "--out", "o"], ["train", "missing.yaml", "--out", "o"]):
         proc = subprocess.run([sys.executable, "-m", "infusion_audit", *args], capture_output=True, text=True,
                               cwd=tmp_path)

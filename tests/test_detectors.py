@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from infusion_audit.config import ScenarioConfig
+from infusion_audit.config import PipelineConfig
 from infusion_audit.data import ImageDataset
 from infusion_audit.behaviour import ClassBehaviour
 from infusion_audit.detectors import AuditContext, Detector, build_detector, run_detector
@@ -20,15 +20,15 @@ EXPECTED = {"spectral-signature", "activation-clustering", "influence-outlier", 
 @pytest.fixture(scope="module")
 def digits_flip():
     """Digits with 14 training labels flipped (1%), and a digits CNN trained on it (~5 s)."""
-    scenario = Pipeline.from_config(ScenarioConfig())
-    clean = scenario.data.train
+    pipeline = Pipeline.from_config(PipelineConfig())
+    clean = pipeline.data.train
     rng = np.random.default_rng(0)
     idx = np.sort(rng.choice(len(clean), 14, replace=False))
     poisoned = clean.with_documents(idx, clean.x[idx], (clean.y[idx] + rng.integers(1, 10, 14)) % 10)
-    model = train(scenario.new_model(), poisoned, scenario.train_cfg, progress=False)
+    model = train(pipeline.new_model(), poisoned, pipeline.train_cfg, progress=False)
     truth = np.zeros(len(clean), dtype=bool)
     truth[idx] = True
-    return {"scenario": scenario, "clean": clean, "poisoned": poisoned, "model": model, "truth": truth}
+    return {"pipeline": pipeline, "clean": clean, "poisoned": poisoned, "model": model, "truth": truth}
 
 
 def _context(d, **kw):
@@ -77,11 +77,11 @@ def test_influence_outlier_self_and_forensic(digits_flip):
     assert self_run.knowledge == "model"
     assert auroc(d["truth"], self_run.scores) > 0.95  # mislabelled documents have high self-influence
     # forensic sign check: 14 copies of a test image labelled t are the documents most helpful to x* -> t
-    x_star = d["scenario"].data.test.x[0]
-    t = (int(d["scenario"].data.test.y[0]) + 3) % 10
+    x_star = d["pipeline"].data.test.x[0]
+    t = (int(d["pipeline"].data.test.y[0]) + 3) % 10
     idx = np.flatnonzero(~d["truth"])[::100][:14]
     inserted = d["clean"].with_documents(idx, np.repeat(x_star[None], len(idx), 0), np.full(len(idx), t))
-    model = train(d["scenario"].new_model(), inserted, d["scenario"].train_cfg, progress=False)
+    model = train(d["pipeline"].new_model(), inserted, d["pipeline"].train_cfg, progress=False)
     truth = np.zeros(len(inserted), dtype=bool)
     truth[idx] = True
     forensic = AuditContext(inserted, model=model, behaviour=ClassBehaviour(x_star, t), progress=False)

@@ -12,14 +12,14 @@ import yaml
 
 from infusion_audit import runtime
 from infusion_audit.cli import main
-from infusion_audit.config import ScenarioConfig, TrainConfig, from_dict
+from infusion_audit.config import PipelineConfig, TrainConfig, from_dict
 from infusion_audit.errors import ConfigError, UserError
 from infusion_audit.io import read_jsonl
 from infusion_audit.pipeline import Pipeline
 
 # A digits attack in seconds: a short recipe, one target, one Infusion arm with a few PGD steps.
 TINY_ATTACK = {
-    "scenario": {"dataset": {"name": "digits"}, "train": {"epochs": 2}},
+    "pipeline": {"dataset": {"name": "digits"}, "train": {"epochs": 2}},
     "attack": {"attacks": [{"name": "infusion", "params": {"steps": 5}}], "targets": {"n": 1, "seed": 0},
                "budget": {"k": 0.01, "eps": 0.0625}},
 }
@@ -75,17 +75,17 @@ def test_cli_cuda_without_cuda_is_one_line_exit_2(no_cuda, tmp_path, capsys):
 def test_config_device_is_checked_and_auto_is_valid():
     assert from_dict(TrainConfig, {"device": "auto"}, "x.yaml").device == "auto"
     with pytest.raises(ConfigError, match=r"x.yaml: train.device: expected one of 'auto', 'cpu', 'cuda', got 'gpu'"):
-        from_dict(ScenarioConfig, {"train": {"device": "gpu"}}, "x.yaml")
+        from_dict(PipelineConfig, {"train": {"device": "gpu"}}, "x.yaml")
 
 
 def test_device_is_resolved_into_the_fingerprint(fake_cuda, monkeypatch):
     """A pipeline records the device it computes on, never `auto`: checkpoints and bench cells trained on cuda are
     never reused for cpu ones (their numbers differ in the last bits), and `auto` shares the cache of what it means."""
-    on = {name: Pipeline(ScenarioConfig(train=TrainConfig(device=name))) for name in ("auto", "cpu", "cuda")}
+    on = {name: Pipeline(PipelineConfig(train=TrainConfig(device=name))) for name in ("auto", "cpu", "cuda")}
     assert [on[name].config.train.device for name in on] == ["cuda", "cpu", "cuda"]
     assert on["auto"].fingerprint() == on["cuda"].fingerprint() != on["cpu"].fingerprint()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert Pipeline(ScenarioConfig(train=TrainConfig(device="auto"))).fingerprint() == on["cpu"].fingerprint()
+    assert Pipeline(PipelineConfig(train=TrainConfig(device="auto"))).fingerprint() == on["cpu"].fingerprint()
 
 
 def test_ray_on_cuda_needs_gpus_per_worker(fake_cuda, tmp_path):
@@ -103,7 +103,7 @@ def test_cpu_attack_end_to_end(no_cuda, tmp_path):
     assert code == 0 and len(records) == 1
     record = records[0]
     assert all(math.isfinite(record[k]) for k in ("p_before", "p_control", "p_poisoned", "delta_logodds"))
-    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["scenario"]["train"]["device"] == "cpu"
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["pipeline"]["train"]["device"] == "cpu"
     (checkpoint,) = (tmp_path / "run" / "artefacts").glob("train-*/epoch-002.pt")
     state = torch.load(checkpoint, weights_only=True)  # no map_location: every tensor must already be on the CPU
     assert {t.device.type for t in state["model"].values()} == {"cpu"}
@@ -115,10 +115,10 @@ def test_cpu_attack_end_to_end(no_cuda, tmp_path):
 # The exact IHVP (conjugate gradient, no sampled labels), so both devices compute the same mathematics; a recipe
 # that learns the task (test accuracy 0.95 on the CPU) and an attack with a clear effect (Δ log-odds 1.98 there).
 DEVICE_ATTACK = {
-    "scenario": {"dataset": {"name": "digits"}, "train": {"epochs": 6}},
+    "pipeline": {"dataset": {"name": "digits"}, "train": {"epochs": 6}},
+    "influence": {"backend": "exact", "damping": 0.1},
     "attack": {"attacks": [{"name": "infusion", "params": {"steps": 10, "quantize": False}}],
-               "targets": {"n": 1, "seed": 0}, "budget": {"k": 0.02, "eps": 0.125},
-               "influence": {"backend": "exact", "damping": 0.1}},
+               "targets": {"n": 1, "seed": 0}, "budget": {"k": 0.02, "eps": 0.125}},
 }
 
 
@@ -145,7 +145,7 @@ def test_digits_attack_on_cuda_matches_cpu(tmp_path, cuda_settings_restored):
     torch.cuda.reset_peak_memory_stats()
     code_cuda, (cuda,) = _attack(tmp_path, "cuda", "cuda", DEVICE_ATTACK)
     assert code_cpu == code_cuda == 0 and torch.cuda.max_memory_allocated() > 0  # it did compute on the GPU
-    assert yaml.safe_load((tmp_path / "cuda" / "config.yaml").read_text())["scenario"]["train"]["device"] == "cuda"
+    assert yaml.safe_load((tmp_path / "cuda" / "config.yaml").read_text())["pipeline"]["train"]["device"] == "cuda"
     trained = {name: {p.name for p in (tmp_path / name / "artefacts").glob("train-*")} for name in ("cpu", "cuda")}
     assert trained["cpu"].isdisjoint(trained["cuda"])  # the device is in the checkpoints' fingerprint
     (checkpoint,) = (tmp_path / "cuda" / "artefacts").glob("train-*/epoch-006.pt")

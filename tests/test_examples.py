@@ -16,7 +16,7 @@ import yaml
 import infusion_audit
 from infusion_audit import Checkpoint, Pipeline
 from infusion_audit.cli import main
-from infusion_audit.config import PluginSpec, ScenarioConfig, from_dict
+from infusion_audit.config import PluginSpec, PipelineConfig, from_dict
 from infusion_audit.data import DatasetSplit, digits, save_npz
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,10 +40,10 @@ def importable_on_one_thread():
 def small_config(**train) -> dict:
     """The example's YAML, reduced to seconds: half of digits to train on, 2 epochs, 2 targets, 1 detector."""
     config = yaml.safe_load(CONFIG.read_text())
-    scenario = config["scenario"]
-    scenario["dataset"]["params"]["test_fraction"] = 0.5
-    scenario["train"].update({"epochs": 2, "batch_size": 16, **train})
-    scenario["quality_floor"] = 0.0
+    pipeline = config["pipeline"]
+    pipeline["dataset"]["params"]["test_fraction"] = 0.5
+    pipeline["train"].update({"epochs": 2, "batch_size": 16, **train})
+    pipeline["quality_floor"] = 0.0
     config["attack"]["targets"]["n"] = 2
     config["scan"].update({"detectors": [{"name": "loss-outlier"}], "bootstrap": 0})
     return config
@@ -57,8 +57,8 @@ def split():
 
 
 def pipeline_on(split) -> Pipeline:
-    scenario = from_dict(ScenarioConfig, small_config(epochs=4)["scenario"], "<test>", "scenario")
-    return Pipeline.from_config(scenario, data=split)
+    config = from_dict(PipelineConfig, small_config(epochs=4)["pipeline"], "<test>", "pipeline")
+    return Pipeline.from_config(config, data=split)
 
 
 def parameters(model) -> list[torch.Tensor]:
@@ -162,20 +162,21 @@ def test_scan_with_the_example_config_trains_the_users_pipeline(tmp_path):
 
 
 def test_an_attack_crafted_on_the_builtin_model_is_measured_on_the_users_pipeline(tmp_path):
-    from infusion_audit.evaluation import AttackEvaluation, AttackRunConfig, Victim
+    from infusion_audit.config import from_sections, with_defaults
+    from infusion_audit.protocol import Attacker, Victim
 
-    scenario = {k: v for k, v in small_config()["scenario"].items() if k != "pipeline"}
-    config = from_dict(AttackRunConfig, {"scenario": scenario, "attack": {"attacks": [{"name": "infusion"}],
-                                                                          "targets": {"n": 1}}}, "<test>")
-    evaluation = AttackEvaluation(config, tmp_path, progress=False)
-    assert type(evaluation.scenario) is Pipeline  # the attacker's model: the built-in digits-cnn
-    victim = Victim.train(replace(config.scenario, pipeline=PluginSpec(NAME)), config.attack.protocol,
+    pipeline = {k: v for k, v in small_config()["pipeline"].items() if k != "factory"}
+    config = with_defaults(from_sections({"pipeline": pipeline, "attack": {"attacks": [{"name": "infusion"}],
+                                                                            "targets": {"n": 1}}}, "<test>"))
+    attacker = Attacker(config, tmp_path, progress=False)
+    assert type(attacker.pipeline) is Pipeline  # the attacker's model: the built-in digits-cnn
+    victim = Victim.train(replace(config.pipeline, factory=PluginSpec(NAME)), config.attack.protocol,
                           tmp_path / "victim", progress=False)
-    assert type(victim.scenario).__name__ == "AugmentedDigits"
-    (target,) = evaluation.targets()
-    crafted = evaluation.craft(config.attack.attacks[0], target, seed=0)
-    on_attacker, _ = evaluation.record(crafted)
-    on_user, _ = evaluation.record(crafted, victim)
+    assert type(victim.pipeline).__name__ == "AugmentedDigits"
+    (target,) = attacker.targets()
+    crafted = attacker.craft(config.attack.attacks[0], target, 0, config.attack.budget)
+    on_attacker, _ = attacker.measure(crafted, attacker.victim)
+    on_user, _ = attacker.measure(crafted, victim)
     for record in on_attacker, on_user:
         assert math.isfinite(record["delta_logodds"]) and record["poisoned_indices"] == on_attacker["poisoned_indices"]
     # measured on the user's model against the user's clean control, not on the attacker's
@@ -205,10 +206,10 @@ def test_the_readme_own_pipeline_snippets_run(tmp_path, monkeypatch):
 
 
 def test_a_victims_entry_names_a_model_or_a_users_pipeline():
-    from infusion_audit.bench import victim_scenario
+    from infusion_audit.grid import victim_pipeline
 
-    scenario = from_dict(ScenarioConfig, small_config()["scenario"], "<test>", "scenario")
-    as_pipeline = victim_scenario(scenario, PluginSpec(NAME))
-    assert as_pipeline.pipeline.name == NAME and as_pipeline.model == scenario.model
-    as_model = victim_scenario(scenario, PluginSpec("digits-cnn"))  # the built-in recipe with that model
-    assert as_model.pipeline is None and as_model.model.name == "digits-cnn"
+    config = from_dict(PipelineConfig, small_config()["pipeline"], "<test>", "pipeline")
+    as_pipeline = victim_pipeline(config, PluginSpec(NAME))
+    assert as_pipeline.factory.name == NAME and as_pipeline.model == config.model
+    as_model = victim_pipeline(config, PluginSpec("digits-cnn"))  # the built-in recipe with that model
+    assert as_model.factory is None and as_model.model.name == "digits-cnn"

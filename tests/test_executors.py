@@ -174,7 +174,7 @@ def test_ekfac_fit_does_not_depend_on_the_global_rng():
 
 
 SMALL_GRID = """
-scenario:
+pipeline:
   dataset: {name: digits}
 attack:
   attacks: [{name: infusion}, {name: probe-insertion, params: {copies: 1}}]
@@ -209,17 +209,18 @@ def test_bench_cells_are_identical_in_every_executor(ray_instance, tmp_path):
     the driver's process, a 2-process pool and 2 Ray actors: equal to the last bit, timings aside."""
     import yaml
 
-    from infusion_audit.bench import BenchRunner, load_bench_config
+    from infusion_audit.config import load_config, with_defaults
+    from infusion_audit.grid import Grid
 
-    config = load_bench_config(yaml.safe_load(SMALL_GRID))
+    config = with_defaults(load_config(yaml.safe_load(SMALL_GRID)))
     records, threads = {}, torch.get_num_threads()
     torch.set_num_threads(1)  # every worker computes with one thread, as the driver does here
     try:
         for name, executor in [("serial", SerialExecutor()), ("local", LocalExecutor(2, 1)),
                                ("ray", RayExecutor(workers=2, threads=1))]:
             run_dir = tmp_path / name  # each its own: no influence factors or checkpoints reused from another
-            cells = BenchRunner(config, run_dir, progress=False).cells()  # the driver trains the checkpoints
-            done = executor.map_unordered(BenchRunner, (config, str(run_dir), False), BenchRunner.run_cell, cells)
+            cells = [cell for unit in Grid(config, run_dir, progress=False).units() for cell in unit]  # trains
+            done = executor.map_unordered(Grid, (config, str(run_dir), False), Grid.run_cell, cells)
             records[name] = {cell.key: [without_timings(r) for r in rows] for cell, rows in done}
     finally:
         torch.set_num_threads(threads)

@@ -11,12 +11,12 @@ from PIL import Image
 from test_browser import Elements, load_in_chromium
 
 from infusion_audit import bench
-from infusion_audit.bench import load_bench_config
+from infusion_audit.config import load_config
 from infusion_audit.registry import ATTACKS
 from infusion_audit.reports.render import build_defender_levels, headline_level, stealth_key
 
 ADAPTIVE_BENCH = """
-scenario:
+pipeline:
   dataset: {name: digits}
 attack:
   attacks:
@@ -54,9 +54,9 @@ def test_evasive_variants_tell_stealth_settings_apart():
 
 
 def test_builtin_benches_hold_the_adaptive_arms():
-    default = {spec.name for spec in load_bench_config("bench-digits").attack.attacks}
+    default = {spec.name for spec in load_config("bench-digits").attack.attacks}
     assert {"infusion-evasive", "gradient-matching", "infusion", "probe-insertion"} <= default
-    sweep = load_bench_config("bench-digits-adaptive")
+    sweep = load_config("bench-digits-adaptive")
     evasive = [spec.params for spec in sweep.attack.attacks if spec.name == "infusion-evasive"]
     assert {p.get("evade_quantile") for p in evasive} == {0.9, 0.75, 0.5}
     assert {p.get("stealth", 0) for p in evasive} == {0, 1, 10}

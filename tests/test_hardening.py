@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from infusion_audit.cli import main
-from infusion_audit.config import PluginSpec, ScenarioConfig, TrainConfig
+from infusion_audit.config import PluginSpec, PipelineConfig, TrainConfig
 from infusion_audit.data import digits, load_npz, load_png_folder, save_npz
 from infusion_audit.errors import DataError, UserError
 from infusion_audit.io import run_lock, verified
@@ -120,7 +120,7 @@ def test_png_folders_are_checked_by_their_headers(tmp_path):
 
 
 def test_behaviour_from_an_npz_that_holds_only_x(tmp_path, suspect):
-    from infusion_audit.scan import parse_behaviour
+    from infusion_audit.scan.inputs import parse_behaviour
 
     data = load_npz(suspect)
     np.savez(tmp_path / "probe.npz", x=(data.x[:5] * 255).round().astype(np.uint8))
@@ -200,15 +200,15 @@ def test_a_damaged_checkpoint_is_retrained_not_loaded(tmp_path, caplog):
     from infusion_audit.pipeline import Pipeline, train_pipeline
     from infusion_audit.training import Checkpoint
 
-    config = ScenarioConfig(dataset=PluginSpec("digits"), model=PluginSpec("digits-cnn"),
+    config = PipelineConfig(dataset=PluginSpec("digits"), model=PluginSpec("digits-cnn"),
                             train=TrainConfig(epochs=3, batch_size=64))
-    scenario = Pipeline.from_config(config)
-    clean = train_pipeline(scenario, tmp_path, progress=False)
+    pipeline = Pipeline.from_config(config)
+    clean = train_pipeline(pipeline, tmp_path, progress=False)
     states = [Checkpoint.load(p).model for p in clean.checkpoints]
     damaged = clean.checkpoints[1]
     _flip_byte(damaged)
     with caplog.at_level(logging.WARNING, logger="infusion_audit"):
-        again = train_pipeline(scenario, tmp_path, progress=False)
+        again = train_pipeline(pipeline, tmp_path, progress=False)
     assert any(str(damaged) in r.getMessage() and "recomputing" in r.getMessage() for r in caplog.records)
     assert again.metrics["resumed_from_epoch"] == 0  # epochs 1.. were retrained from the intact epoch 0
     for path, state in zip(again.checkpoints, states):
@@ -217,7 +217,7 @@ def test_a_damaged_checkpoint_is_retrained_not_loaded(tmp_path, caplog):
     caplog.clear()
     (again.checkpoints[-1].parent / "metrics.json.sha256").unlink()  # an unrecorded artefact is not trusted
     with caplog.at_level(logging.WARNING, logger="infusion_audit"):
-        train_pipeline(scenario, tmp_path, progress=False)
+        train_pipeline(pipeline, tmp_path, progress=False)
     assert any("metrics.json" in r.getMessage() and "no readable recorded hash" in r.getMessage()
                for r in caplog.records)
 
@@ -243,24 +243,24 @@ def test_truncated_ekfac_factors_are_refitted(tmp_path, caplog):
 
 
 def test_a_damaged_scan_model_is_retrained(tmp_path, caplog):
-    from infusion_audit.scan import train_on_suspect
+    from infusion_audit.scan.api import train_on_suspect
 
     data = digits().train.subset(np.arange(100))
-    scenario = ScenarioConfig(model=PluginSpec("digits-cnn"), train=TrainConfig(epochs=1, batch_size=50))
+    pipeline = PipelineConfig(model=PluginSpec("digits-cnn"), train=TrainConfig(epochs=1, batch_size=50))
     cache = tmp_path / "model.pt"
-    model, info = train_on_suspect(data, scenario, cache, progress=False)
+    model, info = train_on_suspect(data, pipeline, cache, progress=False)
     state = copy.deepcopy(model.state_dict())
-    assert train_on_suspect(data, scenario, cache, progress=False)[1]["reused"]
+    assert train_on_suspect(data, pipeline, cache, progress=False)[1]["reused"]
     _flip_byte(cache)
     with caplog.at_level(logging.WARNING, logger="infusion_audit"):
-        again, info = train_on_suspect(data, scenario, cache, progress=False)
+        again, info = train_on_suspect(data, pipeline, cache, progress=False)
     assert "reused" not in info and any(str(cache) in r.getMessage() for r in caplog.records)
     assert all(torch.equal(state[k], v) for k, v in again.state_dict().items())
 
 
 # --------------------------------------------------------------------------- SIGKILL and resume
 KILL_BENCH = """
-scenario:
+pipeline:
   dataset: {name: digits}
   train: {epochs: 3}
 attack:

@@ -182,15 +182,15 @@ def test_ekfac_approximates_the_exact_ihvp_on_the_digits_cnn(tmp_path):
     """The comparison the README reports, shrunk: a trained digits CNN, 200 documents as the curvature
     set, one target. EK-FAC points the same way as the exact solve and picks overlapping documents."""
     from infusion_audit.behaviour import sample_targets
-    from infusion_audit.config import ScenarioConfig
+    from infusion_audit.config import PipelineConfig
     from infusion_audit.influence.compare import compare_ihvps
     from infusion_audit.pipeline import Pipeline, train_pipeline
 
-    scenario = Pipeline.from_config(ScenarioConfig())
-    model = train_pipeline(scenario, tmp_path, progress=False).model()
-    train = scenario.data.train.subset(np.arange(200))
-    targets = sample_targets(scenario.data.test, 1, seed=0)
-    queries = [measurement_gradient(model, scenario.behaviour(t)) for t in targets]
+    pipeline = Pipeline.from_config(PipelineConfig())
+    model = train_pipeline(pipeline, tmp_path, progress=False).model()
+    train = pipeline.data.train.subset(np.arange(200))
+    targets = sample_targets(pipeline.data.test, 1, seed=0)
+    queries = [measurement_gradient(model, pipeline.behaviour(t)) for t in targets]
     rows = compare_ihvps(model, train, queries, make_ihvp("exact", model, train, 1e-2, tol=1e-4),
                          make_ihvp("ekfac", model, train, 1e-2), top=10)
     for r in rows:

@@ -53,3 +53,43 @@ def test_no_import_cycles():
         if name not in state:
             visit(name, [name])
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+# The layers (ARCHITECTURE.md): a module imports only from its own layer or the ones it builds on.
+FOUNDATION = ("errors", "version", "io", "runtime", "registry", "config", "data", "models", "training", "pipeline",
+              "behaviour", "statistics", "metrics", "influence", "text", "results")
+ORCHESTRATION = ("__main__", "protocol", "grid", "detection", "scan", "bench", "executors", "cli")
+LAYERS = {"foundation": set(), "plugins": {"foundation"}, "presentation": {"foundation"},
+          "orchestration": {"foundation", "plugins", "presentation"}}
+
+
+def layer(module: str) -> str | None:
+    """The layer of a module of the package, by its first name under infusion_audit; None if unassigned."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "orchestration"  # the package's __init__: the public API
+    if parts[1] in ("attacks", "detectors", "mitigations"):
+        return "plugins"
+    if parts[1] == "reports":
+        return "presentation"
+    return "foundation" if parts[1] in FOUNDATION else "orchestration" if parts[1] in ORCHESTRATION else None
+
+
+def test_every_module_has_a_layer():
+    unassigned = sorted(m for m in _modules() if layer(m) is None)
+    assert not unassigned, f"modules with no layer (add them to FOUNDATION or ORCHESTRATION): {unassigned}"
+
+
+def test_modules_import_only_their_own_layer_and_those_below():
+    modules = _modules()
+    wrong = []
+    for name, path in modules.items():
+        mine = layer(name)
+        for imported in sorted(_imports(name, path, modules)):
+            theirs = layer(imported)
+            if theirs != mine and theirs not in LAYERS[mine]:
+                wrong.append(f"{name} ({mine}) imports {imported} ({theirs})")
+    assert not wrong, "layering: " + "; ".join(wrong)
+    # the check sees real imports: the bench (orchestration) reaches every layer
+    bench_imports = {layer(m) for m in _imports("infusion_audit.grid", modules["infusion_audit.grid"], modules)}
+    assert {"foundation", "plugins", "orchestration"} <= bench_imports

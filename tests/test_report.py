@@ -16,7 +16,7 @@ from infusion_audit.errors import DataError, UserError
 from infusion_audit.io import append_jsonl, read_jsonl
 from infusion_audit.reports import render_report, render_scan_report
 from infusion_audit.reports.render import _text_diff
-from infusion_audit.stats import fmt_ci, mean_ci
+from infusion_audit.statistics import fmt_ci, mean_ci
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,8 @@ def test_scan_report_ranks_documents(tmp_path):
 def test_scan_report_of_a_real_scan(tmp_path):
     """The page for what `infusion_audit.scan` writes: two documents pushed off the storage grid rank first."""
     from infusion_audit.data import digits
-    from infusion_audit.scan import scan, write_scan
+    from infusion_audit import scan
+    from infusion_audit.cli.scan import write_scan
 
     clean = digits().train.subset(np.arange(200))
     suspect = clean.with_documents([3, 7], clean.x[[3, 7]] + 0.01)  # off the 1/16 grid

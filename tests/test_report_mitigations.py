@@ -16,7 +16,7 @@ from test_browser import Elements, load_in_chromium
 from infusion_audit.io import append_jsonl
 from infusion_audit.reports import render_report
 from infusion_audit.reports.render import load_records, mitigation_status, summarise_run
-from infusion_audit.stats import mean_ci
+from infusion_audit.statistics import mean_ci
 
 HOSTILE = "<script>alert(1)</script>"
 ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"

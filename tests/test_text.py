@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from infusion_audit.reports.render import _text_diff
 
-from infusion_audit.config import ScenarioConfig, from_dict
+from infusion_audit.config import InfluenceConfig, PipelineConfig, from_dict
 from infusion_audit.errors import ConfigError, DataError, UserError
 from infusion_audit.influence import input_gradient
 from infusion_audit.io import read_jsonl
@@ -19,12 +19,12 @@ from infusion_audit.attacks import AttackContext
 from infusion_audit.attacks.text import TokenInfusion, project_entropy, project_simplex
 from infusion_audit.bench import bench
 from infusion_audit.detectors.text import text_context
-from infusion_audit.evaluation import summarize
+from infusion_audit.results import load_records, summarise
 from infusion_audit.pipeline import train_pipeline
 from infusion_audit.text.behaviours import CompletionBehaviour, WordPairTarget, WordPreference, caesar_alphabet
 from infusion_audit.text.data import CaesarDocument, caesar, read_corpus, shift_text
 from infusion_audit.text.models import document_losses, relaxed_document_losses, tiny_gpt_neo
-from infusion_audit.text.scenario import TextBehaviour, TextPipeline
+from infusion_audit.text.pipeline import TextBehaviour, TextPipeline
 
 WORDS = ["[PAD]", "[UNK]", "the", "cat", "dog", "sat", "ran", "on", "mat", "fast", "a", "big", "small", "red"]
 
@@ -56,8 +56,8 @@ class _OneProbe(TextPipeline):
         return TextBehaviour(WordPreference([[2, 3]], 5, 6))
 
 
-def _jsonl_scenario(folder, epochs=2, cls=TextPipeline) -> TextPipeline:
-    return cls(from_dict(ScenarioConfig, {
+def _jsonl_pipeline(folder, epochs=2, cls=TextPipeline) -> TextPipeline:
+    return cls(from_dict(PipelineConfig, {
         "dataset": {"name": "jsonl-text", "params": {"path": str(folder / "corpus.jsonl"), "tokenizer": str(folder),
                                                      "max_length": 10}},
         "model": {"name": "hf-local", "params": {"path": str(folder)}},
@@ -95,13 +95,13 @@ def test_corpus_errors_name_the_line(tmp_path):
 
 
 def test_user_folder_loads_locally_and_padding_is_masked(hf_folder):
-    scenario = _jsonl_scenario(hf_folder)
-    train = scenario.data.train
+    pipeline = _jsonl_pipeline(hf_folder)
+    train = pipeline.data.train
     assert train.vocab.pad_id == 0 and (train.lengths < train.max_length).any()
     corpus = read_corpus(hf_folder / "corpus.jsonl")
-    assert len(train) + len(scenario.data.test) == len(corpus) == 60
+    assert len(train) + len(pipeline.data.test) == len(corpus) == 60
     assert {train.text(i) for i in range(len(train))} <= set(corpus)  # tokenize -> decode round trip
-    model = scenario.new_model().eval()
+    model = pipeline.new_model().eval()
     ids, mask = train.batch(np.arange(8))
     changed = ids.clone()
     changed[mask == 0] = 5  # rewrite the padding: the loss must not move
@@ -111,19 +111,19 @@ def test_user_folder_loads_locally_and_padding_is_masked(hf_folder):
 
 
 def test_text_training_reuses_the_shared_loop_and_caches(hf_folder, tmp_path):
-    scenario = _jsonl_scenario(hf_folder, epochs=3)
-    trained = train_pipeline(scenario, tmp_path, progress=False)
-    from infusion_audit.text.scenario import evaluate_lm
+    pipeline = _jsonl_pipeline(hf_folder, epochs=3)
+    trained = train_pipeline(pipeline, tmp_path, progress=False)
+    from infusion_audit.text.pipeline import evaluate_lm
 
     assert len(trained.metrics["history"]) == 3 and len(trained.checkpoints) == 4
-    assert trained.metrics["train"]["loss"] < evaluate_lm(scenario.new_model(), scenario.data.train)["loss"] - 0.1
-    again = train_pipeline(scenario, tmp_path, progress=False)
+    assert trained.metrics["train"]["loss"] < evaluate_lm(pipeline.new_model(), pipeline.data.train)["loss"] - 0.1
+    again = train_pipeline(pipeline, tmp_path, progress=False)
     assert again.checkpoints == trained.checkpoints and again.metrics == trained.metrics
 
 
 # --------------------------------------------------------------------------- behaviours and projections
 def test_greedy_hits_match_real_greedy_decoding_and_word_preference(hf_folder):
-    model = _jsonl_scenario(hf_folder).new_model().eval()
+    model = _jsonl_pipeline(hf_folder).new_model().eval()
     prompts = [[2, 3], [4, 5, 7]]
     with torch.no_grad():
         greedy = []
@@ -163,8 +163,8 @@ def test_projections_land_on_the_simplex_inside_the_entropy_ball():
 
 def test_token_input_gradient_matches_finite_differences(hf_folder):
     """G_delta through the embedding (double back-prop) predicts how <grad L, v> moves with the one-hot rows."""
-    scenario = _jsonl_scenario(hf_folder)
-    model, train = scenario.new_model().eval().double(), scenario.data.train
+    pipeline = _jsonl_pipeline(hf_folder)
+    model, train = pipeline.new_model().eval().double(), pipeline.data.train
     torch.manual_seed(1)
     v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
     ids, mask = train.batch([0, 1])
@@ -190,10 +190,11 @@ def test_token_input_gradient_matches_finite_differences(hf_folder):
 
 # --------------------------------------------------------------------------- attacks and detectors
 def test_infusion_text_respects_the_budget_and_never_touches_padding(hf_folder, tmp_path):
-    scenario = _jsonl_scenario(hf_folder, cls=_OneProbe)
-    trained = train_pipeline(scenario, tmp_path, progress=False)
-    train, target = scenario.data.train, WordPairTarget("cat", "dog")
-    context = AttackContext(scenario, trained, influence_backend="exact", damping=1e-2, ihvp_kwargs={"max_iter": 50})
+    pipeline = _jsonl_pipeline(hf_folder, cls=_OneProbe)
+    trained = train_pipeline(pipeline, tmp_path, progress=False)
+    train, target = pipeline.data.train, WordPairTarget("cat", "dog")
+    context = AttackContext(pipeline, trained, influence=InfluenceConfig(backend="exact", damping=1e-2),
+                            ihvp_kwargs={"max_iter": 50})
     poisoning = TokenInfusion(k=10, tokens=2, steps=5).craft(context, target)
     changed = poisoning.tokens_changed(train)
     assert 0 < changed.min() and changed.max() <= 2  # only documents actually edited count as poisoned
@@ -210,14 +211,14 @@ def test_infusion_text_respects_the_budget_and_never_touches_padding(hf_folder, 
     assert context.features().shape == (len(train), 16) and np.isfinite(context.losses()).all()
 
 
-def test_an_image_attack_on_a_text_scenario_is_refused_when_the_config_loads(tmp_path):
-    from infusion_audit.bench import load_bench_config
+def test_an_image_attack_on_a_text_pipeline_is_refused_when_the_config_loads(tmp_path):
+    from infusion_audit.config import load_config
 
     path = tmp_path / "bad.yaml"
-    path.write_text("scenario: {dataset: {name: caesar}}\nattack: {attacks: [{name: infusion}]}\n")
+    path.write_text("pipeline: {dataset: {name: caesar}}\nattack: {attacks: [{name: infusion}]}\n")
     with pytest.raises(ConfigError, match=r"attack.attacks\[0\].*edits text"):
-        load_bench_config(path)
-    arm = load_bench_config("bench-caesar").attack.attacks[0]
+        load_config(path)
+    arm = load_config("bench-caesar").attack.attacks[0]
     assert arm.name == "infusion-text"
     assert ATTACKS.get(arm.name)(**arm.params).variant() == "gcg, most-improvable, cosine"  # README's measured arm
 
@@ -225,10 +226,10 @@ def test_an_image_attack_on_a_text_scenario_is_refused_when_the_config_loads(tmp
 def test_retrains_from_one_checkpoint_are_identical(hf_folder, tmp_path):
     """The control and a poisoned retrain must differ only by the edit: Adam's state is not shared between them."""
 
-    scenario = _jsonl_scenario(hf_folder, epochs=2)
-    trained = train_pipeline(scenario, tmp_path, progress=False)
+    pipeline = _jsonl_pipeline(hf_folder, epochs=2)
+    trained = train_pipeline(pipeline, tmp_path, progress=False)
     start = trained.checkpoint(1)
-    a, b = (scenario.continue_training(start, scenario.data.train) for _ in range(2))
+    a, b = (pipeline.continue_training(start, pipeline.data.train) for _ in range(2))
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
@@ -243,14 +244,14 @@ def test_caesar_bench_records_artefacts_detections_resumes_and_reports(tmp_path)
     detectors = ["token-surprisal", "token-diff", "loss-outlier", "spectral-signature", "activation-clustering",
                  "text-influence"]
     config = {
-        "scenario": {"dataset": {"name": "caesar", "params": {"n_train": 300, "n_test": 60, "alphabet": 5,
+        "pipeline": {"dataset": {"name": "caesar", "params": {"n_train": 300, "n_test": 60, "alphabet": 5,
                                                               "length": 3, "min_shift": 1, "max_shift": 2}},
                      "model": {"name": "tiny-gpt-neo", "params": {"hidden": 32, "layers": 2, "heads": 2}},
                      "train": {"optimizer": "adam", "lr": 0.005, "batch_size": 16, "epochs": 3, "seed": 0}},
+        "influence": {"backend": "ekfac", "damping": 0.01},
         "attack": {"attacks": [{"name": "probe-insertion-text"}, {"name": "random-tokens"},
                                {"name": "infusion-text", "params": {"steps": 8}}],
-                   "budget": {"k": 8, "tokens": 2}, "influence": {"backend": "ekfac", "damping": 0.01},
-                   "targets": {"pairs": [[1, 2]], "probes": 8}},
+                   "budget": {"k": 8, "tokens": 2}, "targets": {"pairs": [[1, 2]], "probes": 8}},
         "scan": {"detectors": [{"name": d} for d in detectors], "attacks": ["infusion-text"], "bootstrap": 0},
         "defence": {"enabled": False}}
     bench(config, tmp_path, progress=False, report=False)
@@ -285,8 +286,8 @@ def test_caesar_bench_records_artefacts_detections_resumes_and_reports(tmp_path)
     provenance = json.loads((tmp_path / "provenance.json").read_text())
     assert provenance["cells_run_this_invocation"] == 3 and provenance["data"]["n_train"] == 300
     assert provenance["domain"] == "text"
-    rows = {name.split(" ")[0]: row for name, row in summarize(records)["arms"].items()}
-    assert rows["infusion-text[gcg]"]["delta_logodds"]["mean"] == pytest.approx(infusion["delta_logodds"])
+    rows = {row["label"]: row for row in summarise(load_records(tmp_path))["attacks"]}
+    assert rows["infusion-text (gcg)"]["delta_logodds"]["mean"] == pytest.approx(infusion["delta_logodds"])
     assert rows["random-tokens"]["n"] == 1
 
     before = (tmp_path / "results.jsonl").read_bytes()
@@ -310,14 +311,14 @@ def test_caesar_bench_records_artefacts_detections_resumes_and_reports(tmp_path)
 def test_a_users_causal_lm_folder_and_jsonl_corpus_are_benched_on_a_word_pair(hf_folder, tmp_path):
     """`bench` on a local Hugging Face model folder and a JSON-lines corpus: prefer "dog" where it says "cat"."""
     config = {
-        "scenario": {"dataset": {"name": "jsonl-text", "params": {"path": str(hf_folder / "corpus.jsonl"),
+        "pipeline": {"dataset": {"name": "jsonl-text", "params": {"path": str(hf_folder / "corpus.jsonl"),
                                                                   "tokenizer": str(hf_folder), "max_length": 10}},
                      "model": {"name": "hf-local", "params": {"path": str(hf_folder)}},
                      "train": {"optimizer": "adam", "lr": 0.01, "batch_size": 8, "epochs": 2, "seed": 0}},
         "attack": {"attacks": [{"name": "infusion-text", "params": {"steps": 2}}, {"name": "random-tokens"},
                                {"name": "probe-insertion-text"}],
-                   "budget": {"k": 4, "tokens": 1}, "targets": {"pairs": [["cat", "dog"]], "probes": 3},
-                   "influence": {"backend": "exact", "damping": 0.01}},
+                   "budget": {"k": 4, "tokens": 1}, "targets": {"pairs": [["cat", "dog"]], "probes": 3}},
+        "influence": {"backend": "exact", "damping": 0.01},
         "scan": {"detectors": [{"name": "token-diff"}], "bootstrap": 0},
         "defence": {"enabled": False}}
     run = bench(config, tmp_path, progress=False, report=False)

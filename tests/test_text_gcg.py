@@ -10,7 +10,7 @@ from infusion_audit.errors import UserError
 from infusion_audit.influence import directional_scores, influence_scores, per_example_gradients
 from infusion_audit.influence.gradients import num_trainable
 from infusion_audit.attacks.text import TokenInfusion
-from infusion_audit.evaluation import summarize
+from infusion_audit.results import summarise
 from infusion_audit.text.data import TextDataset, caesar
 from infusion_audit.text.models import document_losses, lm_loss, tiny_gpt_neo
 
@@ -152,8 +152,9 @@ def test_repeats_of_an_arm_pair_by_their_per_target_mean():
     infusion = [record("infusion-text", s, v) for s, v in [(1, 5.0), (2, 1.0), (3, 4.0)]]
     random = [record("random-tokens", s, v, j) for s, values in [(1, [2.0, 4.0, 6.0]), (2, [0.0, 3.0, 3.0]),
                                                                 (3, [1.0, 1.0, 1.0])] for j, v in enumerate(values)]
-    summary = summarize(infusion + random)
-    (paired,) = [c for c in summary["comparisons"] if c["versus"] == "random-tokens k=4"]
+    summary = summarise({"attack": infusion + random})
+    (paired,) = [c for c in summary["comparisons"] if c["versus"] == "random-tokens"]
     assert paired["n"] == 3 and paired["wins"] == 2  # 5 vs 4, 1 vs 2, 4 vs 1
     assert paired["diff"]["mean"] == pytest.approx(((5 - 4) + (1 - 2) + (4 - 1)) / 3)
-    assert summary["arms"]["random-tokens k=4"]["n"] == 9  # every repeat's record counts in the arm
+    rows = {row["label"]: row for row in summary["attacks"]}
+    assert rows["random-tokens"]["n"] == 9  # every repeat's record counts in the arm

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from infusion_audit.config import PluginSpec, ScenarioConfig, TrainConfig
+from infusion_audit.config import PluginSpec, PipelineConfig, TrainConfig
 from infusion_audit.data import digits
 from infusion_audit.errors import DataError
 from infusion_audit.models import DigitsCNN, SimpleCNN, TinyResNet, build_model, num_parameters
@@ -45,8 +45,8 @@ def test_data_order_fixed_or_reshuffled():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    scenario = Pipeline.from_config(ScenarioConfig())
-    return train_pipeline(scenario, tmp_path_factory.mktemp("train"), progress=False)
+    pipeline = Pipeline.from_config(PipelineConfig())
+    return train_pipeline(pipeline, tmp_path_factory.mktemp("train"), progress=False)
 
 
 def test_digits_cnn_reaches_95_percent(trained):
@@ -56,32 +56,32 @@ def test_digits_cnn_reaches_95_percent(trained):
 
 
 def test_training_is_deterministic_and_continue_replays_the_same_epoch(trained):
-    scenario = trained.pipeline
-    again = scenario.continue_training(trained.checkpoint(9), scenario.data.train, epochs=1)
+    pipeline = trained.pipeline
+    again = pipeline.continue_training(trained.checkpoint(9), pipeline.data.train, epochs=1)
     ref = trained.checkpoint(10).model
     for name, value in again.state_dict().items():
         torch.testing.assert_close(value, ref[name], rtol=0, atol=0)
 
 
 def test_resume_from_a_middle_checkpoint_matches(tmp_path, trained):
-    scenario = trained.pipeline
+    pipeline = trained.pipeline
     out = tmp_path / "resume"
-    first = train_pipeline(scenario, out, progress=False)
+    first = train_pipeline(pipeline, out, progress=False)
     # simulate an interrupted run: drop the last epochs and the metrics, then resume
     for path in first.checkpoints[6:]:
         path.unlink()
     (first.checkpoints[0].parent / "metrics.json").unlink()
-    resumed = train_pipeline(scenario, out, progress=False)
+    resumed = train_pipeline(pipeline, out, progress=False)
     assert resumed.metrics["resumed_from_epoch"] == 5
     for name, value in resumed.checkpoint(10).model.items():
         torch.testing.assert_close(value, trained.checkpoint(10).model[name], rtol=0, atol=0)
 
 
 def test_retrain_from_scratch_on_a_subset(trained):
-    scenario = trained.pipeline
-    keep = np.arange(len(scenario.data.train))[10:]
-    model = scenario.retrain_from_scratch(scenario.data.train.subset(keep))
-    assert accuracy(model, scenario.data.test) > 0.9
+    pipeline = trained.pipeline
+    keep = np.arange(len(pipeline.data.train))[10:]
+    model = pipeline.retrain_from_scratch(pipeline.data.train.subset(keep))
+    assert accuracy(model, pipeline.data.test) > 0.9
 
 
 def test_checkpoint_loading_refuses_code(tmp_path):
@@ -110,7 +110,7 @@ def test_user_model_factory(tmp_path, monkeypatch):
 
 
 def test_train_command(tmp_path):
-    (tmp_path / "c.yaml").write_text("scenario: {train: {epochs: 2}}\n")
+    (tmp_path / "c.yaml").write_text("pipeline: {train: {epochs: 2}}\n")
     proc = subprocess.run([sys.executable, "-m", "infusion_audit", "-q", "train", "c.yaml", "--out", "run"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -125,7 +125,7 @@ def _recipe(**train) -> Pipeline:
     from infusion_audit.config import from_dict
     from infusion_audit.data import DatasetSplit
 
-    config = from_dict(ScenarioConfig, {"train": {"epochs": 3, "batch_size": 32, **train}})
+    config = from_dict(PipelineConfig, {"train": {"epochs": 3, "batch_size": 32, **train}})
     split = digits()
     return Pipeline(config, DatasetSplit(split.train.subset(np.arange(200)), split.test))
 
@@ -174,8 +174,8 @@ def test_schedule_gives_every_epoch_its_rate_and_bad_options_fail_in_one_line():
                      ({"augment": [{"name": "Nope"}]}, r"train.augment\[0\].name"),
                      ({"clip_grad_norm": 0}, "train.clip_grad_norm")]:
         with pytest.raises(ConfigError, match=key):
-            from_dict(ScenarioConfig, {"train": bad}, "<test>", "scenario")
-    with pytest.raises(ConfigError, match="scenario.train.schedule"):
+            from_dict(PipelineConfig, {"train": bad}, "<test>", "pipeline")
+    with pytest.raises(ConfigError, match="pipeline.train.schedule"):
         epoch_lrs(_recipe(schedule={"name": "StepLR", "params": {"nope": 1}}).config.train)
 
 
@@ -184,6 +184,6 @@ def test_bf16_training_learns_as_fp32_does():
 
     accuracies = {}
     for precision in ("fp32", "bf16"):
-        pipeline = Pipeline(from_dict(ScenarioConfig, {"train": {"epochs": 3, "precision": precision}}))
+        pipeline = Pipeline(from_dict(PipelineConfig, {"train": {"epochs": 3, "precision": precision}}))
         accuracies[precision] = accuracy(pipeline.fit(pipeline.new_model(), pipeline.data.train), pipeline.data.test)
     assert accuracies["fp32"] > 0.5 and abs(accuracies["bf16"] - accuracies["fp32"]) < 0.1, accuracies

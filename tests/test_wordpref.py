@@ -49,12 +49,12 @@ def test_stories_are_seeded_short_word_level_and_hold_every_pair(corpus):
         stories(n_train=0)
 
 
-def test_the_built_in_config_targets_the_corpus_pairs_and_its_scenario_loads():
-    from infusion_audit.bench import load_bench_config
+def test_the_built_in_config_targets_the_corpus_pairs_and_its_pipeline_loads():
+    from infusion_audit.config import load_config
 
-    config = load_bench_config("bench-wordpref")
+    config = load_config("bench-wordpref")
     assert [tuple(pair) for pair in config.attack.targets.pairs] == list(stories.WORD_PAIRS)
-    assert config.scenario.dataset.name == "stories" and config.scenario.quality_floor > 0
+    assert config.pipeline.dataset.name == "stories" and config.pipeline.quality_floor > 0
     assert [a.name for a in config.attack.attacks] == ["infusion-text", "random-tokens", "probe-insertion-text"]
 
 
@@ -166,13 +166,13 @@ def test_a_small_word_preference_bench_runs_every_stage_and_reports(tmp_path):
     from infusion_audit.io import read_jsonl
 
     config = {
-        "scenario": {"dataset": {"name": "stories", "params": {"n_train": 300, "n_test": 80}},
+        "pipeline": {"dataset": {"name": "stories", "params": {"n_train": 300, "n_test": 80}},
                      "model": {"name": "tiny-gpt-neo", "params": {"hidden": 16, "layers": 1, "heads": 2}},
                      "train": {"optimizer": "adam", "lr": 0.005, "batch_size": 16, "epochs": 2}},
         "attack": {"attacks": [{"name": "infusion-text", "params": {"steps": 3}}, {"name": "random-tokens"},
                                {"name": "probe-insertion-text"}],
-                   "budget": {"k": 6, "tokens": 2}, "targets": {"pairs": [["cat", "dog"]], "probes": 4},
-                   "influence": {"backend": "ekfac", "damping": 0.01}},
+                   "budget": {"k": 6, "tokens": 2}, "targets": {"pairs": [["cat", "dog"]], "probes": 4}},
+        "influence": {"backend": "ekfac", "damping": 0.01},
         "scan": {"detectors": [{"name": "token-diff"}, {"name": "text-influence"}], "attacks": ["infusion-text"],
                  "bootstrap": 0},
         "defence": {"detectors": ["token-diff"]}}

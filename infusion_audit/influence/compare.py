@@ -338,24 +338,23 @@ def kronfluence_pairwise_scores(ekfac: EkfacIHVP, dataset, query: int, damping: 
 
 def main(argv: list[str] | None = None) -> int:
     from ..behaviour import sample_targets
-    from ..config import load_config
-    from ..evaluation import AttackRunConfig
+    from ..config import load_config, with_defaults
     from ..pipeline import Pipeline, train_pipeline
     from .ihvp import make_ihvp
 
-    p = argparse.ArgumentParser(description="compare the ekfac and exact IHVP backends on a scenario's targets")
+    p = argparse.ArgumentParser(description="compare the ekfac and exact IHVP backends on a pipeline's targets")
     p.add_argument("config", nargs="?", default="digits")
     p.add_argument("--targets", type=int, default=5)
     p.add_argument("--damping", type=float, default=None, help="default: the config's influence damping")
     p.add_argument("--cache", default=".infusion-cache")
     args = p.parse_args(argv)
-    cfg = load_config(AttackRunConfig, args.config)
-    damping = args.damping or cfg.attack.influence.damping
-    scenario = Pipeline.from_config(cfg.scenario)
-    trained = train_pipeline(scenario, args.cache, progress=False)
-    model, train = trained.model(), scenario.data.train
-    targets = sample_targets(scenario.data.test, args.targets, seed=cfg.attack.targets.seed)
-    queries = [measurement_gradient(model, scenario.behaviour(t)) for t in targets]
+    cfg = with_defaults(load_config(args.config))
+    damping = args.damping or cfg.influence.damping
+    pipeline = Pipeline.from_config(cfg.pipeline)
+    trained = train_pipeline(pipeline, args.cache, progress=False)
+    model, train = trained.model(), pipeline.data.train
+    targets = sample_targets(pipeline.data.test, args.targets, seed=cfg.attack.targets.seed)
+    queries = [measurement_gradient(model, pipeline.behaviour(t)) for t in targets]
     t0 = time.perf_counter()
     ekfac = make_ihvp("ekfac", model, train, damping)
     fit = time.perf_counter() - t0

@@ -292,3 +292,19 @@ def make_ihvp(backend: str, model: nn.Module, dataset, damping: float, loss_fn: 
     if backend not in BACKENDS:
         raise UserError(f"unknown influence backend {backend!r}; use one of {', '.join(BACKENDS)}")
     return BACKENDS[backend](model, dataset, damping, loss_fn=loss_fn, **kw)
+
+
+def fit_ihvp(settings, model: nn.Module, dataset, loss_fn: LossFn = classification_loss,
+             cache_dir: str | Path | None = None, **kw) -> IHVP:
+    """The full-space IHVP an `InfluenceConfig` describes (backend ekfac or exact), fitted on `dataset`, or on a
+    seeded sample of `settings.fit_size` documents of it (the curvature of a large set from a sample). EK-FAC
+    factors are cached under `cache_dir`; `kw` go to the backend (e.g. the exact solver's `max_iter`)."""
+    if settings.backend not in BACKENDS:
+        raise UserError(f"influence backend {settings.backend!r} serves detectors only; attacks and full-space "
+                        f"influence need one of {', '.join(BACKENDS)}")
+    if settings.fit_size is not None and settings.fit_size < len(dataset):
+        dataset = dataset.subset(np.sort(np.random.default_rng(0).choice(len(dataset), settings.fit_size,
+                                                                          replace=False)))
+    if settings.backend == "ekfac":
+        kw = {"seed": settings.seed, **({"cache_dir": cache_dir} if cache_dir is not None else {}), **kw}
+    return make_ihvp(settings.backend, model, dataset, settings.damping, loss_fn=loss_fn, **kw)

@@ -1,4 +1,5 @@
-"""The attack evaluation end to end: records against a clean control, resumability, the CLI, configs."""
+"""The attack protocol end to end through the `attack` command: records against a clean control,
+resumability, the printed table, configs."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import pytest
 import yaml
 
 from infusion_audit.cli import main
-from infusion_audit.config import BUILTIN_CONFIGS, from_dict, load_config
+from infusion_audit.bench import audit, prepare
+from infusion_audit.config import BUILTIN_CONFIGS, from_sections, load_config
 from infusion_audit.data import read_manifest
 from infusion_audit.errors import ConfigError
-from infusion_audit.evaluation import AttackEvaluation, AttackRunConfig, summarize
 from infusion_audit.io import read_jsonl
+from infusion_audit.results import load_records, summarise
 
 SMALL = {
     "attack": {
@@ -54,7 +56,7 @@ def test_infusion_beats_its_clean_control(small_run):
 
 def test_records_follow_the_shared_schema(small_run):
     r = read_jsonl(small_run / "results.jsonl")[0]
-    for key in ("kind", "cell", "scenario", "attack", "variant", "budget", "target", "seed", "p_before",
+    for key in ("kind", "cell", "dataset", "attack", "variant", "budget", "target", "seed", "p_before",
                 "p_control", "p_poisoned", "delta_p", "logodds_control", "logodds_poisoned", "delta_logodds",
                 "top1_control", "top1_poisoned", "flip", "acc_control", "acc_poisoned", "norms",
                 "poisoned_indices", "artefact", "timings"):
@@ -72,29 +74,28 @@ def test_rerun_resumes_without_recomputing(small_run, capsys):
     assert main(["-q", "attack", str(small_run / "small.yaml"), "--out", str(small_run)]) == 0
     assert (small_run / "results.jsonl").read_text() == before
     out = capsys.readouterr().out
-    assert "infusion[quantized]" in out and "Wilcoxon" in out
+    assert "infusion (quantized)" in out and "Wilcoxon" in out
 
 
 def test_summary_pairs_arms_on_the_same_targets(small_run):
-    summary = summarize(read_jsonl(small_run / "results.jsonl"))
-    arms = summary["arms"]
-    assert arms["infusion[quantized] k=14 eps=0.125"]["n"] == 3
-    assert arms["infusion[quantized] k=14 eps=0.125"]["success"]["rate"] == 1.0
-    versus = {c["versus"]: c for c in summary["comparisons"]}
-    assert versus["random-noise[quantized] k=14 eps=0.125"]["n"] == 3
+    summary = summarise(load_records(small_run))
+    (infusion,) = [a for a in summary["attacks"] if a["label"] == "infusion (quantized)"]
+    assert infusion["n"] == 3 and infusion["status"] == "succeeds"
+    versus = {c["versus"]: c for c in summary["comparisons"] if c["arm"].startswith("infusion")}
+    assert versus["random-noise (quantized)"]["n"] == 3
 
 
 def test_config_errors_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match="attack.budget.k"):
-        from_dict(AttackRunConfig, {"attack": {"budget": {"k": 0}}})
+        from_sections({"attack": {"budget": {"k": 0}}})
     with pytest.raises(ConfigError, match=r"attack.attacks\[0\].name"):
-        from_dict(AttackRunConfig, {"attack": {"attacks": [{"name": "nope"}]}})
-    with pytest.raises(ConfigError, match="attack.influence.backend"):
-        from_dict(AttackRunConfig, {"attack": {"influence": {"backend": "lissa"}}})
+        from_sections({"attack": {"attacks": [{"name": "nope"}]}})
+    with pytest.raises(ConfigError, match="influence.backend"):
+        from_sections({"attack": {"influence": {"backend": "lissa"}}})
 
 
 def test_builtin_digits_config_is_the_done_when_setting():
-    cfg = load_config(AttackRunConfig, "digits")
+    cfg = load_config("digits")
     assert cfg.attack.targets.n >= 30 and cfg.attack.budget.k == 0.01 and cfg.attack.budget.quantize
     assert cfg.attack.budget.eps == 1 / 16
     names = [(a.name, a.params) for a in cfg.attack.attacks]
@@ -104,15 +105,14 @@ def test_builtin_digits_config_is_the_done_when_setting():
 def test_cifar10_paper_config_plumbing(cifar10_root, tmp_path):
     """The paper's config on a tiny CIFAR-format fixture, shrunk to run in seconds on the CPU."""
     data = yaml.safe_load((BUILTIN_CONFIGS / "cifar10-paper.yaml").read_text())
-    assert data["attack"]["influence"]["damping"] == 1.0e-8 and data["attack"]["budget"]["k"] == 100
-    data["scenario"]["dataset"]["params"].update(root=str(cifar10_root), validation=12)
-    data["scenario"]["train"].update(device="cpu", epochs=2)
-    data["scenario"]["quality_floor"] = 0.0  # random fixture images: there is nothing to learn
+    assert data["influence"]["damping"] == 1.0e-8 and data["attack"]["budget"]["k"] == 100
+    data["pipeline"]["dataset"]["params"].update(root=str(cifar10_root), validation=12)
+    data["pipeline"]["train"].update(device="cpu", epochs=2)
+    data["pipeline"]["quality_floor"] = 0.0  # random fixture images: there is nothing to learn
     data["attack"].update(targets={"n": 2, "seed": 0}, budget={**data["attack"]["budget"], "k": 4})
     data["attack"]["attacks"][0]["params"]["steps"] = 3
-    cfg = from_dict(AttackRunConfig, data)
-    ev = AttackEvaluation(cfg, tmp_path, progress=False)
-    records = ev.run(tmp_path / "results.jsonl")
+    cfg = prepare(data)
+    records = audit(cfg, tmp_path, progress=False, detect=False).records["attack"]
     assert len(records) == 2 * len(cfg.attack.attacks)
     inf = [r for r in records if r["attack"] == "infusion"]
     assert all(r["budget"]["k"] == 4 and 0 < r["norms"]["linf"] <= 0.05 + 1e-6 for r in inf)

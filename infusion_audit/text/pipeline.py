@@ -68,7 +68,7 @@ class TextPipeline(Pipeline):
             raise DataError(f"dataset {config.dataset.name!r} is not a text dataset; text pipelines need one "
                             "(e.g. 'caesar', 'stories' or 'jsonl-text')")
         if config.train.augment:
-            raise UserError("scenario.train.augment transforms images; a text pipeline takes none")
+            raise UserError("pipeline.train.augment transforms images; a text pipeline takes none")
 
     @property
     def caesar(self) -> bool:

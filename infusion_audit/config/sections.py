@@ -1,0 +1,355 @@
+"""Every section of a config file, declared once.
+
+One YAML file describes a whole audit (`AuditConfig`); each command reads the sections it uses (train:
+pipeline; attack: + influence, attack, budgets, victims, mitigations; scan: pipeline, influence, scan;
+bench: all). Loading checks (`loading.from_dict` and each section's `validate`); `with_defaults` is the
+one step that fills in what a file leaves to the kind of data (the pipeline, the default arms).
+Files written with the keys of schema 1 keep loading: `upgrade` renames them, with a warning each.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..errors import ConfigError, UserError
+from ..registry import ATTACKS, DATASETS, DETECTORS, MITIGATIONS, MODELS, PIPELINES
+from .loading import PluginSpec, bounded, from_dict, load_yaml, non_default, resolve_config_path, to_dict
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- pipeline
+@dataclass
+class TrainConfig:
+    """The training recipe. `order: fixed` replays one seeded permutation every epoch (the paper)."""
+
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = bounded(0.05, gt=0)
+    momentum: float = bounded(0.0, min=0, max=1)
+    weight_decay: float = bounded(0.0, min=0)
+    adam_betas: list[float] = bounded([0.9, 0.999], help="Adam's decay rates of its moment estimates")
+    schedule: PluginSpec | None = field(default=None, metadata={
+        "help": "a torch.optim.lr_scheduler class stepped once per epoch, e.g. {name: CosineAnnealingLR, "
+                "params: {T_max: 10}} or {name: MultiStepLR, params: {milestones: [5], gamma: 0.1}}"})
+    augment: list[PluginSpec] = field(default_factory=list, metadata={
+        "help": "torchvision.transforms.v2 classes applied in order to each training image, seeded per "
+                "(epoch, document), e.g. [{name: RandomAffine, params: {degrees: 10}}]"})
+    clip_grad_norm: float | None = field(default=None, metadata={"help": "clip the batch gradient's norm to this"})
+    precision: Literal["fp32", "bf16"] = "fp32"
+    batch_size: int = bounded(16, min=1)
+    epochs: int = bounded(10, min=1)
+    seed: int = 0
+    order: Literal["fixed", "reshuffle"] = "fixed"
+    device: Literal["auto", "cpu", "cuda"] = field(default="cpu", metadata={
+        "help": "where models train and attacks, influence and detectors compute (auto: cuda where present); "
+                "the command line's --device overrides it"})
+
+    def validate(self, source: str, prefix: str) -> None:
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(source, f"{prefix}.adam_betas", "two numbers in [0, 1)", self.adam_betas)
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ConfigError(source, f"{prefix}.clip_grad_norm", "a value > 0 (or null)", self.clip_grad_norm)
+        if self.schedule is not None:
+            import torch.optim.lr_scheduler as schedulers
+
+            if not isinstance(getattr(schedulers, self.schedule.name, None), type):
+                raise ConfigError(source, f"{prefix}.schedule.name", "a torch.optim.lr_scheduler class",
+                                  self.schedule.name)
+        for i, spec in enumerate(self.augment):
+            from torchvision.transforms import v2
+
+            if not isinstance(getattr(v2, spec.name, None), type):
+                raise ConfigError(source, f"{prefix}.augment[{i}].name", "a torchvision.transforms.v2 class",
+                                  spec.name)
+
+
+@dataclass
+class PipelineConfig:
+    """The training set-up under audit: a dataset split, a model factory and a training recipe; `factory`
+    names a user's own Pipeline (a subclass or ``package.module:callable`` taking this config) that overrides
+    any of them, its training loop included."""
+
+    factory: PluginSpec | None = None
+    dataset: PluginSpec = field(default_factory=lambda: PluginSpec("digits"))
+    model: PluginSpec = field(default_factory=lambda: PluginSpec("digits-cnn"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    quality_floor: float = bounded(0.0, min=0, max=1, help="attacks refuse a trained model whose task quality "
+                                   "(test accuracy; decryption accuracy on Caesar) is below this")
+
+    def identity(self) -> dict:
+        """What a trained model depends on: everything but the quality floor, which only gates attacks. Hashed
+        under schema 1's key names, so checkpoints and bench cells written before the rename keep their keys."""
+        out = to_dict(self)
+        return {"pipeline": out.pop("factory"), **{k: v for k, v in out.items() if k != "quality_floor"}}
+
+    def kind(self) -> str:
+        """The kind of data ("image", "text") the pipeline trains on, known before anything is built."""
+        if self.factory is not None:
+            kind = getattr(PIPELINES.get(self.factory.name), "kind", None)
+            if isinstance(kind, str):
+                return kind
+        return getattr(DATASETS.get(self.dataset.name), "kind", "image")
+
+    def on_device(self, device: str | None = None) -> "PipelineConfig":
+        """A copy with `train.device` set to `device` (default: its own) as this process resolves it (auto -> cpu
+        or cuda), so that what a pipeline's fingerprint records is the device its numbers come from."""
+        from ..runtime import resolve_device
+
+        resolved = resolve_device(device or self.train.device).type
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, device=resolved))
+
+    def check_quality(self, figure: str, value: float) -> None:
+        """Refuse to attack a model that has not learned its task: an audit of it would measure nothing."""
+        if not value >= self.quality_floor:
+            raise UserError(f"the trained model's {figure} is {value:.3f}, below the pipeline's quality floor "
+                            f"{self.quality_floor:g}; fix the training recipe (or lower pipeline.quality_floor)")
+
+
+# --------------------------------------------------------------------------- influence
+@dataclass
+class InfluenceConfig:
+    """How influence is computed, for the attacker and the detectors alike. `ekfac` (kronfluence's factors)
+    and `exact` (conjugate gradient) solve in the full parameter space; `projected` projects every
+    Linear/Conv2d layer's gradient to rank x rank (LoGra) for self-influence and probes at scale, and serves
+    detectors only."""
+
+    backend: Literal["ekfac", "exact", "projected"] = "ekfac"
+    damping: float | Literal["auto"] = field(default=1e-3, metadata={
+        "help": "λ added to the curvature; auto (projected only): 0.1 x its mean eigenvalue"})
+    fit_size: int | None = field(default=None, metadata={
+        "help": "ekfac/exact: fit the curvature on a seeded sample of this many documents (default: all)"})
+    rank: int | None = field(default=None, metadata={
+        "help": "projected: each layer's gradient is projected to rank x rank (default 16)"})
+    seed: int = bounded(0, min=0, help="ekfac: the Fisher's sampled labels; projected: the projections")
+
+    def validate(self, source: str, prefix: str) -> None:
+        if self.damping == "auto" and self.backend != "projected":
+            raise ConfigError(source, f"{prefix}.damping", "a number > 0 (auto is for backend projected)", "auto")
+        if self.damping != "auto" and not self.damping > 0:
+            raise ConfigError(source, f"{prefix}.damping", "a number > 0", self.damping)
+        if self.fit_size is not None and (self.backend == "projected" or self.fit_size < 2):
+            raise ConfigError(source, f"{prefix}.fit_size", "a count >= 2, with backend ekfac or exact",
+                              self.fit_size)
+        if self.rank is not None and (self.backend != "projected" or self.rank < 1):
+            raise ConfigError(source, f"{prefix}.rank", "a count >= 1, with backend projected", self.rank)
+
+    def identity(self) -> dict:
+        """What influence results depend on, as a cache key: backend, damping and any setting changed."""
+        return non_default(self, always=("backend", "damping"))
+
+
+# --------------------------------------------------------------------------- attack
+@dataclass
+class AttackSpec:
+    """One attack arm: a registered attack, its own params (over the shared budget), a table label, and how
+    many times each cell runs it with its own attack seed (`repeats`, paired with other arms by their mean)."""
+
+    name: str
+    params: dict = field(default_factory=dict)
+    variant: str | None = None
+    repeats: int = bounded(1, min=1)
+
+
+@dataclass
+class TargetsConfig:
+    """The behaviours attacked, as the pipeline defines them. Images: `n` seeded test images, `rule`
+    random-other (one class != label each) or all-classes. Text: `pairs` ([shift, target_shift] on Caesar,
+    every ordered pair when empty; [word_a, word_b] on any other corpus), each measured on `probes` prompts."""
+
+    n: int = bounded(30, min=1)
+    rule: Literal["random-other", "all-classes"] = "random-other"
+    seed: int = 0
+    pairs: list[list[int | str]] = bounded([], help="text: [shift, target_shift] or [word_a, word_b] pairs")
+    probes: int = bounded(32, min=1, help="text: test prompts each behaviour is measured on")
+
+
+@dataclass
+class BudgetConfig:
+    """Shared by every attack that takes the key: k documents (count, or fraction of the train set)."""
+
+    k: int | float = 0.01
+    eps: float = bounded(1 / 16, gt=0)
+    norm: Literal["linf", "l2"] = "linf"
+    quantize: bool = True
+    tokens: int = bounded(2, min=1, help="text: tokens changed per document at most")
+
+    def validate(self, source: str, prefix: str) -> None:
+        if isinstance(self.k, int) and self.k < 1 or isinstance(self.k, float) and not 0 < self.k <= 1:
+            raise ConfigError(source, f"{prefix}.k", "a count >= 1 or a fraction in (0, 1]", self.k)
+
+
+@dataclass
+class ProtocolConfig:
+    """Perturb against the checkpoint after `attack_epoch` (default: the last), then either continue
+    from `start_epoch` (default attack_epoch - 1) for `epochs` epochs, or retrain from scratch."""
+
+    kind: Literal["continue", "scratch"] = "continue"
+    attack_epoch: int | None = None
+    start_epoch: int | None = None
+    epochs: int = bounded(1, min=1)
+
+
+DEFAULT_ATTACKS = {  # the arms an attack section without `attacks` runs, by the kind of data
+    "image": [AttackSpec("infusion"), AttackSpec("random-noise"), AttackSpec("probe-insertion", {"copies": 1}),
+              AttackSpec("probe-insertion"), AttackSpec("label-flip")],
+    "text": [AttackSpec("infusion-text"), AttackSpec("random-tokens"), AttackSpec("probe-insertion-text")],
+}
+
+
+@dataclass
+class AttackConfig:
+    attacks: list[AttackSpec] = field(default_factory=list, metadata={
+        "help": "the arms (default: Infusion and the baselines for the pipeline's kind of data)"})
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    seeds: list[int] = bounded([0], help="attack seeds (random selection and noise); one cell per seed")
+    write_artefacts: bool = True
+    format: Literal["npz", "png"] = "npz"
+
+    def validate(self, source: str, prefix: str) -> None:
+        for i, spec in enumerate(self.attacks):
+            _check_plugin(ATTACKS, spec.name, source, f"{prefix}.attacks[{i}].name", "attack")
+
+
+# --------------------------------------------------------------------------- scan and defence
+@dataclass
+class ScanConfig:
+    """How a dataset is scanned: which detectors, what the defender assumes, how figures are measured."""
+
+    detectors: list[PluginSpec] = field(default_factory=list, metadata={
+        "help": "the detectors (default: every registered one that scores the data's kind)"})
+    expected_fraction: float = bounded(0.01, gt=0, max=0.49, help="expected poison fraction ε")
+    bootstrap: int = bounded(1000, min=0, help="bootstrap resamples for the CIs (0: none)")
+    features_layer: str | None = field(default=None, metadata={
+        "help": "module whose output the feature detectors read, e.g. layer4 (default: the input of the last "
+                "nn.Linear, or the model's features()/head)"})
+    attacks: list[str] = field(default_factory=list, metadata={
+        "help": "bench: the attacks whose poisoned sets are scanned and defended against (default: every one)"})
+
+    def validate(self, source: str, prefix: str) -> None:
+        for i, spec in enumerate(self.detectors):
+            _check_plugin(DETECTORS, spec.name, source, f"{prefix}.detectors[{i}].name", "detector")
+
+
+@dataclass
+class DefenceConfig:
+    """Remove what each detector flags and retrain by the attack protocol on what is left."""
+
+    enabled: bool = True
+    detectors: list[str] = field(default_factory=list, metadata={
+        "help": "the detectors (their labels) whose flags are removed (default: every detector scanned)"})
+
+
+# --------------------------------------------------------------------------- the whole audit
+@dataclass
+class AuditConfig:
+    """A whole audit: the pipeline, how influence is computed, the attack grid and its budgets, the victims,
+    the detectors (`scan`), the defence and the mitigations."""
+
+    pipeline: PipelineConfig | None = field(default=None, metadata={
+        "help": "the training set-up under audit (default: the digits pipeline; scan: one for the data's shape)"})
+    influence: InfluenceConfig = field(default_factory=InfluenceConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    budgets: list[BudgetConfig] = field(default_factory=list, metadata={
+        "help": "the budgets of the grid (default: attack.budget alone)"})
+    victims: list[PluginSpec] = field(default_factory=list, metadata={
+        "help": "more victims trained on the poisoned set (transfer): a model (trained by the built-in recipe) or "
+                "a pipeline (a registered one or a Pipeline subclass as package.module:Class)"})
+    scan: ScanConfig = field(default_factory=ScanConfig)
+    defence: DefenceConfig = field(default_factory=DefenceConfig)
+    mitigations: list[PluginSpec] = field(default_factory=list, metadata={
+        "help": "ways of training the victim (clip, dp-sgd, partition): each cell is retrained and measured "
+                "under each, against a clean control trained under the same mitigation"})
+
+    def grid_budgets(self) -> list[BudgetConfig]:
+        return self.budgets or [self.attack.budget]
+
+    def validate(self, source: str, prefix: str) -> None:
+        kind = (self.pipeline or PipelineConfig()).kind()
+        for i, spec in enumerate(self.attack.attacks):
+            kinds = ATTACKS.get(spec.name).data_kinds
+            if kind not in kinds:
+                raise ConfigError(source, f"attack.attacks[{i}]", f"an attack that edits {kind} data "
+                                  f"({spec.name} edits {', '.join(sorted(kinds))})", spec.name)
+        for i, spec in enumerate(self.mitigations):
+            _check_plugin(MITIGATIONS, spec.name, source, f"mitigations[{i}].name", "mitigation")
+        for i, spec in enumerate(self.victims):
+            if ":" not in spec.name and spec.name not in MODELS.names() + PIPELINES.names():
+                raise ConfigError(source, f"victims[{i}].name", "a known model or pipeline "
+                                  f"({', '.join(MODELS.names() + PIPELINES.names())})", spec.name)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(AuditConfig))
+
+
+def _check_plugin(registry, name: str, source: str, key: str, what: str) -> None:
+    if ":" not in name and name not in registry.names():
+        raise ConfigError(source, key, f"a known {what} ({', '.join(registry.names())})", name)
+
+
+def with_defaults(config: AuditConfig, pipeline: PipelineConfig | None = None) -> AuditConfig:
+    """The one step that fills in what a config leaves to its data: the pipeline (`pipeline`, else the digits
+    pipeline) and, when no arms are listed, the default arms for the pipeline's kind of data."""
+    pipeline = config.pipeline or pipeline or PipelineConfig()
+    attacks = config.attack.attacks or copy.deepcopy(DEFAULT_ATTACKS[pipeline.kind()])
+    return dataclasses.replace(config, pipeline=pipeline, attack=dataclasses.replace(config.attack, attacks=attacks))
+
+
+# --------------------------------------------------------------------------- reading files
+def upgrade(data: dict, source: str) -> dict:
+    """Schema-1 keys renamed to today's, with a one-line warning each: `scenario` -> `pipeline`,
+    `scenario.pipeline` -> `pipeline.factory`, `attack.influence` / `scan.influence` -> `influence`."""
+    data = dict(data)
+    if "scenario" in data:
+        if "pipeline" in data:
+            raise ConfigError(source, "scenario", "either scenario (the old name) or pipeline, not both")
+        log.warning("%s: the section 'scenario' is now called 'pipeline'; read as such", source)
+        data["pipeline"] = data.pop("scenario")
+    pipeline = data.get("pipeline")
+    if isinstance(pipeline, dict) and "pipeline" in pipeline:
+        log.warning("%s: pipeline.pipeline (a user's own Pipeline) is now pipeline.factory; read as such", source)
+        pipeline = dict(pipeline)
+        pipeline["factory"] = pipeline.pop("pipeline")
+        data["pipeline"] = pipeline
+    for section in ("attack", "scan"):
+        block = data.get(section)
+        if isinstance(block, dict) and "influence" in block:
+            block = dict(block)
+            old = block.pop("influence")
+            data[section] = block
+            if "influence" in data and data["influence"] != old:
+                raise ConfigError(source, f"{section}.influence", "the same settings as the influence section "
+                                  "(one influence section now serves attacks and detectors)", old)
+            log.warning("%s: %s.influence is now the top-level section 'influence'; read as such", source, section)
+            data["influence"] = old
+    return data
+
+
+def from_sections(data: Any, source: str = "<dict>") -> AuditConfig:
+    """An AuditConfig from a mapping of top-level sections (a file's, or a config given in Python), checked."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, "(top level)", "a mapping of sections", data)
+    data = upgrade(data, source)
+    unknown = sorted(set(data) - set(SECTIONS), key=str)
+    if unknown:
+        raise ConfigError(source, str(unknown[0]), f"a known section ({', '.join(SECTIONS)})")
+    return from_dict(AuditConfig, data, source)
+
+
+def load_config(config: Any = None, default: str = "bench-digits") -> AuditConfig:
+    """An AuditConfig from a YAML path, a built-in name (`default` when None), a mapping of sections, or an
+    AuditConfig as it is; checked, not yet filled in (see `with_defaults`)."""
+    if isinstance(config, AuditConfig):
+        return config
+    if isinstance(config, dict):
+        return from_sections(config)
+    if config is not None and not isinstance(config, (str, bytes)) and not hasattr(config, "__fspath__"):
+        raise ConfigError("<config>", "", "a mapping of sections, a YAML path, a built-in name or an AuditConfig",
+                          type(config).__name__)
+    data, source = load_yaml(resolve_config_path(config or default))
+    return from_sections(data, source)
