@@ -22,6 +22,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -81,6 +82,7 @@ class AuditContext:
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
     gradient_cache_bytes: int = 1 << 30
     features_layer: str | None = None
+    factors_dir: str | Path | None = None  # where EK-FAC's factors are cached (default: fitted, not kept)
     timings: dict = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, repr=False)
     extractor: FeatureExtractor | None = field(default=None, init=False, repr=False)  # set from model, features_layer
@@ -272,7 +274,8 @@ class AuditContext:
         def compute() -> Any:
             from infusion_audit.influence import fit_ihvp
 
-            return fit_ihvp(self.influence, self._require_model("influence"), self.data, **self.loss_kwargs())
+            return fit_ihvp(self.influence, self._require_model("influence"), self.data, cache_dir=self.factors_dir,
+                            **self.loss_kwargs())
 
         return self.cached("ihvp", compute)
 

@@ -229,7 +229,7 @@ def test_a_dict_config_is_checked_like_a_yaml_file(config, key, tmp_path):
 
 
 def test_bench_refuses_what_is_not_a_config(tmp_path):
-    with pytest.raises(ConfigError, match="a dict of sections"):
+    with pytest.raises(ConfigError, match="a mapping of sections, a YAML path, a built-in name or an AuditConfig"):
         infusion_audit.bench(42, tmp_path / "run")
 
 

@@ -52,8 +52,8 @@ def trained(split):
 
 @pytest.fixture(scope="module")
 def ekfac(tmp_path_factory):
-    """EK-FAC settings whose factors are fitted once for the module (kronfluence's cache)."""
-    return {"backend": "ekfac", "damping": 1e-3, "cache_dir": str(tmp_path_factory.mktemp("factors"))}
+    """Where EK-FAC's factors are cached, so that they are fitted once for the module."""
+    return tmp_path_factory.mktemp("factors")
 
 
 @pytest.mark.parametrize("rank", [2, 4, 1000])
@@ -116,7 +116,7 @@ def test_forensic_scores_without_per_document_gradients_equal_the_cached_path(tr
     scores = []
     for cache in (1 << 30, 0):
         context = AuditContext(data, model=model, behaviour=behaviour, progress=False, gradient_cache_bytes=cache,
-                               influence=ekfac)
+                               factors_dir=ekfac)
         scores.append(run_detector(build_detector("influence-outlier", {"mode": "forensic"}), context).scores)
     np.testing.assert_allclose(scores[1], scores[0], rtol=1e-3, atol=1e-4 * np.abs(scores[0]).max())
 
@@ -125,9 +125,8 @@ def test_projected_self_influence_agrees_with_full_gradient_ekfac(trained, ekfac
     """On the trained digits model (1,438 documents, 832 projected dimensions); 0.998 when measured."""
     model, data, _ = trained
     scores = {}
-    for name, influence in (("full", ekfac),
-                            ("projected", {"backend": "projected", "rank": 16})):
-        context = AuditContext(data, model=model, progress=False, influence=influence)
+    for name, influence in (("full", {}), ("projected", {"backend": "projected", "rank": 16})):
+        context = AuditContext(data, model=model, progress=False, influence=influence, factors_dir=ekfac)
         run = run_detector(build_detector("influence-outlier", {"mode": "self"}), context)
         assert run.skipped is None
         scores[name] = run.scores
@@ -171,7 +170,7 @@ def test_ekfac_fit_size_fits_on_a_sample(trained, ekfac):
     context = AuditContext(data, model=model, progress=False,
                            influence={"backend": "ekfac", "damping": 1e-3, "fit_size": 300})
     solver = context.ihvp()
-    full = make_ihvp("ekfac", model, data, 1e-3, cache_dir=ekfac["cache_dir"])
+    full = make_ihvp("ekfac", model, data, 1e-3, cache_dir=ekfac)
     v = torch.randn(1, sum(p.numel() for p in model.parameters()))
     assert not torch.allclose(solver.solve_many(v), full.solve_many(v))  # other factors: fitted on 300 documents
 

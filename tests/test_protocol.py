@@ -80,7 +80,7 @@ def test_rerun_resumes_without_recomputing(small_run, capsys):
 def test_summary_pairs_arms_on_the_same_targets(small_run):
     summary = summarise(load_records(small_run))
     (infusion,) = [a for a in summary["attacks"] if a["label"] == "infusion (quantized)"]
-    assert infusion["n"] == 3 and infusion["status"] == "succeeds"
+    assert infusion["n"] == 3 and infusion["success"]["rate"] == 1.0  # Δ log-odds > 0 on every target
     versus = {c["versus"]: c for c in summary["comparisons"] if c["arm"].startswith("infusion")}
     assert versus["random-noise (quantized)"]["n"] == 3
 

@@ -40,6 +40,11 @@ class PluginSpec:
     params: dict = field(default_factory=dict)
 
 
+def dotted(prefix: str, name: str) -> str:
+    """A key's dotted name under `prefix` (a section's, or "" for a section loaded alone)."""
+    return f"{prefix}.{name}" if prefix else name
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -132,20 +137,17 @@ def from_dict(cls: type, data: Any, source: str = "<config>", prefix: str = "") 
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
-        raise ConfigError(source, key, f"no such key (known: {', '.join(fields)})")
+        raise ConfigError(source, dotted(prefix, str(unknown[0])), f"no such key (known: {', '.join(fields)})")
     kwargs = {}
     for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        converted = _convert(value, hints[name], source, key)
-        _check_bounds(converted, fields[name].metadata, source, key)
+        converted = _convert(value, hints[name], source, dotted(prefix, name))
+        _check_bounds(converted, fields[name].metadata, source, dotted(prefix, name))
         kwargs[name] = converted
     missing = [f.name for f in fields.values()
                if f.name not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
-        key = f"{prefix}.{missing[0]}" if prefix else missing[0]
-        raise ConfigError(source, key, "a value (the key is required)")
+        raise ConfigError(source, dotted(prefix, missing[0]), "a value (the key is required)")
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if validate is not None:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from ..errors import ConfigError, UserError
 from ..registry import ATTACKS, DATASETS, DETECTORS, MITIGATIONS, MODELS, PIPELINES
-from .loading import PluginSpec, bounded, from_dict, load_yaml, non_default, resolve_config_path, to_dict
+from .loading import PluginSpec, bounded, dotted, from_dict, load_yaml, non_default, resolve_config_path, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +50,20 @@ class TrainConfig:
 
     def validate(self, source: str, prefix: str) -> None:
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
-            raise ConfigError(source, f"{prefix}.adam_betas", "two numbers in [0, 1)", self.adam_betas)
+            raise ConfigError(source, dotted(prefix, "adam_betas"), "two numbers in [0, 1)", self.adam_betas)
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
-            raise ConfigError(source, f"{prefix}.clip_grad_norm", "a value > 0 (or null)", self.clip_grad_norm)
+            raise ConfigError(source, dotted(prefix, "clip_grad_norm"), "a value > 0 (or null)", self.clip_grad_norm)
         if self.schedule is not None:
             import torch.optim.lr_scheduler as schedulers
 
             if not isinstance(getattr(schedulers, self.schedule.name, None), type):
-                raise ConfigError(source, f"{prefix}.schedule.name", "a torch.optim.lr_scheduler class",
+                raise ConfigError(source, dotted(prefix, "schedule.name"), "a torch.optim.lr_scheduler class",
                                   self.schedule.name)
         for i, spec in enumerate(self.augment):
             from torchvision.transforms import v2
 
             if not isinstance(getattr(v2, spec.name, None), type):
-                raise ConfigError(source, f"{prefix}.augment[{i}].name", "a torchvision.transforms.v2 class",
+                raise ConfigError(source, dotted(prefix, f"augment[{i}].name"), "a torchvision.transforms.v2 class",
                                   spec.name)
 
 
@@ -128,14 +128,14 @@ class InfluenceConfig:
 
     def validate(self, source: str, prefix: str) -> None:
         if self.damping == "auto" and self.backend != "projected":
-            raise ConfigError(source, f"{prefix}.damping", "a number > 0 (auto is for backend projected)", "auto")
+            raise ConfigError(source, dotted(prefix, "damping"), "a number > 0 (auto is for backend projected)", "auto")
         if self.damping != "auto" and not self.damping > 0:
-            raise ConfigError(source, f"{prefix}.damping", "a number > 0", self.damping)
+            raise ConfigError(source, dotted(prefix, "damping"), "a number > 0", self.damping)
         if self.fit_size is not None and (self.backend == "projected" or self.fit_size < 2):
-            raise ConfigError(source, f"{prefix}.fit_size", "a count >= 2, with backend ekfac or exact",
+            raise ConfigError(source, dotted(prefix, "fit_size"), "a count >= 2, with backend ekfac or exact",
                               self.fit_size)
         if self.rank is not None and (self.backend != "projected" or self.rank < 1):
-            raise ConfigError(source, f"{prefix}.rank", "a count >= 1, with backend projected", self.rank)
+            raise ConfigError(source, dotted(prefix, "rank"), "a count >= 1, with backend projected", self.rank)
 
     def identity(self) -> dict:
         """What influence results depend on, as a cache key: backend, damping and any setting changed."""
@@ -179,7 +179,7 @@ class BudgetConfig:
 
     def validate(self, source: str, prefix: str) -> None:
         if isinstance(self.k, int) and self.k < 1 or isinstance(self.k, float) and not 0 < self.k <= 1:
-            raise ConfigError(source, f"{prefix}.k", "a count >= 1 or a fraction in (0, 1]", self.k)
+            raise ConfigError(source, dotted(prefix, "k"), "a count >= 1 or a fraction in (0, 1]", self.k)
 
 
 @dataclass
@@ -213,7 +213,7 @@ class AttackConfig:
 
     def validate(self, source: str, prefix: str) -> None:
         for i, spec in enumerate(self.attacks):
-            _check_plugin(ATTACKS, spec.name, source, f"{prefix}.attacks[{i}].name", "attack")
+            _check_plugin(ATTACKS, spec.name, source, dotted(prefix, f"attacks[{i}].name"), "attack")
 
 
 # --------------------------------------------------------------------------- scan and defence
@@ -233,7 +233,7 @@ class ScanConfig:
 
     def validate(self, source: str, prefix: str) -> None:
         for i, spec in enumerate(self.detectors):
-            _check_plugin(DETECTORS, spec.name, source, f"{prefix}.detectors[{i}].name", "detector")
+            _check_plugin(DETECTORS, spec.name, source, dotted(prefix, f"detectors[{i}].name"), "detector")
 
 
 @dataclass
