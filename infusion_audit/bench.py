@@ -348,18 +348,18 @@ class BenchResult:
     @cached_property
     def records(self) -> dict[str, list[dict]]:
         """results.jsonl by kind: 'attack', 'detection' and 'defence' records (one dict each)."""
-        from .reports.render import load_records
+        from .results import load_records
 
-        return load_records(self.run_dir)
+        return {kind: [r.to_dict() for r in rows] for kind, rows in load_records(self.run_dir).items()}
 
     @cached_property
     def summaries(self) -> dict:
         """Per arm (attack, variant) and budget, with 95% CIs, as the report shows them: 'attacks' (effect),
         'detection' (one row per detector), 'defence' (what removing each detector's flags left), the
         'defence_measure' those rows compare ('delta_logodds') and 'mitigations' (each arm under each)."""
-        from .reports.render import summarise_run
+        from .results import load_records, summarise
 
-        return summarise_run(self.records)
+        return summarise(load_records(self.run_dir))
 
     def write_report(self, path: str | Path | None = None) -> Path:
         """Render the HTML report (default: run_dir/report.html); returns its path."""
