@@ -51,7 +51,6 @@ def _read_optional_json(path: Path) -> Any:
         raise DataError(f"{path}: not valid JSON") from None
 
 
-
 # --------------------------------------------------------------------------- charts
 def build_charts(attacks: list[dict], detection: list[dict], defence: list[dict], defence_label: str,
                  frontier: dict | None = None, mitigations: list[dict] = ()) -> dict:

@@ -39,6 +39,8 @@ def test_effect_records_are_built_from_the_behaviours_figures():
     mitigated = MitigationRecord.from_figures(*FIGURES, **WHERE, mitigation="clip", acc_unmitigated=0.96,
                                               figures={"clipped_fraction": 0.5})
     assert mitigated.to_dict()["kind"] == "mitigation" and mitigated.delta_logodds == record.delta_logodds
+    skip = SkipRecord(**record.shared_fields(), detector="token-diff", reason="needs a reference")
+    assert skip.shared_fields() == WHERE and skip.to_dict()["cell"] == "c0"
 
 
 @pytest.mark.parametrize("record", [

@@ -137,6 +137,11 @@ class Record:
         if clash:
             raise ValueError(f"extra fields {sorted(clash)} are named fields of a {self.kind} record")
 
+    def shared_fields(self) -> dict:
+        """The fields every kind shares, by name: a cell's detection, defence and skip records take its attack
+        record's."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(Record) if f.name != "extra"}
+
     def to_dict(self) -> dict:
         """The JSON line: kind, schema version, every field that is not None, then the extra fields."""
         named = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
@@ -146,7 +151,8 @@ class Record:
     @classmethod
     def from_dict(cls, data: dict, where: str = "record") -> "Record":
         """A record from its JSON line, of the kind the line names (or `cls`'s, checked), upgraded from an older
-        schema; a line lacking a field its kind requires is refused in one line that says `where`."""
+        schema; a line lacking a field its kind requires, or holding something else than a number in a required
+        float, is refused in one line that says `where`."""
         kind = data.get("kind")
         record_cls = KINDS.get(kind) if cls is Record else cls
         if record_cls is None or record_cls.kind != kind:
@@ -326,7 +332,7 @@ def load_records(run_dir: str | Path) -> dict[str, list[Record]]:
     records = []
     for i, line in enumerate(read_jsonl(path), start=1):
         kind = line.get("kind") if isinstance(line, dict) else None
-        if kind not in KINDS:
+        if not isinstance(kind, str) or kind not in KINDS:
             log.warning("%s: record %d has unknown kind %r; skipped", path, i, kind)
             continue
         records.append(Record.from_dict(line, f"{path}: record {i}"))
