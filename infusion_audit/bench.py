@@ -36,19 +36,20 @@ class BenchResult:
 
     @cached_property
     def records(self) -> dict[str, list[dict]]:
-        """results.jsonl by kind: 'attack', 'mitigation', 'detection', 'defence' and 'skip' records."""
+        """results.jsonl by kind: 'attack', 'mitigation', 'detection', 'defence' and 'skip' records, each as
+        the dict of its JSON line."""
         from .results import load_records
 
-        return load_records(self.run_dir)
+        return {kind: [r.to_dict() for r in rows] for kind, rows in load_records(self.run_dir).items()}
 
     @cached_property
     def summaries(self) -> dict:
         """Per arm (attack, variant) and budget, with 95% CIs, as the report and the `attack` table show them:
         'attacks' (effect), 'comparisons' (paired with the reference arm), 'detection' (one row per detector),
         'defence' (what removing each detector's flags left) and 'mitigations' (each arm under each)."""
-        from .results import summarise
+        from .results import load_records, summarise
 
-        return summarise(self.records)
+        return summarise(load_records(self.run_dir))
 
     def write_report(self, path: str | Path | None = None) -> Path:
         """Render the HTML report (default: run_dir/report.html); returns its path."""

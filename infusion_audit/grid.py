@@ -30,6 +30,7 @@ from .mitigations import build_mitigation
 from .pipeline import Pipeline
 from .protocol import Attacker, Crafted, Victim
 from .registry import PIPELINES, load_callable
+from .results import AttackRecord, DefenceRecord, DetectionRecord, MitigationRecord, Record, SkipRecord
 from .runtime import configure, runtime_info
 
 log = logging.getLogger(__name__)
@@ -100,12 +101,12 @@ class Grid:
                                 units.append(by_spec[s])
         return units
 
-    def run_unit(self, unit: list[Cell]) -> list[list[dict]]:
+    def run_unit(self, unit: list[Cell]) -> list[list[Record]]:
         """The records of each cell of a unit (one list per cell, in order). A cell whose source arm's cell
         is not in the unit (recorded by an earlier run) crafts that poisoning again: it is deterministic."""
         return [self.run_cell(cell) for cell in unit]
 
-    def run_cell(self, cell: Cell) -> list[dict]:
+    def run_cell(self, cell: Cell) -> list[Record]:
         """Every record of one cell: the attack on each victim and under each mitigation, then (when the grid
         detects) detection and defence on the main victim."""
         spec: AttackSpec = self.config.attack.attacks[cell.spec_index]
@@ -113,12 +114,11 @@ class Grid:
         crafted = self.attacker.craft(spec, cell.target, cell.seed, budget, cell.repeat)
         records, main = [], None
         for name, victim in self.victims.items():
-            record, retrained = self.attacker.measure(crafted, victim)
-            record["victim"] = name
+            # a transfer victim is its own arm in tables and charts
+            variant = crafted.variant if main is None else f"{crafted.variant} → {name}".lstrip(" →")
+            record, retrained = self.attacker.measure(crafted, victim, victim=name, variant=variant)
             if main is None:
                 main = (record, retrained.model, victim)
-            else:  # a transfer victim is its own arm in tables and charts
-                record["variant"] = f"{record['variant']} → {name}".lstrip(" →")
             records.append(record)
         records += self.mitigate(crafted, records[0])
         scanned = self.config.scan.attacks
@@ -126,18 +126,16 @@ class Grid:
             return records
         return records + self.detect_and_defend(crafted, *main)
 
-    def mitigate(self, crafted: Crafted, plain: dict) -> list[dict]:
+    def mitigate(self, crafted: Crafted, plain: AttackRecord) -> list[MitigationRecord]:
         """The cell retrained under each mitigation against a clean control trained under the same one."""
-        out = []
-        for label, victim in self.mitigated.items():
-            record, _ = self.attacker.measure(crafted, victim)
-            record.update(kind="mitigation", victim=plain["victim"], mitigation=label,
-                          mitigation_params=victim.mitigation.get_params(), acc_unmitigated=plain["acc_control"])
-            record["timings"].update(control=victim.control()["seconds"], retrain_unmitigated=plain["timings"]["retrain"])
-            out.append(record)
-        return out
+        return [self.attacker.measure(crafted, victim, MitigationRecord, victim=plain.victim, mitigation=label,
+                                      mitigation_params=victim.mitigation.get_params(),
+                                      acc_unmitigated=plain.acc_control,
+                                      timings={"control": victim.control()["seconds"],
+                                               "retrain_unmitigated": plain.timings["retrain"]})[0]
+                for label, victim in self.mitigated.items()]
 
-    def detect_and_defend(self, crafted: Crafted, record: dict, poisoned_model, victim: Victim) -> list[dict]:
+    def detect_and_defend(self, crafted: Crafted, main: AttackRecord, poisoned_model, victim: Victim) -> list[Record]:
         """The cell's detection records (each with its unedited null), and for each detector the defence:
         remove what it flags, retrain, and measure what is left against the clean control with the same
         documents removed."""
@@ -156,13 +154,13 @@ class Grid:
                             bootstrap=options.bootstrap)
             null = self.unedited(crafted, result)
         scan_seconds = time.perf_counter() - t0
-        common = {k: record[k] for k in ("cell", "dataset", "attack", "variant", "budget", "target", "seed", "victim")}
-        out = []
+        common = main.shared_fields()
+        out: list[Record] = []
         control = victim.control()
         truth = result.truth
         for label, run in result.completed:
-            out.append({"kind": "detection", **common, **result.figures[label], "detector": label,
-                        "context_seconds": scan_seconds, **null.get(label, {})})
+            out.append(DetectionRecord(**common, **{**result.figures[label], "detector": label},
+                                       context_seconds=scan_seconds, **null.get(label, {})))
             defence = self.config.defence
             if not defence.enabled or defence.detectors and label not in defence.detectors:
                 continue
@@ -172,18 +170,17 @@ class Grid:
             # the same documents removed from the clean set: what is left is the attack's, not the removal's
             removed_control = victim.retrain(clean.without(flagged)).model
             after, baseline = behaviour.figures(defended), behaviour.figures(removed_control)
-            out.append({"kind": "defence", **common, "detector": label, "knowledge": run.knowledge,
-                        "removed": int(run.flagged.sum()), "removed_poisons": int((run.flagged & truth).sum()),
-                        "p_after": after["p"], "p_control_removed": baseline["p"],
-                        "delta_p_after": after["p"] - baseline["p"], "delta_p_before": record["delta_p"],
-                        "delta_logodds_after": after["logodds"] - baseline["logodds"],
-                        "delta_logodds_before": record["delta_logodds"],
-                        "flip_after": after["top1"] and not baseline["top1"],
-                        "acc_after": victim.quality(defended), "acc_control": control["accuracy"],
-                        "acc_control_removed": victim.quality(removed_control),
-                        "seconds": time.perf_counter() - t1})
-        out += [{"kind": "skip", **common, "detector": label, "reason": reason}
-                for label, reason in result.skipped.items()]
+            out.append(DefenceRecord(**common, detector=label, knowledge=run.knowledge,
+                                     removed=int(run.flagged.sum()), removed_poisons=int((run.flagged & truth).sum()),
+                                     p_after=after["p"], p_control_removed=baseline["p"],
+                                     delta_p_after=after["p"] - baseline["p"], delta_p_before=main.delta_p,
+                                     delta_logodds_after=after["logodds"] - baseline["logodds"],
+                                     delta_logodds_before=main.delta_logodds,
+                                     flip_after=after["top1"] and not baseline["top1"],
+                                     acc_after=victim.quality(defended), acc_control=control["accuracy"],
+                                     acc_control_removed=victim.quality(removed_control),
+                                     seconds=time.perf_counter() - t1))
+        out += [SkipRecord(**common, detector=label, reason=reason) for label, reason in result.skipped.items()]
         return out
 
     def unedited(self, crafted: Crafted, scanned: Detection) -> dict[str, dict]:
@@ -252,14 +249,14 @@ def run_grid(config: AuditConfig, out: Path, executor: Executor, progress: bool 
     factors: list[float] = [grid.attacker.context.timings["factors"]] if "factors" in grid.attacker.context.timings \
         else []  # the IHVP's fit, wherever it happened (a worker's records carry its own)
 
-    def finish(cells: list[list[dict]]) -> None:
+    def finish(cells: list[list[Record]]) -> None:
         for records in cells:
-            append_jsonl_many(results, records)
-            factors.extend(r["timings"]["factors_shared"] for r in records if r["kind"] == "attack")
+            append_jsonl_many(results, [r.to_dict() for r in records])
+            factors.extend(r.timings["factors_shared"] for r in records if r.kind == "attack")
             for r in records:  # each distinct reason a detector did not run, once per run
-                if r["kind"] == "skip" and (r["detector"], r["reason"]) not in said:
-                    said.add((r["detector"], r["reason"]))
-                    log.warning("%s not run: %s", r["detector"], r["reason"])
+                if r.kind == "skip" and (r.detector, r.reason) not in said:
+                    said.add((r.detector, r.reason))
+                    log.warning("%s not run: %s", r.detector, r.reason)
             bar.update(1)
 
     if isinstance(executor, SerialExecutor) or isinstance(executor, LocalExecutor) and len(todo) <= 1:

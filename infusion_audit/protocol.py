@@ -28,6 +28,7 @@ from .errors import ConfigError, UserError
 from .io import stable_hash
 from .pipeline import Pipeline, TrainedPipeline, train_pipeline
 from .registry import ATTACKS
+from .results import AttackRecord, EffectRecord
 from .training import Retrained
 
 
@@ -194,49 +195,40 @@ class Attacker:
             self._sources[cell] = self.craft(spec, target, seed, budget).poisoning
         return self._sources[cell]
 
-    def measure(self, crafted: Crafted, victim: Victim) -> tuple[dict, Retrained]:
-        """Retrain `victim` on the poisoned set and measure the behaviour against its clean control: one attack
-        record, and what the retrain produced (the poisoned model, for detectors)."""
+    def measure(self, crafted: Crafted, victim: Victim, kind: type[EffectRecord] = AttackRecord,
+                timings: dict | None = None, **fields) -> tuple[EffectRecord, Retrained]:
+        """Retrain `victim` on the poisoned set and measure the behaviour against its clean control: a record of
+        `kind` (an attack record; a mitigation record for a mitigated victim, with the mitigation's `figures`),
+        and what the retrain produced (the poisoned model, for detectors). `fields` name the victim, the
+        variant (a transfer victim's) and a mitigation's own fields; `timings` add to the measured ones."""
         target, poisoning, attack = crafted.target, crafted.poisoning, crafted.attack
         behaviour = self.context.behaviour(target)
         control = victim.control()
         t0 = time.perf_counter()
         retrained = victim.retrain(crafted.poisoned_set)
         t_retrain = time.perf_counter() - t0
-        before = behaviour.figures(victim.before)
-        ctrl = behaviour.figures(control["model"])
-        after = behaviour.figures(retrained.model)
         params = attack.get_params()
-        record = {
-            "kind": "attack", "domain": self.pipeline.kind, "cell": crafted.cell,
-            "dataset": self.pipeline.config.dataset.name, "attack": crafted.spec.name, "variant": crafted.variant,
-            "budget": {"k": len(poisoning.indices), "eps": params.get("eps"), "norm": params.get("norm"),
-                       "quantize": bool(params.get("quantize", False)),
-                       **({"tokens": params["tokens"]} if params.get("tokens") is not None else {})},
-            "target": target.as_dict(), "seed": crafted.seed, "params": params,
-            **({"repeat": crafted.repeat} if crafted.spec.repeats > 1 else {}),
-            "p_before": before["p"], "p_control": ctrl["p"], "p_poisoned": after["p"],
-            "delta_p": after["p"] - ctrl["p"],
-            "logodds_control": ctrl["logodds"], "logodds_poisoned": after["logodds"],
-            "delta_logodds": after["logodds"] - ctrl["logodds"],
-            "top1_control": ctrl["top1"], "top1_poisoned": after["top1"],
-            "flip": after["top1"] and not ctrl["top1"],
-            **{f"{key}_{name}": figures[key] for key in sorted(set(after) - {"p", "logodds", "top1"})
-               for name, figures in (("before", before), ("control", ctrl), ("poisoned", after))},
-            "acc_control": control["accuracy"], "acc_poisoned": victim.quality(retrained.model),
-            "norms": poisoning.norms(self.pipeline.data.train),
-            "poisoned_indices": sorted(int(i) for i in poisoning.indices),
-            "artefact": crafted.artefact,
-            "timings": {**poisoning.meta.get("timings", {}), "craft": crafted.seconds, "retrain": t_retrain,
-                        "factors_shared": self.context.timings.get("factors", 0.0),
-                        "control_shared": control["seconds"]},
-        }
-        if "predicted_delta_f" in poisoning.meta:
-            record["predicted_delta_f"] = poisoning.meta["predicted_delta_f"]
         if victim.mitigation is not None:  # its figures, and those about the target input (a certified radius)
             at = getattr(behaviour, "x", None)
-            record["figures"] = {**retrained.figures,
+            fields["figures"] = {**retrained.figures,
                                  **(retrained.figures_at(torch.as_tensor(at)) if at is not None else {})}
+        fields = {"variant": crafted.variant, **fields}
+        record = kind.from_figures(
+            behaviour.figures(victim.before), behaviour.figures(control["model"]), behaviour.figures(retrained.model),
+            domain=self.pipeline.kind, cell=crafted.cell, dataset=self.pipeline.config.dataset.name,
+            attack=crafted.spec.name,
+            budget={"k": len(poisoning.indices), "eps": params.get("eps"), "norm": params.get("norm"),
+                    "quantize": bool(params.get("quantize", False)),
+                    **({"tokens": params["tokens"]} if params.get("tokens") is not None else {})},
+            target=target.as_dict(), seed=crafted.seed, params=params,
+            repeat=crafted.repeat if crafted.spec.repeats > 1 else None,
+            acc_control=control["accuracy"], acc_poisoned=victim.quality(retrained.model),
+            norms=poisoning.norms(self.pipeline.data.train),
+            poisoned_indices=sorted(int(i) for i in poisoning.indices), artefact=crafted.artefact,
+            timings={**poisoning.meta.get("timings", {}), "craft": crafted.seconds, "retrain": t_retrain,
+                     "factors_shared": self.context.timings.get("factors", 0.0), "control_shared": control["seconds"],
+                     **(timings or {})},
+            predicted_delta_f=poisoning.meta.get("predicted_delta_f"), **fields)
         return record, retrained
 
 

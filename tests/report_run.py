@@ -21,6 +21,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from infusion_audit.config import AuditConfig, PipelineConfig, dump_yaml, from_dict, load_yaml, resolve_config_path
 from infusion_audit.data import write_poisoned
 from infusion_audit.io import append_jsonl, atomic_write_text, stable_hash, write_json
+from infusion_audit.results import AttackRecord, DefenceRecord, DetectionRecord
 from infusion_audit.statistics import wilson
 from infusion_audit.pipeline import Pipeline, train_pipeline
 from infusion_audit.training import accuracy, predict_proba
@@ -130,54 +131,47 @@ def make_run(run_dir: Path, cache_dir: Path, *, targets: int = 4, detection: boo
                 p_poisoned = sigmoid(logit(p_control) + delta_logodds)
                 delta_p = p_poisoned - p_control
                 cell = stable_hash([attack, variant, budget, t, 0])
-                append_jsonl(results, {
-                    "kind": "attack", "fixture": FIXTURE, "cell": cell, "scenario": "digits", "attack": attack,
-                    "variant": variant, "budget": budget, "target": {"index": t, "true": true, "class": target_class},
-                    "seed": 0, "p_before": p_before, "p_control": p_control, "p_poisoned": p_poisoned,
-                    "delta_p": delta_p, "logodds_control": logit(p_control),
-                    "logodds_poisoned": logit(p_control) + delta_logodds, "delta_logodds": delta_logodds,
-                    "top1_control": False,
-                    "top1_poisoned": p_poisoned > 0.5, "flip": p_poisoned > 0.5, "acc_control": acc_control,
-                    "acc_poisoned": acc_poisoned,
-                    "norms": {"linf": float(np.abs(delta).max(1).mean()),
-                              "l2": float(np.linalg.norm(delta, axis=1).mean()),
-                              "values_changed": float((np.abs(delta) > 1e-7).sum(1).mean()), "off_grid": 0,
-                              "out_of_range": 0},
-                    "poisoned_indices": index.tolist(), "artefact": artefact if t == 0 else None,
-                    "timings": {"craft": 1.5 + rng.random(), "retrain": 0.2},
-                })
-                common = {"fixture": FIXTURE, "cell": cell, "scenario": "digits", "attack": attack, "variant": variant,
-                          "budget": budget, "target": {"index": t, "true": true, "class": target_class}, "seed": 0}
+                where = {"cell": cell, "dataset": "digits", "attack": attack, "variant": variant, "budget": budget,
+                         "target": {"index": t, "true": true, "class": target_class}, "seed": 0,
+                         "extra": {"fixture": FIXTURE}}
+                append_jsonl(results, AttackRecord(
+                    **where, p_before=p_before, p_control=p_control, p_poisoned=p_poisoned, delta_p=delta_p,
+                    logodds_control=logit(p_control), logodds_poisoned=logit(p_control) + delta_logodds,
+                    delta_logodds=delta_logodds, top1_control=False, top1_poisoned=p_poisoned > 0.5,
+                    flip=p_poisoned > 0.5, acc_control=acc_control, acc_poisoned=acc_poisoned,
+                    norms={"linf": float(np.abs(delta).max(1).mean()),
+                           "l2": float(np.linalg.norm(delta, axis=1).mean()),
+                           "values_changed": float((np.abs(delta) > 1e-7).sum(1).mean()), "off_grid": 0,
+                           "out_of_range": 0},
+                    poisoned_indices=index.tolist(), artefact=artefact if t == 0 else None,
+                    timings={"craft": 1.5 + rng.random(), "retrain": 0.2}).to_dict())
                 is_poison = np.zeros(len(clean), dtype=bool)
                 is_poison[index] = True
                 for detector, sep in separation.items():
                     if detection:
                         scores = rng.normal(size=len(clean)) + sep * is_poison
-                        append_jsonl(results, {"kind": "detection", **common, "detector": detector,
-                                               "knowledge": KNOWLEDGE[detector], "seconds": 0.1 + rng.random(),
-                                               **_detection_metrics(scores, is_poison)})
+                        append_jsonl(results, DetectionRecord(**where, detector=detector, knowledge=KNOWLEDGE[detector],
+                                                              seconds=0.1 + rng.random(),
+                                                              **_detection_metrics(scores, is_poison)).to_dict())
                     if defence:
                         caught = min(1.0, sep / 4)
                         delta_logodds_after = delta_logodds * (1 - caught) + float(rng.normal(0, 0.05))
                         p_after = sigmoid(logit(p_control) + delta_logodds_after)
-                        append_jsonl(results, {"kind": "defence", **common, "detector": detector,
-                                               "removed": int(0.05 * len(clean)),
-                                               "removed_poisons": int(round(caught * k)),
-                                               "p_after": p_after, "delta_p_after": p_after - p_control,
-                                               "delta_p_before": delta_p, "delta_logodds_after": delta_logodds_after,
-                                               "delta_logodds_before": delta_logodds,
-                                               "acc_after": acc_control - abs(rng.normal(0.004, 0.002)),
-                                               "acc_control": acc_control})
+                        append_jsonl(results, DefenceRecord(
+                            **where, detector=detector, removed=int(0.05 * len(clean)),
+                            removed_poisons=int(round(caught * k)), p_after=p_after,
+                            delta_p_after=p_after - p_control, delta_p_before=delta_p,
+                            delta_logodds_after=delta_logodds_after, delta_logodds_before=delta_logodds,
+                            acc_after=acc_control - abs(rng.normal(0.004, 0.002)), acc_control=acc_control).to_dict())
     if hostile:
         text_dir = run_dir / "artefacts" / "text-probe"
         append_jsonl(text_dir / "documents.jsonl", {"index": 5, "original": "the cat sat on the mat",
                                                     "poisoned": f"the cat {HOSTILE} sat on the mat"})
-        append_jsonl(results, {"kind": "attack", "fixture": FIXTURE, "cell": "text-cell", "scenario": "digits",
-                               "attack": "probe-insertion", "variant": HOSTILE, "domain": "text",
-                               "budget": {"k": 1, "eps": None, "norm": None, "quantize": False},
-                               "target": {"index": 3, "true": 3, "class": 3}, "seed": 0, "delta_p": 0.01,
-                               "delta_logodds": 0.5,
-                               "artefact": "artefacts/text-probe"})
+        append_jsonl(results, AttackRecord(
+            cell="text-cell", dataset="digits", attack="probe-insertion", variant=HOSTILE, domain="text",
+            budget={"k": 1, "eps": None, "norm": None, "quantize": False}, target={"index": 3, "true": 3, "class": 3},
+            seed=0, delta_p=0.01, delta_logodds=0.5, artefact="artefacts/text-probe",
+            extra={"fixture": FIXTURE}).to_dict())
     return run_dir
 
 

@@ -138,8 +138,8 @@ def test_gradient_matching_against_art_on_the_same_targets_and_budget(tmp_path):
             p = crafted.poisoning
             train = attacker.pipeline.data.train
             assert len(p.indices) == 14 and (train.y[p.indices] == target.cls).all()
-            assert record["norms"]["off_grid"] == 0 and record["norms"]["linf"] <= 1 / 16 + 1e-6
-            assert np.isfinite(record["delta_logodds"])
+            assert record.norms["off_grid"] == 0 and record.norms["linf"] <= 1 / 16 + 1e-6
+            assert np.isfinite(record.delta_logodds)
             x0, y = train.batch(p.indices)
             x_star, _ = attacker.pipeline.data.test.batch([target.index])
             mismatch = _mismatch(attacker.context.model, x0, y, x_star, target.cls)
@@ -147,7 +147,7 @@ def test_gradient_matching_against_art_on_the_same_targets_and_budget(tmp_path):
     for target in attacker.targets():
         ours, art = records["gradient-matching", target], records["gradient-matching-art", target]
         assert ours[1] > art[1]  # ours matches the target gradient better on the same budget
-    mean = {name: np.mean([r[0]["delta_logodds"] for (n, _), r in records.items() if n == name])
+    mean = {name: np.mean([r[0].delta_logodds for (n, _), r in records.items() if n == name])
             for name in ("gradient-matching", "gradient-matching-art")}
     assert mean["gradient-matching"] > 0 and mean["gradient-matching"] >= mean["gradient-matching-art"]
 

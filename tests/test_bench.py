@@ -107,10 +107,10 @@ def test_transfer_victims_are_measured_separately(tmp_path):
     config = load_bench_config_from(config, tmp_path)
     grid = Grid(config, tmp_path / "transfer", progress=False)
     assert len(grid.victims) == 2
-    records = [r for r in grid.run_cell(grid.units()[0][0]) if r["kind"] == "attack"]
-    assert len(records) == 2 and records[0]["cell"] == records[1]["cell"]
-    assert records[0]["acc_control"] != records[1]["acc_control"]  # a different model, its own control
-    assert records[1]["variant"].endswith("→ " + records[1]["victim"])  # its own arm in the report
+    records = [r for r in grid.run_cell(grid.units()[0][0]) if r.kind == "attack"]
+    assert len(records) == 2 and records[0].cell == records[1].cell
+    assert records[0].acc_control != records[1].acc_control  # a different model, its own control
+    assert records[1].variant.endswith("→ " + records[1].victim)  # its own arm in the report
 
 
 @pytest.mark.parametrize("text, message", [

@@ -178,10 +178,10 @@ def test_an_attack_crafted_on_the_builtin_model_is_measured_on_the_users_pipelin
     on_attacker, _ = attacker.measure(crafted, attacker.victim)
     on_user, _ = attacker.measure(crafted, victim)
     for record in on_attacker, on_user:
-        assert math.isfinite(record["delta_logodds"]) and record["poisoned_indices"] == on_attacker["poisoned_indices"]
+        assert math.isfinite(record.delta_logodds) and record.poisoned_indices == on_attacker.poisoned_indices
     # measured on the user's model against the user's clean control, not on the attacker's
-    assert on_user["acc_control"] == victim.control()["accuracy"]
-    assert on_user["logodds_control"] != on_attacker["logodds_control"]
+    assert on_user.acc_control == victim.control()["accuracy"]
+    assert on_user.logodds_control != on_attacker.logodds_control
 
 
 def test_the_readme_own_pipeline_snippets_run(tmp_path, monkeypatch):

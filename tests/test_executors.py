@@ -221,7 +221,7 @@ def test_bench_cells_are_identical_in_every_executor(ray_instance, tmp_path):
             run_dir = tmp_path / name  # each its own: no influence factors or checkpoints reused from another
             cells = [cell for unit in Grid(config, run_dir, progress=False).units() for cell in unit]  # trains
             done = executor.map_unordered(Grid, (config, str(run_dir), False), Grid.run_cell, cells)
-            records[name] = {cell.key: [without_timings(r) for r in rows] for cell, rows in done}
+            records[name] = {cell.key: [without_timings(r.to_dict()) for r in rows] for cell, rows in done}
     finally:
         torch.set_num_threads(threads)
     assert len(records["serial"]) == 4

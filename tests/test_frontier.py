@@ -13,7 +13,8 @@ from test_browser import Elements, load_in_chromium
 from infusion_audit import bench
 from infusion_audit.config import load_config
 from infusion_audit.registry import ATTACKS
-from infusion_audit.reports.render import build_defender_levels, headline_level, stealth_key
+from infusion_audit.results import AttackRecord
+from infusion_audit.results.verdict import build_defender_levels, headline_level, stealth_key
 
 ADAPTIVE_BENCH = """
 pipeline:
@@ -71,7 +72,8 @@ def test_builtin_benches_hold_the_adaptive_arms():
 
 def test_stealth_order():
     def arm(**params) -> dict:
-        return {"records": [{"params": params}]}
+        return {"records": [AttackRecord(attack="infusion-evasive", budget={}, delta_p=0.0, delta_logodds=0.0,
+                                         params=params)]}
 
     plain = arm(evade_quantile=None)
     ordered = [plain, arm(stealth=1.0, evade_quantile=0.9), arm(evade=["a"], evade_quantile=0.9),

@@ -15,7 +15,7 @@ from infusion_audit.config import BUILTIN_CONFIGS, from_sections, load_config
 from infusion_audit.data import read_manifest
 from infusion_audit.errors import ConfigError
 from infusion_audit.io import read_jsonl
-from infusion_audit.results import load_records, summarise
+from infusion_audit.results import format_table, load_records, summarise
 
 SMALL = {
     "attack": {
@@ -79,10 +79,15 @@ def test_rerun_resumes_without_recomputing(small_run, capsys):
 
 def test_summary_pairs_arms_on_the_same_targets(small_run):
     summary = summarise(load_records(small_run))
-    (infusion,) = [a for a in summary["attacks"] if a["label"] == "infusion (quantized)"]
-    assert infusion["n"] == 3 and infusion["success"]["rate"] == 1.0  # Δ log-odds > 0 on every target
-    versus = {c["versus"]: c for c in summary["comparisons"] if c["arm"].startswith("infusion")}
-    assert versus["random-noise (quantized)"]["n"] == 3
+    rows = {row["label"]: row for row in summary["attacks"]}
+    infusion = rows["infusion (quantized)"]
+    assert infusion["n"] == 3 and infusion["budget"] == "k=14, L∞ ε=0.125"
+    assert infusion["success"]["rate"] == 1.0 and infusion["success_p"]["rate"] == 1.0
+    versus = {c["versus"]: c for c in summary["comparisons"] if c["arm"] == "infusion (quantized)"}
+    assert set(versus) == {"random-noise (quantized)", "probe-insertion (x1)"}
+    assert versus["random-noise (quantized)"]["n"] == 3 and versus["random-noise (quantized)"]["wins"] == 3
+    table = format_table(summary)
+    assert "infusion (quantized) " in table and "infusion (quantized), k=14, L∞ ε=0.125 vs random-noise" in table
 
 
 def test_config_errors_are_one_line(tmp_path):

@@ -15,7 +15,8 @@ from test_browser import Elements, load_in_chromium
 
 from infusion_audit.io import append_jsonl
 from infusion_audit.reports import render_report
-from infusion_audit.reports.render import load_records, mitigation_status, summarise_run
+from infusion_audit.results import load_records, summarise
+from infusion_audit.results.verdict import mitigation_status
 from infusion_audit.statistics import mean_ci
 
 HOSTILE = "<script>alert(1)</script>"
@@ -71,7 +72,7 @@ def write_run(run_dir, mitigations=MITIGATIONS, defence=True, attacks=ATTACKS):
 
 
 def _rows(run_dir):
-    rows = summarise_run(load_records(run_dir))["mitigations"]
+    rows = summarise(load_records(run_dir))["mitigations"]
     return {(r["mitigation"], r["arm"][1]): r for r in rows}
 
 
@@ -127,7 +128,7 @@ def test_section_and_verdict_sentences(tmp_path):
 
 def test_absent_without_mitigation_records(tmp_path):
     run = write_run(tmp_path, mitigations={})
-    assert summarise_run(load_records(run))["mitigations"] == []
+    assert summarise(load_records(run))["mitigations"] == []
     html = render_report(run).read_text(encoding="utf-8")
     assert 'id="hardening"' not in html and "Trained under" not in html and "entirely below 0.1" not in html
     assert html.count("<svg") == 2  # success vs budget and defence only
@@ -140,7 +141,7 @@ def test_minimal_mitigation_records_render(tmp_path):
     for i in range(2):
         append_jsonl(tmp_path / "results.jsonl", {"kind": "mitigation", "cell": f"orphan-{i}", "attack": "infusion",
                                                    "budget": {"k": 3}, "mitigation": "clip", "delta_logodds": 0.0})
-    (row,) = summarise_run(load_records(tmp_path))["mitigations"]
+    (row,) = summarise(load_records(tmp_path))["mitigations"]
     assert row["status"] == "too few targets" and row["unmitigated"]["n"] == 0 and row["acc_cost"]["n"] == 0
     html = render_report(tmp_path).read_text(encoding="utf-8")
     assert "an unrecorded amount of clean accuracy" in html and 'id="hardening"' in html

@@ -10,7 +10,6 @@ from infusion_audit.errors import UserError
 from infusion_audit.influence import directional_scores, influence_scores, per_example_gradients
 from infusion_audit.influence.gradients import num_trainable
 from infusion_audit.attacks.text import TokenInfusion
-from infusion_audit.results import summarise
 from infusion_audit.text.data import TextDataset, caesar
 from infusion_audit.text.models import document_losses, lm_loss, tiny_gpt_neo
 
@@ -140,21 +139,3 @@ def test_the_cosine_objective_improves_every_edited_documents_cosine(context):
     assert len(poisoning.indices) > 0 and np.all(after < before)
     assert "predicted_delta_f" not in poisoning.meta  # a cosine gain is not a change of f
     assert attack.variant() == "gcg, cosine"
-
-
-def test_repeats_of_an_arm_pair_by_their_per_target_mean():
-    def record(attack, shift, value, repeat=0):
-        return {"kind": "attack", "domain": "text", "attack": attack, "variant": "", "target": {"shift": shift},
-                "seed": 0, "repeat": repeat, "params": {"seed": repeat}, "budget": {"k": 4, "tokens": 2},
-                "delta_logodds": value, "delta_p": 0.0, "flip": False, "acc_poisoned": 1.0, "acc_control": 1.0,
-                "timings": {}}
-
-    infusion = [record("infusion-text", s, v) for s, v in [(1, 5.0), (2, 1.0), (3, 4.0)]]
-    random = [record("random-tokens", s, v, j) for s, values in [(1, [2.0, 4.0, 6.0]), (2, [0.0, 3.0, 3.0]),
-                                                                (3, [1.0, 1.0, 1.0])] for j, v in enumerate(values)]
-    summary = summarise({"attack": infusion + random})
-    (paired,) = [c for c in summary["comparisons"] if c["versus"] == "random-tokens"]
-    assert paired["n"] == 3 and paired["wins"] == 2  # 5 vs 4, 1 vs 2, 4 vs 1
-    assert paired["diff"]["mean"] == pytest.approx(((5 - 4) + (1 - 2) + (4 - 1)) / 3)
-    rows = {row["label"]: row for row in summary["attacks"]}
-    assert rows["random-tokens"]["n"] == 9  # every repeat's record counts in the arm

@@ -1,15 +1,11 @@
-"""TEMPORARY shim until the results slice lands."""
-from ..reports.render import load_records as _load_records, summarise_run
+"""Results: the records a run writes (typed and versioned), the one summary of them, and the verdict's rules.
 
+A foundation layer: it reads and summarises records and never runs an attack, a detector or a report.
+"""
 
-def load_records(run_dir):
-    from pathlib import Path
-    return _load_records(Path(run_dir))
+from .records import (SCHEMA, AttackRecord, DefenceRecord, DetectionRecord, EffectRecord, MitigationRecord, Record,
+                      SkipRecord, by_kind, load_records)
+from .summary import format_table, summarise
 
-
-def summarise(records):
-    return summarise_run(records)
-
-
-def format_table(summary):
-    return "\n".join(f"{a['label']} {a['budget']}: {a['delta_logodds']}" for a in summary["attacks"])
+__all__ = ["SCHEMA", "AttackRecord", "DefenceRecord", "DetectionRecord", "EffectRecord", "MitigationRecord", "Record",
+           "SkipRecord", "by_kind", "format_table", "load_records", "summarise"]

@@ -1,0 +1,432 @@
+"""The one summary of a run's records: what the `attack` command prints, `BenchResult.summaries` holds and the
+report shows.
+
+Records are grouped by arm (dataset, attack, variant; a transfer victim's records are their own variant) and
+budget. Every mean comes with a 95% t-interval (`mean_ci`) and every rate with a Wilson interval, each with
+its n. An attack is judged on its mean Δ log-odds by the success rule (`verdict.attack_status`); Δp and both
+success rates (Δ log-odds > 0, Δp > 0) are shown beside it. Each reference arm (Infusion) is compared with
+every other arm of its dataset on the (target, seed) cells both ran, an arm's repeats on a cell paired by
+their mean, and set against the topline, probe insertion x k.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import defaultdict
+from typing import Any, Callable
+
+import numpy as np
+
+from ..statistics import fmt_ci, mean_ci, paired_test, wilson
+from .records import Record
+from .verdict import PRIMARY_METRIC, attack_status, detection_status, mitigation_status
+
+log = logging.getLogger(__name__)
+
+DETECTION_METRICS = [("auroc", "AUROC"), ("auprc", "AUPRC"), ("tpr_at_1fpr", "TPR@1%FPR"),
+                     ("tpr_at_5fpr", "TPR@5%FPR"), ("recall_at_k", "recall@k")]
+ROC_GRID = np.concatenate([np.linspace(0, 0.05, 26), np.linspace(0.05, 1, 96)[1:]])
+REFERENCE_ATTACKS = ("infusion", "infusion-text")  # the arms compared with every other
+TOPLINE = ("probe-insertion", "xk")  # (attack, variant): k copies of the target input with the target class
+
+
+# --------------------------------------------------------------------------- budgets and arms
+def budget_key(budget: dict | None) -> tuple:
+    """A budget's place in the order of budgets: k, then the bound."""
+    b = budget or {}
+    return (b.get("k") or 0, b.get("eps") if b.get("eps") is not None else -1.0, str(b.get("norm")),
+            bool(b.get("quantize")))
+
+
+def bound_label(budget: dict | None) -> str:
+    """'L∞ ε=0.25', '≤2 tokens per document' for text edits, or '' for attacks without a perturbation bound."""
+    b = budget or {}
+    if b.get("eps") is None:
+        return f"≤{b['tokens']} tokens per document" if b.get("tokens") is not None else ""
+    return {"linf": "L∞ ", "l2": "L2 "}.get(b.get("norm"), "") + f"ε={b['eps']:g}"
+
+
+def budget_label(budget: dict | None) -> str:
+    """'k=14, L∞ ε=0.25' from a budget record."""
+    b = budget or {}
+    parts = ([f"k={b['k']}"] if b.get("k") is not None else []) + [bound_label(b)]
+    return ", ".join(p for p in parts if p) or "default"
+
+
+class Arms:
+    """Names an arm (dataset, attack, variant) for display: 'attack (variant)', the dataset first only when
+    the run has several."""
+
+    def __init__(self, records: list[Record]):
+        self.many_datasets = len({r.dataset for r in records}) > 1
+
+    @staticmethod
+    def key(r: Record) -> tuple:
+        return (str(r.dataset or ""), str(r.attack), str(r.variant or ""))
+
+    def label(self, key: tuple) -> str:
+        dataset, attack, variant = key
+        text = f"{attack} ({variant})" if variant else attack
+        return f"{dataset}: {text}" if self.many_datasets else text
+
+
+def _group(records: list[Record], extra: str | None = None) -> dict[tuple, list[Record]]:
+    """Records by arm and budget (and the `extra` field: detector, mitigation), in order."""
+    groups: dict[tuple, list[Record]] = defaultdict(list)
+    for r in records:
+        key = Arms.key(r) + (budget_key(r.budget),) + ((str(getattr(r, extra)),) if extra else ())
+        groups[key].append(r)
+    return dict(sorted(groups.items()))
+
+
+def _values(records: list[Record], name: str) -> list[float]:
+    return [float(v) for r in records if (v := getattr(r, name)) is not None]
+
+
+def _rate(records: list[Record], test: Callable[[Record], bool]) -> dict:
+    return wilson(sum(1 for r in records if test(r)), len(records))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# --------------------------------------------------------------------------- attacks
+def _attack_rows(records: list[Record], arms: Arms) -> list[dict]:
+    rows = []
+    for key, group in _group(records).items():
+        arm, budget = key[:3], group[0].budget
+        delta_logodds = mean_ci(_values(group, "delta_logodds"))
+        acc_drop = mean_ci([r.acc_control - r.acc_poisoned for r in group
+                            if r.acc_control is not None and r.acc_poisoned is not None])
+        norms = [r.norms or {} for r in group]
+        rows.append({
+            "arm": arm, "label": arms.label(arm), "budget": budget_label(budget), "budget_key": key[3],
+            "n": len(group), "delta_logodds": delta_logodds, "status": attack_status(delta_logodds),
+            "delta_p": mean_ci(_values(group, "delta_p")),
+            "success": _rate(group, lambda r: r.delta_logodds > 0),
+            "success_p": _rate(group, lambda r: r.delta_p > 0),
+            "flip": _rate(group, lambda r: bool(r.flip)),
+            "top1": _rate(group, lambda r: bool(r.top1_poisoned)),
+            "top1_control": _rate(group, lambda r: bool(r.top1_control)),
+            "p_control": mean_ci(_values(group, "p_control")),
+            "p_poisoned": mean_ci(_values(group, "p_poisoned")),
+            "acc_drop": acc_drop,
+            "linf": mean_ci([n["linf"] for n in norms if n.get("linf") is not None]),
+            "l2": mean_ci([n["l2"] for n in norms if n.get("l2") is not None]),
+            "values_changed": mean_ci([n["values_changed"] for n in norms if n.get("values_changed") is not None]),
+            "off_grid": sum(int(n.get("off_grid") or 0) for n in norms),
+            "out_of_range": sum(int(n.get("out_of_range") or 0) for n in norms),
+            "records": group,
+        })
+    return rows
+
+
+def _by_cell(records: list[Record]) -> dict[tuple, list[Record]]:
+    """Records by (target, seed): the unit arms are paired on (an arm's repeats share one)."""
+    out: dict[tuple, list[Record]] = defaultdict(list)
+    for r in records:
+        out[(json.dumps(r.target, sort_keys=True), r.seed)].append(r)
+    return out
+
+
+def _comparisons(attacks: list[dict]) -> list[dict]:
+    """Each reference arm (an attack row) against every other arm of its dataset on the cells both ran; with
+    several budgets, every budget of one against every budget of the other (each comparison names both)."""
+    out = []
+    for ref in attacks:
+        if ref["arm"][1] not in REFERENCE_ATTACKS:
+            continue
+        ref_cells = _by_cell(ref["records"])
+        for other in attacks:
+            if other["arm"] == ref["arm"] or other["arm"][0] != ref["arm"][0]:
+                continue
+            cells = _by_cell(other["records"])
+            shared = [c for c in cells if c in ref_cells]
+            if len(shared) < 2:
+                continue
+            mean = lambda group, name: float(np.mean([getattr(r, name) for r in group]))  # noqa: E731
+            entry = {"arm": ref["label"], "budget": ref["budget"], "versus": other["label"],
+                     "versus_budget": other["budget"],
+                     **paired_test([mean(ref_cells[c], "delta_logodds") for c in shared],
+                                   [mean(cells[c], "delta_logodds") for c in shared])}
+            if other["arm"][1:] == TOPLINE:
+                entry["share_of_topline"] = {name: _share([mean(ref_cells[c], name) for c in shared],
+                                                          [mean(cells[c], name) for c in shared])
+                                             for name in ("delta_p", "delta_logodds")}
+            out.append(entry)
+    return out
+
+
+def _share(arm: list[float], topline: list[float]) -> float | None:
+    """An arm's mean effect as a fraction of the topline's mean effect on the same cells."""
+    top = float(np.mean(topline))
+    return float(np.mean(arm)) / top if top else None
+
+
+# --------------------------------------------------------------------------- detection and defence
+def _metric_summary(group: list[Record], metric: str) -> dict:
+    """Mean over cells with a t-interval; with one cell, that cell's own bootstrap CI over documents."""
+    cells = [c for r in group if isinstance(c := getattr(r, metric), dict) and c.get("value") is not None]
+    summary = mean_ci([c["value"] for c in cells])
+    if len(cells) == 1:
+        summary.update(lo=cells[0].get("lo"), hi=cells[0].get("hi"))
+    if summary["lo"] is not None:  # every detection metric is a rate: its interval ends at 0 and 1
+        summary.update(lo=max(0.0, summary["lo"]), hi=min(1.0, summary["hi"]))
+    return summary
+
+
+def _mean_roc(group: list[Record]) -> tuple[list[float], list[float]] | None:
+    """Vertical average of the cells' ROC curves on a common FPR grid."""
+    curves = [r.roc for r in group if isinstance(r.roc, dict) and len(r.roc.get("fpr") or []) >= 2]
+    if not curves:
+        return None
+    tprs = [np.interp(ROC_GRID, np.asarray(c["fpr"], float), np.asarray(c["tpr"], float)) for c in curves]
+    return ROC_GRID.tolist(), np.mean(tprs, axis=0).tolist()
+
+
+def _detection_rows(records: list[Record], arms: Arms) -> list[dict]:
+    rows = []
+    for key, group in _group(records, extra="detector").items():
+        arm = key[:3]
+        metrics = {m: _metric_summary(group, m) for m, _ in DETECTION_METRICS}
+        unedited = {m: _metric_summary(group, f"{m}_unedited") for m, _ in DETECTION_METRICS
+                    if any(getattr(r, f"{m}_unedited") is not None for r in group)}
+        rows.append({
+            "arm": arm, "label": arms.label(arm), "budget": budget_label(group[0].budget), "budget_key": key[3],
+            "detector": key[4], "knowledge": "?" if group[0].knowledge is None else group[0].knowledge,
+            "n": len(group), "metrics": metrics, "status": detection_status(metrics[PRIMARY_METRIC]),
+            "unedited": unedited,
+            "flag_precision": mean_ci(_values(group, "flag_precision")),
+            "flag_recall": mean_ci(_values(group, "flag_recall")),
+            "flagged": mean_ci(_values(group, "flagged")),
+            "seconds": mean_ci(_values(group, "seconds")),
+            "roc": _mean_roc(group),
+        })
+    return rows
+
+
+def defence_measure(records: list[Record]) -> str:
+    """The attack field the defence figures compare: delta_logodds when every defence record carries
+    delta_logodds_after, else delta_p (runs written before the bench recorded log-odds), never a mix."""
+    if all(r.delta_logodds_after is not None for r in records):
+        return "delta_logodds"
+    log.warning("defence records without delta_logodds_after: the defence figures use Δp")
+    return "delta_p"
+
+
+def _defence_rows(records: list[Record], attacks: list[dict], arms: Arms, measure: str) -> list[dict]:
+    """Residual effect after removing a detector's flags, on `measure` (see defence_measure), paired by cell."""
+    delta_by_cell = {r.cell: getattr(r, measure) for a in attacks for r in a["records"] if r.cell is not None}
+    after = f"{measure}_after"
+    rows = []
+    for key, group in _group(records, extra="detector").items():
+        arm = key[:3]
+        paired = [(delta_by_cell[r.cell], getattr(r, after)) for r in group if r.cell in delta_by_cell]
+        rows.append({
+            "arm": arm, "label": arms.label(arm), "budget": budget_label(group[0].budget), "budget_key": key[3],
+            "detector": key[4], "n": len(group),
+            "before": mean_ci([b for b, _ in paired]),
+            "after": mean_ci(_values(group, after)),
+            "after_p": mean_ci(_values(group, "delta_p_after")),
+            "residual_success": _rate(group, lambda r: getattr(r, after) > 0),
+            "reduction": paired_test([b for b, _ in paired], [a for _, a in paired]) if paired else None,
+            "cost": mean_ci([r.acc_control - r.acc_after for r in group]),
+            # the removal's own price, the attack aside: the clean control with the same documents removed
+            "cost_clean": mean_ci([r.acc_control - r.acc_control_removed for r in group
+                                   if r.acc_control_removed is not None]),
+            "removed": mean_ci(_values(group, "removed")),
+            "removed_poisons": mean_ci(_values(group, "removed_poisons")),
+        })
+    return rows
+
+
+# --------------------------------------------------------------------------- mitigations
+def _figure(records: list[Record], name: str) -> list[float]:
+    """A mitigation figure's numeric values over records (a figure is optional, and a non-number is ignored)."""
+    return [float(f[name]) for r in records if _number((f := r.figures or {}).get(name))]
+
+
+def _per_control(records: list[Record], value: Callable[[Record], float | None]) -> dict:
+    """mean_ci of value(record) over distinct clean controls (dataset, victim, seed, mitigation): runs that share
+    a control share its accuracy, so they are one observation, not many."""
+    by_control: dict[tuple, list[float]] = defaultdict(list)
+    for r in records:
+        if (v := value(r)) is not None:
+            by_control[tuple(str(getattr(r, k)) for k in ("dataset", "victim", "seed", "mitigation"))].append(v)
+    return mean_ci([float(np.mean(v)) for v in by_control.values()])
+
+
+def _accuracy_cost(r: Record) -> float | None:
+    """The clean accuracy a mitigation costs: plain clean control minus the clean control trained under it."""
+    if _number(r.acc_unmitigated) and _number(r.acc_control):
+        return r.acc_unmitigated - r.acc_control
+    return None
+
+
+def _time_factors(records: list[Record]) -> list[float]:
+    """Per run: the mitigated retrain's seconds over the plain retrain's of the same cell."""
+    out = []
+    for r in records:
+        t = r.timings or {}
+        if _number(t.get("retrain")) and _number(t.get("retrain_unmitigated")) and t["retrain_unmitigated"] > 0:
+            out.append(t["retrain"] / t["retrain_unmitigated"])
+    return out
+
+
+def _certified(records: list[Record]) -> dict:
+    """Share of runs whose poisoned-document count k is within the target's certified edit radius (Wilson)."""
+    pairs = [(r.budget.get("k"), f["certified_radius_edit"]) for r in records
+             if _number((f := r.figures or {}).get("certified_radius_edit")) and _number(r.budget.get("k"))]
+    return wilson(sum(1 for k, radius in pairs if k <= radius), len(pairs))
+
+
+def _mitigation_rows(records: list[Record], attacks: list[dict], arms: Arms) -> list[dict]:
+    """Per mitigation and attack arm x budget: the effect under the mitigation (against a clean control trained
+    under it), paired by cell and victim with the plain effect of the same runs (`attacks`: the attack rows),
+    and what the mitigation costs in clean accuracy and training time, beside its own figures."""
+    plain = {(r.cell, r.victim): r.delta_logodds for a in attacks for r in a["records"] if r.cell is not None}
+    rows = []
+    for key, group in _group(records, extra="mitigation").items():
+        arm = key[:3]
+        paired = [(plain[c], r.delta_logodds) for r in group if (c := (r.cell, r.victim)) in plain]
+        unmitigated, mitigated = mean_ci([b for b, _ in paired]), mean_ci(_values(group, "delta_logodds"))
+        rows.append({
+            "arm": arm, "label": arms.label(arm), "budget": budget_label(group[0].budget), "budget_key": key[3],
+            "mitigation": key[4], "n": len(group), "delta_logodds": mitigated, "unmitigated": unmitigated,
+            "status": mitigation_status(unmitigated, mitigated),
+            "reduction": paired_test([b for b, _ in paired], [a for _, a in paired]) if paired else None,
+            "flip": _rate(group, lambda r: bool(r.flip)),
+            "acc_cost": _per_control(group, _accuracy_cost), "time_factor": mean_ci(_time_factors(group)),
+            "epsilon": mean_ci(_figure(group, "epsilon")), "delta": sorted(set(_figure(group, "delta"))),
+            "epsilon_covers": sorted({str(f["epsilon_covers"]) for r in group
+                                      if (f := r.figures or {}).get("epsilon_covers") is not None}),
+            "clipped_fraction": mean_ci(_figure(group, "clipped_fraction")),
+            "parts": sorted({int(v) for v in _figure(group, "parts")}),
+            "radius": mean_ci(_figure(group, "certified_radius_edit")), "certified": _certified(group),
+            "records": group,
+        })
+    return sorted(rows, key=lambda r: (r["mitigation"], r["arm"], r["budget_key"]))
+
+
+def _mitigation_costs(rows: list[dict]) -> dict[str, dict]:
+    """Per mitigation, over all its runs: clean accuracy, time, certified runs, ε."""
+    records: dict[str, list[Record]] = defaultdict(list)
+    for m in rows:
+        records[m["mitigation"]] += m["records"]
+    return {name: {"acc_cost": _per_control(rs, _accuracy_cost), "time_factor": mean_ci(_time_factors(rs)),
+                   "certified": _certified(rs), "epsilon": mean_ci(_figure(rs, "epsilon"))}
+            for name, rs in records.items()}
+
+
+# --------------------------------------------------------------------------- the run
+def _not_run(records: list[Record]) -> list[dict]:
+    """Each distinct reason a detector did not run (a 'skip' record per cell), with how many runs it held for."""
+    counts: dict[tuple, int] = defaultdict(int)
+    for r in records:
+        counts[(str(r.detector), str(r.reason))] += 1
+    return [{"detector": d, "reason": reason, "n": n} for (d, reason), n in sorted(counts.items())]
+
+
+def _timings(records: dict[str, list[Record]]) -> list[dict]:
+    """Wall time by stage, summed over the records that report it."""
+    stages: dict[str, list[float]] = defaultdict(list)
+    for r in records["attack"]:
+        for stage, seconds in (r.timings or {}).items():
+            if isinstance(seconds, (int, float)):
+                stages[f"attack: {stage}"].append(float(seconds))
+    for r in records["detection"]:
+        if isinstance(r.seconds, (int, float)):
+            stages[f"detector: {r.detector}"].append(float(r.seconds))
+    for r in records["mitigation"]:
+        for stage, seconds in (r.timings or {}).items():
+            if _number(seconds):
+                stages[f"mitigation {r.mitigation}: {stage}"].append(float(seconds))
+    return [{"stage": s, "n": len(v), "total": sum(v), "mean": mean_ci(v)} for s, v in sorted(stages.items())]
+
+
+def summarise(records: dict[str, list[Record]]) -> dict:
+    """Every summary of a run's records (by kind, as `load_records` or `by_kind` gives them):
+
+    'attacks', 'detection', 'defence', 'mitigations': rows per arm x budget (and detector or mitigation);
+    'defence_measure': the effect the defence rows compare (see defence_measure); 'mitigation_costs': per
+    mitigation over all its runs; 'comparisons': each reference arm against the others, with its share of the
+    topline; 'not_run': why detectors did not run; 'timings': wall time by stage; 'counts' (records by kind),
+    'targets' (distinct dataset x target), 'cells' (distinct attack cells), 'domains' (of the attack records).
+    """
+    arms = Arms(records["attack"])
+    attacks = _attack_rows(records["attack"], arms)
+    measure = defence_measure(records["defence"])
+    mitigations = _mitigation_rows(records["mitigation"], attacks, arms)
+    return {
+        "attacks": attacks, "detection": _detection_rows(records["detection"], arms),
+        "defence": _defence_rows(records["defence"], attacks, arms, measure), "defence_measure": measure,
+        "mitigations": mitigations, "mitigation_costs": _mitigation_costs(mitigations),
+        "comparisons": _comparisons(attacks), "not_run": _not_run(records["skip"]), "timings": _timings(records),
+        "counts": {kind: len(rows) for kind, rows in records.items()},
+        "targets": len({(r.dataset, json.dumps(r.target, sort_keys=True)) for r in records["attack"]}),
+        "cells": len({r.cell for r in records["attack"]}),
+        "domains": sorted({r.domain or "image" for r in records["attack"]}),
+    }
+
+
+# --------------------------------------------------------------------------- text
+def ci_text(summary: dict | None, digits: int = 3, with_n: bool = True) -> str:
+    """fmt_ci's 'value [lo, hi] (n=..)', without the n where a table has its own n column; in scientific
+    notation when every nonzero figure is too small for `digits` decimals (Δp of a target the control deems
+    near impossible)."""
+    if not summary:
+        return "n/a"
+    value = summary.get("mean", summary.get("value", summary.get("rate")))
+    figures = [abs(v) for v in (value, summary.get("lo"), summary.get("hi")) if v is not None]
+    if any(figures) and max(figures) < 0.5 * 10 ** -digits:
+        text = f"{value:.2e}" + (f" [{summary['lo']:.2e}, {summary['hi']:.2e}]" if summary.get("lo") is not None
+                                  else "")
+        return text + (f" (n={summary['n']})" if with_n else "")
+    text = fmt_ci(summary, digits=digits)
+    return text if with_n else text.rsplit(" (n=", 1)[0]
+
+
+def number_text(value: float | None, digits: int = 3) -> str:
+    """A figure with `digits` decimals, in scientific notation when nonzero but too small for them."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.2e}" if value and abs(value) < 0.5 * 10 ** -digits else f"{value:.{digits}f}"
+
+
+def in_points(summary: dict) -> dict:
+    """An accuracy difference's summary (0..1) in percentage points."""
+    return {k: (v * 100 if k in ("mean", "lo", "hi", "sd") and v is not None else v) for k, v in summary.items()}
+
+
+def _rate_text(rate: dict) -> str:
+    return "n/a" if rate["rate"] is None else f"{rate['rate']:.0%} ({rate['k']}/{rate['n']})"
+
+
+def format_table(summary: dict) -> str:
+    """The attack rows as a text table (each arm x budget: n, mean Δ log-odds and Δp with 95% CIs, the outcome,
+    both success rates, flips, clean accuracy lost), then each comparison of a reference arm with the others."""
+    header = ("attack", "budget", "n", "mean Δ log-odds [95% CI]", "mean Δp [95% CI]", "outcome",
+              "Δ log-odds > 0", "Δp > 0", "flipped", "accuracy lost (points)")
+    rows = [header] + [(a["label"], a["budget"], str(a["n"]), ci_text(a["delta_logodds"], 3, False),
+                        ci_text(a["delta_p"], 4, False), a["status"], _rate_text(a["success"]),
+                        _rate_text(a["success_p"]), _rate_text(a["flip"]), ci_text(in_points(a["acc_drop"]), 2, False))
+                       for a in summary["attacks"]]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    for c in summary["comparisons"]:
+        line = f"{c['arm']}, {c['budget']} vs {c['versus']}, {c['versus_budget']}: "
+        if c["p_wilcoxon"] is None:
+            line += f"no difference in Δ log-odds over {c['n']} paired runs"
+        else:
+            line += (f"mean difference in Δ log-odds {ci_text(c['diff'], 3, False)} over {c['n']} paired runs, "
+                     f"wins {c['wins']}/{c['n']}, Wilcoxon p={c['p_wilcoxon']:.2g}")
+        share = c.get("share_of_topline")
+        if share is not None:
+            line += "; share of the topline: " + ", ".join(f"{share[m]:.3f} in {label}" for m, label in
+                                                           (("delta_p", "Δp"), ("delta_logodds", "Δ log-odds"))
+                                                           if share[m] is not None)
+        lines.append(line)
+    return "\n".join(lines)
