@@ -2,11 +2,11 @@
 
 For each optimiser, runs the built-in `bench-caesar` grid (12 targets) with only `infusion-text` (the paper's
 document selection and objective: most-negative, raw influence; bench-caesar itself now uses most-improvable
-documents and the cosine objective) and
-`random-tokens` (random edits of the same documents and per-document token counts, `--random-seeds`
-seeds per target), no detectors, into a folder of OUT named by the settings (resumable: the
-bench skips finished cells), then prints, per optimiser, Infusion minus random (the per-target mean over seeds) in
-Δ log-odds: mean with 95% CI, wins out of n, Wilcoxon p, and the wall time. Usage, from the repository root:
+documents and the cosine objective) and `random-tokens` (random edits of the same documents and per-document
+token counts, `--random-seeds` seeds per target), without detection (`bench.audit(..., detect=False)`), into a
+folder of OUT named by the settings (resumable: the grid skips finished cells), then prints, per optimiser,
+Infusion minus random (the per-target mean over seeds) in Δ log-odds: mean with 95% CI, wins out of n,
+Wilcoxon p, and the wall time. Usage, from the repository root:
 
     python benchmarks/caesar_gcg.py --out /tmp/caesar-gcg                # gcg and relaxed, 3 random seeds
     python benchmarks/caesar_gcg.py --out DIR --optimizers gcg --candidates 256 --top-k 22 --targets 4
@@ -21,21 +21,21 @@ import json
 import time
 from pathlib import Path
 
-from infusion_audit.bench import bench, load_bench_config
-from infusion_audit.evaluation import AttackSpec, summarize
+from infusion_audit.bench import audit, prepare
+from infusion_audit.config import AttackSpec, load_config, with_defaults
 from infusion_audit.io import write_json
-from infusion_audit.runtime import set_threads
+from infusion_audit.results import by_kind, load_records, summarise
 from infusion_audit.statistics import mean_ci
 
 
-def run(out: Path, optimizer: str, random_seeds: int, targets: int | None, params: dict) -> dict:
+def run(out: Path, optimizer: str, random_seeds: int, targets: int | None, params: dict, jobs: int,
+        threads: int) -> dict:
     """`params`: infusion-text's candidates, top_k, steps, selection, objective and screen."""
-    config = load_bench_config("bench-caesar")
+    config = with_defaults(load_config("bench-caesar"))
     config.attack.attacks = [AttackSpec("infusion-text", {"optimizer": optimizer, **params}),
                              AttackSpec("random-tokens", repeats=random_seeds)]
-    config.scan.attacks = ["none"]  # no detectors: only the effects are compared
     if targets is not None:  # the first n ordered pairs of shifts, in the bench's order
-        data = config.scenario.dataset.params
+        data = config.pipeline.dataset.params
         shifts = range(data["min_shift"], data["max_shift"] + 1)
         config.attack.targets.pairs = [[s, t] for s in shifts for t in shifts if s != t][:targets]
     tag = optimizer if optimizer == "relaxed" else f"gcg-c{params['candidates']}-k{params['top_k']}"
@@ -43,18 +43,19 @@ def run(out: Path, optimizer: str, random_seeds: int, targets: int | None, param
         tag += f"-{params['selection']}-{params['objective']}-s{params['screen']}"
     out = out / f"{tag}-steps{params['steps']}"
     started = time.perf_counter()
-    records = bench(config, out, jobs=2, report=False).records["attack"]
+    audit(prepare(config, threads=threads), out, jobs=jobs, detect=False)  # no detectors: only the effects
     seconds = time.perf_counter() - started
-    summary = summarize(records)
-    by_attack = {name: [r for r in records if r["attack"] == name] for name in ("infusion-text", "random-tokens")}
+    records = load_records(out)["attack"]
+    summary = summarise(by_kind(records))
+    by_attack = {name: [r for r in records if r.attack == name] for name in ("infusion-text", "random-tokens")}
     (paired,) = [c for c in summary["comparisons"] if c["versus"].startswith("random-tokens")]
     return {"optimizer": optimizer, **params, "random_seeds": random_seeds,
             "wall_seconds_this_invocation": round(seconds, 1),
-            "craft_seconds": sum(r["timings"]["craft"] for r in by_attack["infusion-text"]),
+            "craft_seconds": sum(r.timings["craft"] for r in by_attack["infusion-text"]),
             "paired_logodds": paired,
-            "infusion_logodds": mean_ci([r["delta_logodds"] for r in by_attack["infusion-text"]]),
-            "random_logodds": mean_ci([r["delta_logodds"] for r in by_attack["random-tokens"]]),
-            "tokens_changed": mean_ci([r["norms"]["values_changed"] for r in by_attack["infusion-text"]])}
+            "infusion_logodds": mean_ci([r.delta_logodds for r in by_attack["infusion-text"]]),
+            "random_logodds": mean_ci([r.delta_logodds for r in by_attack["random-tokens"]]),
+            "tokens_changed": mean_ci([r.norms["values_changed"] for r in by_attack["infusion-text"]])}
 
 
 def main() -> None:
@@ -70,11 +71,12 @@ def main() -> None:
     parser.add_argument("--objective", default="influence", choices=["influence", "cosine"])
     parser.add_argument("--screen", type=int, default=16, help="most-improvable: swaps per document screened")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=2, help="local worker processes of the grid (default: 2)")
     args = parser.parse_args()
-    set_threads(args.threads)
     params = {"candidates": args.candidates, "top_k": args.top_k, "steps": args.steps, "selection": args.selection,
               "objective": args.objective, "screen": args.screen}
-    results = [run(args.out, name, args.random_seeds, args.targets, params) for name in args.optimizers]
+    results = [run(args.out, name, args.random_seeds, args.targets, params, args.jobs, args.threads)
+               for name in args.optimizers]
     write_json(args.out / "summary.json", {"results": results})
     print(json.dumps(results, indent=1))
 

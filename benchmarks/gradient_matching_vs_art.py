@@ -1,11 +1,12 @@
 """Our `gradient-matching` against ART's GradientMatchingAttack and against Infusion, on shared targets.
 
-The digits scenario, k = 1% of the training documents, L-inf 1/16, every poison on the storage grid;
+The digits pipeline, k = 1% of the training documents, L-inf 1/16, every poison on the storage grid;
 each attack's effect is Δ log-odds of the target class against the clean control retrained from the
-same checkpoint in the same order (infusion_audit.evaluation). Ours and ART's get the same
-optimisation budget (steps x restarts). Records are appended to --out as they finish (a rerun
-resumes); the table prints mean Δ log-odds [95% CI] (n) per attack and paired Wilcoxon tests of ours
-against ART and against Infusion, and is written beside the records as JSON.
+same checkpoint in the same order (the attack grid: `bench.audit` without detection). Ours and ART's
+get the same optimisation budget (steps x restarts). The grid's records go to --run-dir/results.jsonl
+as cells finish (a rerun resumes) and this invocation's attack records are copied to --out; the table
+prints mean Δ log-odds [95% CI] (n) per attack and paired Wilcoxon tests of ours against ART and
+against Infusion, and is written beside the records as JSON.
 
     python benchmarks/gradient_matching_vs_art.py --targets 12
 """
@@ -13,14 +14,16 @@ against ART and against Infusion, and is written beside the records as JSON.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
 
-from infusion_audit.config import load_config
-from infusion_audit.evaluation import AttackEvaluation, AttackRunConfig, AttackSpec, TargetsConfig
-from infusion_audit.io import write_json
-from infusion_audit.runtime import set_threads
+from infusion_audit.bench import audit, prepare
+from infusion_audit.config import AttackSpec, TargetsConfig, load_config, with_defaults
+from infusion_audit.grid import Grid
+from infusion_audit.io import atomic_write_text, write_json
+from infusion_audit.results import load_records
 from infusion_audit.statistics import fmt_ci, mean_ci, paired_test
 
 OURS, ART, INFUSION = "gradient-matching", "gradient-matching-art", "infusion"
@@ -32,17 +35,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=120, help="signed-Adam steps per restart, ours and ART's")
     p.add_argument("--restarts", type=int, default=4, help="restarts, ours and ART's")
     p.add_argument("--run-dir", type=Path, default=Path("runs/gradient_matching_vs_art"))
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/gradient_matching_vs_art.jsonl"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/gradient_matching_vs_art.jsonl"),
+                   help="this invocation's attack records (JSON lines); the summary goes beside them")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    set_threads(1)
-    cfg = load_config(AttackRunConfig, "digits")  # k = 0.01, eps = 1/16, L-inf, quantized; continue 1 epoch
+    cfg = with_defaults(load_config("digits"))  # k = 0.01, eps = 1/16, L-inf, quantized; continue 1 epoch
     budget = {"steps": args.steps, "restarts": args.restarts}
     cfg.attack.attacks = [AttackSpec(OURS, budget), AttackSpec(ART, budget), AttackSpec(INFUSION)]
     cfg.attack.targets = TargetsConfig(n=args.targets, seed=0)
     cfg.attack.write_artefacts = False
+    cfg = prepare(cfg, threads=1)
     t0 = time.perf_counter()
-    records = AttackEvaluation(cfg, args.run_dir, progress=True).run(args.out)
+    audit(cfg, args.run_dir, jobs=1, progress=True, detect=False)
+    keys = {cell.key for unit in Grid(cfg, args.run_dir, progress=False, detect=False).units() for cell in unit}
+    records = [r.to_dict() for r in load_records(args.run_dir)["attack"] if r.cell in keys]
+    atomic_write_text(args.out, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     print(f"{len(records)} records in {time.perf_counter() - t0:.0f}s (resumed cells included)")
     print(table(records, args))
 

@@ -1,7 +1,7 @@
 """Mitigations on digits: how much of each attack per-example clipping, DP-SGD and partition
 aggregation remove, and what they cost in clean accuracy and training time.
 
-The default digits scenario and protocol (continue from epoch 9 for one epoch), k = 1% of the training
+The default digits pipeline and protocol (continue from epoch 9 for one epoch), k = 1% of the training
 documents, L-inf 1/16. Each attack (quantized Infusion, label flip, probe insertion x1) is crafted once
 per target on the attacker's plainly trained model, then the victim is retrained on the poisoned set
 under each mitigation ("none" is the plain retrain) and measured against a clean control retrained
@@ -28,10 +28,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from infusion_audit.config import load_config
-from infusion_audit.evaluation import AttackEvaluation, AttackRunConfig, AttackSpec, TargetsConfig
+from infusion_audit.config import AttackSpec, TargetsConfig, load_config, with_defaults
 from infusion_audit.io import append_jsonl, read_jsonl, stable_hash, write_json
-from infusion_audit.mitigations import Mitigated, build_mitigation
+from infusion_audit.mitigations import build_mitigation
+from infusion_audit.protocol import Attacker, Victim
 from infusion_audit.runtime import set_threads
 from infusion_audit.statistics import fmt_ci, mean_ci, wilson
 
@@ -61,44 +61,44 @@ def main() -> None:
               "partition": {"parts": args.parts, **({"epochs": args.partition_epochs} if args.partition_epochs else {})}}
     names = args.mitigations.split(",")
     mitigations = {name: None if name == "none" else build_mitigation(name, params.get(name)) for name in names}
-    cfg = load_config(AttackRunConfig, "digits")  # k = 0.01, eps = 1/16, L-inf, quantized; continue 1 epoch
+    cfg = with_defaults(load_config("digits"))  # k = 0.01, eps = 1/16, L-inf, quantized; continue 1 epoch
     cfg.attack.attacks = ARMS
     cfg.attack.targets = TargetsConfig(n=args.targets, seed=0)
     cfg.attack.protocol.kind = args.protocol
     cfg.attack.write_artefacts = False
-    evaluation = AttackEvaluation(cfg, args.run_dir, progress=False)
-    retrain = Retrain(evaluation)
+    attacker = Attacker(cfg, args.run_dir, progress=False)
+    retrain = Retrain(attacker, mitigations)
     done = {r["cell"] for r in read_jsonl(args.out)}
     keys = set()
     t0 = time.perf_counter()
-    cells = [(target, spec) for target in evaluation.targets() for spec in ARMS]
+    cells = [(target, spec) for target in attacker.targets() for spec in ARMS]
     for target, spec in tqdm(cells, desc="cells"):
-        base = evaluation.cell_id(spec, target, 0)  # the attack cell (scenario, attack, target, protocol)
+        base = attacker.cell_key(spec, target, 0, cfg.attack.budget)  # the attack cell (pipeline, attack, target, ...)
         cell_keys = {name: stable_hash({"cell": base, "mitigation": name, "params": params.get(name)})
                      for name in mitigations}
         keys.update(cell_keys.values())
         todo = {name: m for name, m in mitigations.items() if cell_keys[name] not in done}
         if not todo:
             continue
-        crafted = evaluation.craft(spec, target, 0)
-        behaviour = evaluation.context.behaviour(target)
-        x_star = evaluation.scenario.data.test.batch([target.index])[0][0]
-        for name, mitigation in todo.items():
-            control = retrain.control(name, mitigation)
+        crafted = attacker.craft(spec, target, 0, cfg.attack.budget)
+        behaviour = attacker.context.behaviour(target)
+        x_star = attacker.pipeline.data.test.batch([target.index])[0][0]
+        for name in todo:
+            control = retrain.control(name)
             t1 = time.perf_counter()
-            poisoned = retrain.run(mitigation, crafted.poisoned_set)
+            poisoned = retrain.victims[name].retrain(crafted.poisoned_set)
             seconds = time.perf_counter() - t1
-            ctrl, after = behaviour.figures(control["mitigated"].model), behaviour.figures(poisoned.model)
+            ctrl, after = behaviour.figures(control["retrained"].model), behaviour.figures(poisoned.model)
             k = len(crafted.poisoning.indices)
             record = {"cell": cell_keys[name], "attack_cell": base, "mitigation": name, "params": params.get(name),
-                      "protocol": args.protocol, "attack": spec.name, "variant": evaluation.variant(crafted), "k": k,
+                      "protocol": args.protocol, "attack": spec.name, "variant": crafted.variant, "k": k,
                       "target": target.as_dict(), "delta_p": after["p"] - ctrl["p"],
                       "delta_logodds": after["logodds"] - ctrl["logodds"],
                       "flip": bool(after["top1"] and not ctrl["top1"]),
-                      "acc_control": control["accuracy"], "acc_poisoned": evaluation.victim.quality(poisoned.model),
+                      "acc_control": control["accuracy"], "acc_poisoned": attacker.victim.quality(poisoned.model),
                       "retrain_seconds": seconds, "control_seconds": control["seconds"],
-                      "figures": poisoned.figures, "control_figures": control["mitigated"].figures}
-            at = control["mitigated"].figures_at(x_star)
+                      "figures": poisoned.figures, "control_figures": control["retrained"].figures}
+            at = control["retrained"].figures_at(x_star)
             if at:
                 record["control_at_target"] = at
                 record["poisoned_at_target"] = poisoned.figures_at(x_star)
@@ -110,36 +110,32 @@ def main() -> None:
 
 
 class Retrain:
-    """The protocol's retrain (from the start checkpoint for the protocol's epochs, or from scratch)
-    under a mitigation, and each mitigation's clean control, computed once."""
+    """One victim per mitigation: the attacker's pipeline retrained by the protocol (from the start checkpoint
+    for the protocol's epochs, or from scratch) under that mitigation ("none": the plain retrain), and each
+    mitigation's clean control, computed once and kept whole (its figures about the target input too)."""
 
-    def __init__(self, evaluation: AttackEvaluation):
-        self.evaluation, self.victim = evaluation, evaluation.victim
-        protocol = self.victim.protocol
-        scratch = protocol.kind == "scratch"
-        self.start = None if scratch else self.victim.trained.checkpoint(self.victim.start_epoch)
-        self.epochs = None if scratch else protocol.epochs
+    def __init__(self, attacker: Attacker, mitigations: dict):
+        main = attacker.victim
+        self.attacker = attacker
+        self.victims = {name: main if mitigation is None else
+                        Victim(main.pipeline, main.trained, main.protocol, mitigation)
+                        for name, mitigation in mitigations.items()}
         self._controls: dict[str, dict] = {}
 
-    def run(self, mitigation, dataset) -> Mitigated:
-        if mitigation is None:
-            return Mitigated(self.victim.retrain(dataset))
-        pipeline = self.victim.scenario
-        return mitigation.retrain(pipeline.fit, pipeline.new_model, dataset, self.start, self.epochs)
-
-    def control(self, name: str, mitigation) -> dict:
+    def control(self, name: str) -> dict:
         if name not in self._controls:
+            victim = self.victims[name]
             t0 = time.perf_counter()
-            mitigated = self.run(mitigation, self.evaluation.scenario.data.train)
-            self._controls[name] = {"mitigated": mitigated, "seconds": time.perf_counter() - t0,
-                                    "accuracy": self.victim.quality(mitigated.model)}
+            retrained = victim.retrain(self.attacker.pipeline.data.train)
+            self._controls[name] = {"retrained": retrained, "seconds": time.perf_counter() - t0,
+                                    "accuracy": victim.quality(retrained.model)}
         return self._controls[name]
 
 
 def table(records: list[dict], names: list[str], path: Path) -> str:
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in records:
-        groups.setdefault((r["mitigation"], f"{r['attack']}[{r['variant']}]" if r["variant"] else r["attack"]),
+        groups.setdefault((r["mitigation"], f"{r['attack']} ({r['variant']})" if r["variant"] else r["attack"]),
                           []).append(r)
     plain_acc = next((r["acc_control"] for r in records if r["mitigation"] == "none"), None)
     rows, lines = [], []

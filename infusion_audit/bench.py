@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -62,11 +63,12 @@ class BenchResult:
         return f"BenchResult(run_dir={str(self.run_dir)!r}, {counts}, report={self.report and str(self.report)!r})"
 
 
-def prepare(config=None, device: str | None = None, threads: int | None = DEFAULT_THREADS) -> AuditConfig:
+def prepare(config=None, device: str | None = None, threads: int | None = DEFAULT_THREADS,
+            overrides: Sequence[str] = ()) -> AuditConfig:
     """The config a run computes with: loaded (a path, a built-in name, a mapping of sections or an
-    AuditConfig; default: the quick digits benchmark), filled in, its device resolved once, and this process's
-    runtime set up for it (`threads` torch threads; None leaves them as they are)."""
-    config = with_defaults(load_config(config, DEFAULT_CONFIG))
+    AuditConfig; default: the quick digits benchmark) with `overrides` (``KEY=VALUE``), filled in, its device
+    resolved once, and this process's runtime set up for it (`threads` torch threads; None leaves them)."""
+    config = with_defaults(load_config(config, DEFAULT_CONFIG, overrides))
     config = replace(config, pipeline=config.pipeline.on_device(device))
     configure(threads, config.pipeline.train.device)
     return config

@@ -195,26 +195,26 @@ class Attacker:
             self._sources[cell] = self.craft(spec, target, seed, budget).poisoning
         return self._sources[cell]
 
-    def measure(self, crafted: Crafted, victim: Victim, kind: type[EffectRecord] = AttackRecord,
+    def measure(self, crafted: Crafted, on: Victim, kind: type[EffectRecord] = AttackRecord,
                 timings: dict | None = None, **fields) -> tuple[EffectRecord, Retrained]:
-        """Retrain `victim` on the poisoned set and measure the behaviour against its clean control: a record of
+        """Retrain victim `on` on the poisoned set and measure the behaviour against its clean control: a record of
         `kind` (an attack record; a mitigation record for a mitigated victim, with the mitigation's `figures`),
         and what the retrain produced (the poisoned model, for detectors). `fields` name the victim, the
         variant (a transfer victim's) and a mitigation's own fields; `timings` add to the measured ones."""
         target, poisoning, attack = crafted.target, crafted.poisoning, crafted.attack
         behaviour = self.context.behaviour(target)
-        control = victim.control()
+        control = on.control()
         t0 = time.perf_counter()
-        retrained = victim.retrain(crafted.poisoned_set)
+        retrained = on.retrain(crafted.poisoned_set)
         t_retrain = time.perf_counter() - t0
         params = attack.get_params()
-        if victim.mitigation is not None:  # its figures, and those about the target input (a certified radius)
+        if on.mitigation is not None:  # its figures, and those about the target input (a certified radius)
             at = getattr(behaviour, "x", None)
             fields["figures"] = {**retrained.figures,
                                  **(retrained.figures_at(torch.as_tensor(at)) if at is not None else {})}
         fields = {"variant": crafted.variant, **fields}
         record = kind.from_figures(
-            behaviour.figures(victim.before), behaviour.figures(control["model"]), behaviour.figures(retrained.model),
+            behaviour.figures(on.before), behaviour.figures(control["model"]), behaviour.figures(retrained.model),
             domain=self.pipeline.kind, cell=crafted.cell, dataset=self.pipeline.config.dataset.name,
             attack=crafted.spec.name,
             budget={"k": len(poisoning.indices), "eps": params.get("eps"), "norm": params.get("norm"),
@@ -222,7 +222,7 @@ class Attacker:
                     **({"tokens": params["tokens"]} if params.get("tokens") is not None else {})},
             target=target.as_dict(), seed=crafted.seed, params=params,
             repeat=crafted.repeat if crafted.spec.repeats > 1 else None,
-            acc_control=control["accuracy"], acc_poisoned=victim.quality(retrained.model),
+            acc_control=control["accuracy"], acc_poisoned=on.quality(retrained.model),
             norms=poisoning.norms(self.pipeline.data.train),
             poisoned_indices=sorted(int(i) for i in poisoning.indices), artefact=crafted.artefact,
             timings={**poisoning.meta.get("timings", {}), "craft": crafted.seconds, "retrain": t_retrain,

@@ -100,3 +100,18 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path):
         assert proc.returncode == 2
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("infusion-audit: error: ") and "Traceback" not in proc.stderr
+
+
+def test_set_overrides_a_key_and_is_checked_like_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("pipeline: {train: {epochs: 3}}\n")
+    cfg = load_config(path, overrides=["pipeline.train.seed=2", "attack.targets.n=4", "influence.damping=1e-2"])
+    assert cfg.pipeline.train.seed == 2 and cfg.pipeline.train.epochs == 3 and cfg.attack.targets.n == 4
+    assert cfg.influence.damping == 0.01
+    assert load_config(path).pipeline.train.seed == 0  # the file itself is untouched
+    with pytest.raises(ConfigError, match="c.yaml: pipeline.train.seed: expected an integer, got 'two'"):
+        load_config(path, overrides=["pipeline.train.seed=two"])
+    with pytest.raises(ConfigError, match="--set: seed: expected KEY=VALUE with a dotted key"):
+        load_config(path, overrides=["seed"])
+    with pytest.raises(ConfigError, match="pipeline.train.epochs to be a mapping"):
+        load_config(path, overrides=["pipeline.train.epochs.x=1"])

@@ -9,15 +9,17 @@ from pathlib import Path
 from ..config import dump_yaml, load_config, with_defaults
 from ..io import atomic_write_text
 from ..pipeline import Pipeline, train_pipeline
+from .bench import add_set_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config with a `pipeline:` section, or a built-in name such as digits")
     p.add_argument("--out", required=True, type=Path, help="run directory for checkpoints and metrics")
+    add_set_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    config = with_defaults(load_config(args.config))
+    config = with_defaults(load_config(args.config, overrides=args.set))
     pipeline = config.pipeline.on_device(args.device)
     atomic_write_text(args.out / "config.yaml", dump_yaml(dataclasses.replace(config, pipeline=pipeline)))
     trained = train_pipeline(Pipeline.from_config(pipeline), args.out / "artefacts", progress=not args.quiet)

@@ -13,7 +13,9 @@ import copy
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
+
+import yaml
 
 from ..errors import ConfigError, UserError
 from ..registry import ATTACKS, DATASETS, DETECTORS, MITIGATIONS, MODELS, PIPELINES
@@ -341,15 +343,45 @@ def from_sections(data: Any, source: str = "<dict>") -> AuditConfig:
     return from_dict(AuditConfig, data, source)
 
 
-def load_config(config: Any = None, default: str = "bench-digits") -> AuditConfig:
+def load_config(config: Any = None, default: str = "bench-digits", overrides: Sequence[str] = ()) -> AuditConfig:
     """An AuditConfig from a YAML path, a built-in name (`default` when None), a mapping of sections, or an
-    AuditConfig as it is; checked, not yet filled in (see `with_defaults`)."""
+    AuditConfig; with `overrides` (``KEY=VALUE``, a dotted key of today's sections and a YAML value, e.g.
+    ``pipeline.train.seed=1``) applied; checked, not yet filled in (see `with_defaults`)."""
     if isinstance(config, AuditConfig):
-        return config
+        if not overrides:
+            return config
+        config = to_dict(config)
     if isinstance(config, dict):
-        return from_sections(config)
-    if config is not None and not isinstance(config, (str, bytes)) and not hasattr(config, "__fspath__"):
+        data, source = config, "<dict>"
+    elif config is None or isinstance(config, str) or hasattr(config, "__fspath__"):
+        data, source = load_yaml(resolve_config_path(config or default))
+    else:
         raise ConfigError("<config>", "", "a mapping of sections, a YAML path, a built-in name or an AuditConfig",
                           type(config).__name__)
-    data, source = load_yaml(resolve_config_path(config or default))
+    data = upgrade(data, source)
+    for item in overrides:
+        data = _override(data, item)
     return from_sections(data, source)
+
+
+def _override(data: dict, item: str) -> dict:
+    """`data` with one ``KEY=VALUE`` override applied (the value read as YAML); a copy, the nested mappings too."""
+    name, sep, text = item.partition("=")
+    path = name.strip().split(".")
+    if not sep or not all(path):
+        raise ConfigError("--set", item, "KEY=VALUE with a dotted key, e.g. pipeline.train.seed=1")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError("--set", item, "a value written in YAML") from None
+    out = copy.deepcopy(data)
+    node = out
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError("--set", item, f"{'.'.join(path[:i + 1])} to be a mapping", child)
+        node = child
+    node[path[-1]] = value
+    return out
