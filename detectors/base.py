@@ -17,7 +17,6 @@ they cannot be taken from while the others still run. A caller that already hold
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import time

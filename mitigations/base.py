@@ -14,10 +14,8 @@ what it steps with (Opacus' per-example clipping); a mitigation that needs it se
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from infusion_audit.errors import ConfigError, UserError

@@ -13,7 +13,7 @@ from infusion_audit.behaviour import ClassBehaviour
 from infusion_audit.config import TrainConfig, load_config
 from infusion_audit.data import ImageDataset, digits
 from infusion_audit.detectors import AuditContext, build_detector, run_detector
-from infusion_audit.errors import ConfigError, DataError
+from infusion_audit.errors import ConfigError
 from infusion_audit.influence import LayerGradients, ProjectedIHVP, make_ihvp, per_example_gradients
 from infusion_audit.models import DigitsCNN, TinyResNet
 from infusion_audit.training import train
