@@ -1,14 +1,14 @@
 """Does a Caesar training recipe learn on every machine? Train it for several seeds x torch thread counts.
 
 Each run is its own subprocess pinned to its thread count (`OMP_NUM_THREADS`, `MKL_NUM_THREADS` and
-`torch.set_num_threads`), trains the scenario with the library's own loop and reports the decryption
+`torch.set_num_threads`), trains the pipeline with the library's own loop and reports the decryption
 accuracy on the test prompts after every epoch, the first epoch at which it reached the floor, and
 the training time. Runs are sequential so their timings are comparable. Usage, from the repository root:
 
     python benchmarks/caesar_recipe.py                                  # the built-in caesar recipe
     python benchmarks/caesar_recipe.py --set train.lr=0.003 --set train.epochs=10 --out results/x.json
 
-`--set KEY=VALUE` overrides a key of the config's `scenario:` section (VALUE is read as YAML).
+`--set KEY=VALUE` overrides a key of the config's `pipeline:` section (VALUE is read as YAML).
 """
 
 from __future__ import annotations
@@ -22,48 +22,37 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 
+def pipeline_config(config: str, overrides: list[str]):
+    """The config's `pipeline:` section with dotted `KEY=VALUE` overrides of its keys applied."""
+    from infusion_audit.config import load_config, with_defaults
 
-def scenario_config(config: str, overrides: list[str]):
-    """The config's `scenario:` section with dotted `KEY=VALUE` overrides applied."""
-    from infusion_audit.config import PipelineConfig, from_dict, load_yaml, resolve_config_path
-
-    data, source = load_yaml(resolve_config_path(config))
-    scenario = data.get("scenario") or {}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        *parents, leaf = key.split(".")
-        node = scenario
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return from_dict(PipelineConfig, scenario, source, "scenario")
+    return with_defaults(load_config(config, overrides=[f"pipeline.{item}" for item in overrides])).pipeline
 
 
 def train_once(config: str, overrides: list[str], seed: int, threads: int) -> dict:
     """One training run in this process: decryption accuracy after every epoch, and the time."""
-    from infusion_audit.runtime import set_threads
     from infusion_audit.pipeline import train_pipeline
-    from infusion_audit.text.scenario import TextPipeline, decryption_accuracy
+    from infusion_audit.runtime import set_threads
+    from infusion_audit.text.pipeline import TextPipeline, decryption_accuracy
 
     set_threads(threads)
-    cfg = scenario_config(config, overrides + [f"train.seed={seed}"])
-    scenario = TextPipeline(cfg)
+    cfg = pipeline_config(config, overrides + [f"train.seed={seed}"])
+    pipeline = TextPipeline(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        trained = train_pipeline(scenario, tmp, progress=False)
+        trained = train_pipeline(pipeline, tmp, progress=False)
         seconds = time.perf_counter() - t0
-        accuracy = [decryption_accuracy(trained.model(e), scenario.data.test) for e in range(cfg.train.epochs + 1)]
+        accuracy = [decryption_accuracy(trained.model(e), pipeline.data.test) for e in range(cfg.train.epochs + 1)]
     return {"seed": seed, "threads": threads, "seconds": round(seconds, 1), "decryption_accuracy": accuracy,
             "token_accuracy": trained.metrics["test"]["token_accuracy"], "test_loss": trained.metrics["test"]["loss"]}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="caesar", help="a config with a text `scenario:` (default: caesar)")
+    parser.add_argument("--config", default="caesar", help="a config with a text `pipeline:` (default: caesar)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of the scenario section, e.g. train.lr=0.003 (repeatable)")
+                        help="override a key of the pipeline section, e.g. train.lr=0.003 (repeatable)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts (default: 1 2)")
     parser.add_argument("--floor", type=float, default=0.95, help="decryption accuracy that counts as learned")

@@ -1,6 +1,6 @@
 """Why EK-FAC and the exact IHVP disagree on the digits CNN, cause by cause, across damping values.
 
-For N targets of a scenario (default: digits) the exact IHVP (G + d I)^-1 g is solved directly
+For N targets of a pipeline (default: digits) the exact IHVP (G + d I)^-1 g is solved directly
 (`DenseGaussNewton`: the Gauss-Newton factor held in memory, machine precision at any damping, checked
 against CG) and compared with:
 
@@ -32,8 +32,7 @@ import torch
 from kronfluence.utils.constants import HEURISTIC_DAMPING_SCALE
 
 from infusion_audit.behaviour import measurement_gradient, sample_targets
-from infusion_audit.config import load_config
-from infusion_audit.evaluation import AttackRunConfig
+from infusion_audit.config import load_config, with_defaults
 from infusion_audit.influence import influence_scores, loss_gradient, make_ihvp, per_example_gradients
 from infusion_audit.influence.compare import (DenseGaussNewton, agreement, ekfac_solve, expected_fisher_ekfac,
                                               heuristic_damping, kronfluence_pairwise_scores, module_slices,
@@ -78,18 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     t_start = time.perf_counter()
 
-    cfg = load_config(AttackRunConfig, args.config)
-    scenario = Pipeline.from_config(cfg.scenario)
-    model = train_pipeline(scenario, args.cache, progress=False).model().eval()
-    train = scenario.data.train
-    targets = sample_targets(scenario.data.test, args.targets, seed=cfg.attack.targets.seed)
+    cfg = with_defaults(load_config(args.config))
+    pipeline = Pipeline.from_config(cfg.pipeline)
+    model = train_pipeline(pipeline, args.cache, progress=False).model().eval()
+    train = pipeline.data.train
+    targets = sample_targets(pipeline.data.test, args.targets, seed=cfg.attack.targets.seed)
     untracked = int((~tracked_mask(model)).sum())
     if untracked and args.tracked_only:  # EK-FAC gives these 0: take both solvers and the scores without them
         tracked = {id(p) for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
                    for p in m.parameters(recurse=False)}
         for p in model.parameters():
             p.requires_grad_(id(p) in tracked)
-    Q = torch.stack([measurement_gradient(model, scenario.behaviour(t)) for t in targets]).double()
+    Q = torch.stack([measurement_gradient(model, pipeline.behaviour(t)) for t in targets]).double()
     top = max(1, int(round(0.01 * len(train))))
     slices = module_slices(model)
     mask = tracked_mask(model)
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("Gauss-Newton factor %s in %.0f s", tuple(dense.M.shape), time.perf_counter() - t0)
 
     workdir = tempfile.TemporaryDirectory(prefix="ekfac-fidelity-")
-    default_damping = cfg.attack.influence.damping
+    default_damping = cfg.influence.damping
     ekfacs, fit_seconds = {}, {}
     for seed in args.seeds:
         t0 = time.perf_counter()

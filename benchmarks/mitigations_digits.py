@@ -73,11 +73,11 @@ def main() -> None:
     t0 = time.perf_counter()
     cells = [(target, spec) for target in attacker.targets() for spec in ARMS]
     for target, spec in tqdm(cells, desc="cells"):
-        base = attacker.cell_key(spec, target, 0, cfg.attack.budget)  # the attack cell (pipeline, attack, target, ...)
+        base = attacker.cell_key(spec, target, 0, cfg.attack.budget)  # the attack cell (pipeline, arm, target)
         cell_keys = {name: stable_hash({"cell": base, "mitigation": name, "params": params.get(name)})
                      for name in mitigations}
         keys.update(cell_keys.values())
-        todo = {name: m for name, m in mitigations.items() if cell_keys[name] not in done}
+        todo = [name for name in mitigations if cell_keys[name] not in done]
         if not todo:
             continue
         crafted = attacker.craft(spec, target, 0, cfg.attack.budget)

@@ -25,7 +25,7 @@ import torch
 from infusion_audit.attacks.base import AttackContext
 from infusion_audit.attacks.infusion import Infusion
 from infusion_audit.behaviour import sample_targets
-from infusion_audit.config import PluginSpec, PipelineConfig, TrainConfig
+from infusion_audit.config import InfluenceConfig, PipelineConfig, PluginSpec, TrainConfig
 from infusion_audit.data import DatasetSplit, ImageDataset
 from infusion_audit.io import write_json
 from infusion_audit.pipeline import Pipeline, train_pipeline
@@ -77,18 +77,18 @@ def synthetic_cifar(n_train: int, n_test: int = 200, seed: int = 0) -> DatasetSp
     return DatasetSplit(make(n_train), make(n_test))
 
 
-def profile(scenario: Pipeline, workdir: Path, n_poison: list[int], backends: list[str], mem: PeakRSS,
+def profile(pipeline: Pipeline, workdir: Path, n_poison: list[int], backends: list[str], mem: PeakRSS,
             detectors: bool) -> dict:
     stages: dict = {}
-    cfg = scenario.train_cfg
+    cfg = pipeline.train_cfg
     with mem.measure(stages, "train_all_epochs"):
-        trained = train_pipeline(scenario, workdir, progress=False)
+        trained = train_pipeline(pipeline, workdir, progress=False)
     stages["train_epoch"] = {"seconds": round(stages["train_all_epochs"]["seconds"] / cfg.epochs, 4)}
     model = trained.model()
-    train = scenario.data.train
-    target = sample_targets(scenario.data.test, 1, seed=0)[0]
+    train = pipeline.data.train
+    target = sample_targets(pipeline.data.test, 1, seed=0)[0]
     for backend in backends:  # the last backend's context is the one the attack uses
-        context = AttackContext(scenario, trained, influence_backend=backend, damping=1e-3)
+        context = AttackContext(pipeline, trained, influence=InfluenceConfig(backend=backend, damping=1e-3))
         with mem.measure(stages, f"ihvp_{backend}_setup"):
             context.ihvp()
         with mem.measure(stages, f"ihvp_{backend}_solve"):
@@ -103,7 +103,7 @@ def profile(scenario: Pipeline, workdir: Path, n_poison: list[int], backends: li
             poisoning = attack.craft(context, target)
         poisoned = poisoning.apply(train)
         with mem.measure(timing, "retrain_1_epoch"):
-            scenario.continue_training(trained.checkpoint(cfg.epochs - 1), poisoned)
+            pipeline.continue_training(trained.checkpoint(cfg.epochs - 1), poisoned)
         timing["pgd_per_document"] = round(poisoning.meta["timings"]["pgd"] / k, 5)
         timing["attack_over_epoch"] = round(
             (poisoning.meta["timings"]["pgd"] + stages[f"ihvp_{backends[-1]}_solve"]["seconds"]
@@ -114,12 +114,12 @@ def profile(scenario: Pipeline, workdir: Path, n_poison: list[int], backends: li
         from infusion_audit.behaviour import ClassBehaviour
         from infusion_audit.scan import scan
 
-        poisoned_model = scenario.continue_training(trained.checkpoint(cfg.epochs - 1), poisoned)
+        poisoned_model = pipeline.continue_training(trained.checkpoint(cfg.epochs - 1), poisoned)
         with mem.measure(stages, "scan_all_detectors"):
             result = scan(poisoned, model=poisoned_model, reference=train, truth=poisoning.indices,
-                          behaviour=ClassBehaviour.from_target(target, scenario.data.test), bootstrap=0,
+                          behaviour=ClassBehaviour.from_target(target, pipeline.data.test), bootstrap=0,
                           expected_fraction=max(0.001, len(poisoning.indices) / len(train)), progress=False,
-                          influence={"backend": backends[-1], "damping": 1e-3})
+                          influence=InfluenceConfig(backend=backends[-1], damping=1e-3))
         stages["detectors"] = {label: {"seconds": round(run.seconds, 4),
                                        "docs_per_second": round(len(train) / max(run.seconds, 1e-9), 1)}
                                for label, run in result.completed}
@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         config = PipelineConfig(dataset=PluginSpec("synthetic-cifar", {"n_train": n}),
                                 model=PluginSpec("tiny-resnet"),
                                 train=TrainConfig(lr=0.01, batch_size=16, epochs=2, seed=0))
-        scenario = Pipeline(config, synthetic_cifar(n))
-        run = profile(scenario, args.work, [10, 50], ["ekfac"], mem, detectors=n == args.cifar_sizes[-1])
+        pipeline = Pipeline(config, synthetic_cifar(n))
+        run = profile(pipeline, args.work, [10, 50], ["ekfac"], mem, detectors=n == args.cifar_sizes[-1])
         results["runs"].append({"dataset": "synthetic-cifar", "model": "tiny-resnet", **run})
         print(json.dumps(results["runs"][-1], indent=1), file=sys.stderr)
     write_json(args.out, results)
