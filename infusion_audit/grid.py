@@ -130,9 +130,10 @@ class Grid:
         except Exception as exc:
             if disk_full(exc):
                 raise
+            params = self.attacker.build_attack(spec, cell.seed, budget, cell.repeat).get_params()
             return [error_record(exc, "attack", cell=cell.key, dataset=self.config.pipeline.dataset.name,
-                                 attack=spec.name, variant=spec.variant, budget=to_dict(budget),
-                                 target=cell.target.as_dict(), seed=cell.seed)]
+                                 attack=spec.name, variant=spec.variant, target=cell.target.as_dict(), seed=cell.seed,
+                                 budget={key: params[key] for key in to_dict(budget) if key in params})]
         scanned = self.config.scan.attacks
         if not self.detects or cell.repeat or scanned and spec.name not in scanned:
             return records
