@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).parent / "templates"
 GALLERY_DOCS = 3
+LEVEL_HEADINGS = {"data": "with the data alone", "model": "with a model", "probe": "with a model and probe inputs",
+                  "reference": "with a model and a trusted copy", "forensic": "with a model and the behaviour"}
 
 
 def _read_optional_json(path: Path) -> Any:
@@ -298,6 +300,7 @@ def render_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         "rules": {"success": SUCCESS_RULE, "catch": CATCH_RULE, "survival": SURVIVAL_RULE,
                   "neutralise": NEUTRALISE_RULE, "control": CONTROL_RULE,
                   "logodds": [text for domain, text in LOGODDS_DEFINITIONS.items() if domain in summary["domains"]]},
+        "level_headings": LEVEL_HEADINGS,
         "effect_label": EFFECT_LABEL, "defence_label": defence_label, "neutral_bound": NEUTRAL_BOUND,
         "primary_label": PRIMARY_LABEL, "metric_names": DETECTION_METRICS,
     }
