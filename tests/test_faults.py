@@ -5,12 +5,15 @@ once, its records those of an undisturbed run)."""
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -121,36 +124,100 @@ def reference_run(tmp_path_factory):
     return run_dir
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 32 MiB tmpfs of its own (as root); skipped where mounting is not permitted."""
+SIMULATE = "INFUSION_AUDIT_TEST_SIMULATED_DISK"  # set: the simulated full disk runs even where a tmpfs mounts
+
+
+@functools.cache
+def tmpfs_refused() -> str | None:
+    """Why no tmpfs can be mounted here (None: one can; it needs root and CAP_SYS_ADMIN)."""
+    with tempfile.TemporaryDirectory() as where:
+        try:
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", where], capture_output=True,
+                                  text=True)
+        except OSError as exc:
+            return str(exc)
+        if done.returncode != 0:
+            return done.stderr.strip() or f"mount exited with {done.returncode}"
+        subprocess.run(["umount", where], check=True)
+    return None
+
+
+class Tmpfs:
+    """A 32 MiB tmpfs of its own, filled by a ballast file until one page is free: the run rewrites its config.yaml
+    (an atomic write borrows a page), then nothing more fits."""
+
+    def __init__(self, root: Path):
+        self.root, self.page = root, os.statvfs(root).f_frsize
+        self.ballast = root / "ballast"
+
+    def fill(self) -> None:
+        stats = os.statvfs(self.root)
+        with open(self.ballast, "wb") as fh:
+            fh.write(b"\0" * (stats.f_bavail * stats.f_frsize - self.page))
+
+    def free(self) -> None:
+        self.ballast.unlink()
+
+
+class SimulatedFullDisk:
+    """Where no tmpfs can be mounted: the run directory on the ordinary disk, its writes failing as a full disk's
+    once filled, through the same code: an append to results.jsonl writes the 1,000 bytes that fit, then fails with
+    ENOSPC; the fsync of a poisoned set's file fails with ENOSPC (as a network filesystem reports a full disk)."""
+
+    def __init__(self, root: Path, monkeypatch):
+        self.root, self.patch = root, monkeypatch
+        root.mkdir()
+
+    def fill(self) -> None:
+        write, fsync, room = os.write, os.fsync, [1000]
+
+        def full() -> OSError:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def limited_write(fd, data):
+            if os.readlink(f"/proc/self/fd/{fd}").endswith("results.jsonl"):
+                if not room[0]:
+                    raise full()
+                data = bytes(data[:room[0]])
+                room[0] -= len(data)
+            return write(fd, data)
+
+        def failing_fsync(fd):
+            if "/artefacts/poisoned/" in os.readlink(f"/proc/self/fd/{fd}"):
+                raise full()
+            return fsync(fd)
+
+        self.patch.setattr(os, "write", limited_write)
+        self.patch.setattr(os, "fsync", failing_fsync)
+
+    def free(self) -> None:
+        self.patch.undo()
+
+
+@pytest.fixture(params=["tmpfs", "simulated"])
+def disk(request, tmp_path, monkeypatch):
+    refused = tmpfs_refused()
+    if request.param == "simulated":
+        if refused is None and not os.environ.get(SIMULATE):
+            pytest.skip("a tmpfs can be mounted here: the full disk is a real one (the simulated one runs without)")
+        yield SimulatedFullDisk(tmp_path / "disk", monkeypatch)
+        return
+    if refused is not None:
+        pytest.skip(f"cannot mount a tmpfs here ({refused}): a real full disk needs root and CAP_SYS_ADMIN; "
+                    "the simulated full disk runs instead")
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'mount failed'}): the full-disk test needs "
-                    "root and CAP_SYS_ADMIN")
-    yield mount
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)], check=True)
+    yield Tmpfs(mount)
     subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
-def fill(disk: Path, leave: int) -> Path:
-    """Fill the filesystem of `disk` with a ballast file until `leave` bytes are free."""
-    stats = os.statvfs(disk)
-    ballast = disk / "ballast"
-    with open(ballast, "wb") as fh:
-        fh.truncate(0)
-        fh.write(b"\0" * (stats.f_bavail * stats.f_frsize - leave))
-    return ballast
-
-
 @pytest.mark.parametrize("what", ["record", "artefact"])
-def test_a_full_disk_stops_the_run_and_a_resume_completes(reference_run, small_disk, what, capsys):
+def test_a_full_disk_stops_the_run_and_a_resume_completes(reference_run, disk, what, capsys):
     """The first cell is done; the disk fills while the next cell's records (no artefacts written) or its
     poisoned set is written. The run stops with one line, exit code 2; results.jsonl holds whole cells only;
     with space freed, the same command completes, its records those of an undisturbed run."""
-    run_dir = small_disk / "run"
+    run_dir = disk.root / "run"
     shutil.copytree(reference_run, run_dir)
     reference = by_cell(reference_run)
     first = next(iter(reference))
@@ -163,10 +230,9 @@ def test_a_full_disk_stops_the_run_and_a_resume_completes(reference_run, small_d
     size = (run_dir / "results.jsonl").stat().st_size
     block = len("".join(json.dumps(r) + "\n" for r in read_jsonl(reference_run / "results.jsonl")
                         if r["cell"] == list(reference)[1]))
-    page = os.statvfs(small_disk).f_frsize
-    ballast = fill(small_disk, page)  # one page: the run's config.yaml is rewritten, then nothing fits
-    if what == "record":  # the append starts in the last page's slack and fails part-way
-        assert 0 < -size % page < block - page
+    if isinstance(disk, Tmpfs) and what == "record":  # the append starts in the last page's slack, fails part-way
+        assert 0 < -size % disk.page < block - disk.page
+    disk.fill()
 
     command = ["--quiet", "bench", str(run_dir / "config.yaml"), "--out", str(run_dir), "--jobs", "1", "--no-report"]
     capsys.readouterr()
@@ -179,7 +245,7 @@ def test_a_full_disk_stops_the_run_and_a_resume_completes(reference_run, small_d
     assert text.endswith("\n") and len(text) == size  # every line whole: the failed append was cut back
     assert {json.loads(line)["cell"] for line in text.splitlines()} == {first}
 
-    ballast.unlink()
+    disk.free()
     assert main(command) == 0
     assert by_cell(run_dir) == reference
 

@@ -157,3 +157,19 @@ def test_verdict_json_follows_its_schema_and_junit_reads_back(tmp_path):
     assert not policy["max_mitigated_effect=0.1"].result and isinstance(policy["errors"].result[0], Failure)
     assert sum(suite.tests for suite in xml) == 3 * 3 + 1 + 3
     assert not any(isinstance(r, Skipped) for suite in xml for case in suite for r in case.result)
+
+
+@pytest.mark.parametrize("item, message", [
+    ("nope=1", "--fail-on: nope=1: expected KEY=VALUE with KEY one of undetected_at, max_mitigated_effect, attacks, "
+               "allow_errors, e.g. undetected_at=model"),
+    ("undetected_at", "--fail-on: undetected_at: expected KEY=VALUE"),
+    ("undetected_at=everything", "--fail-on: policy.undetected_at: expected one of 'data', 'model', 'probe', "
+                                 "'reference', 'forensic', got 'everything'"),
+    ("attacks=[nope]", "--fail-on: policy.attacks[0]: expected a known attack"),
+])
+def test_a_bad_fail_on_is_one_line_before_any_work(tmp_path, capsys, item, message):
+    from infusion_audit.cli import main
+
+    assert main(["bench", "--fail-on", item, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err and not (tmp_path / "run").exists()
