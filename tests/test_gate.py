@@ -173,3 +173,25 @@ def test_a_bad_fail_on_is_one_line_before_any_work(tmp_path, capsys, item, messa
     assert main(["bench", "--fail-on", item, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and message in err and not (tmp_path / "run").exists()
+
+
+def test_random_token_edits_are_the_control_not_an_attack():
+    """The Caesar report's complaint: random token edits counted as a succeeding attack (Δ log-odds 9.25, no
+    prediction flipped). They are Infusion's control: shown beside it, paired, and not judged."""
+    text = {"k": 40, "eps": None, "norm": None, "quantize": False, "tokens": 2}
+    arms = {"infusion-text": ([23.0, 25.1, 21.7], {}), "random-tokens": ([9.0, 9.5, 9.25], {"like": "infusion-text"}),
+            "probe-insertion-text": ([39.0, 41.2, 38.6], {})}
+    rows = [AttackRecord(cell=f"{attack}-{t}", dataset="caesar", attack=attack, budget=text, domain="text",
+                         target={"shift": t, "target_shift": t + 1}, seed=0, params=params, delta_logodds=delta,
+                         delta_p=1e-12, flip=attack == "probe-insertion-text", top1_poisoned=False)
+            for attack, (deltas, params) in arms.items() for t, delta in enumerate(deltas)]
+    summary = summarise({"attack": rows, "detection": [], "defence": [], "skip": [], "mitigation": [], "error": []})
+    table = glance(summary)
+    assert (table["attacks"], table["succeeding"], table["controls"]) == (2, 2, 1)
+    infusion = next(r["attack"] for r in table["rows"] if r["arm"][1] == "infusion-text")
+    assert infusion["control"]["label"] == "random-tokens" and infusion["control"]["wins"] == 3
+    assert infusion["flip"]["k"] == 0 and next(r["attack"] for r in table["rows"]
+                                               if r["arm"][1] == "probe-insertion-text")["flip"]["k"] == 3
+    assert evaluate_policy(PolicyConfig(undetected_at="model"), summary, table)["failures"][0]["reason"].startswith(
+        "2 attacks succeed and no detector available with a model trained on the data catches them: "
+        "probe-insertion-text, k=40, ≤2 tokens per document")
