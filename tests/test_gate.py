@@ -14,7 +14,8 @@ from junitparser import Error, Failure, JUnitXml, Skipped
 from infusion_audit.config import PolicyConfig
 from infusion_audit.io import append_jsonl_many
 from infusion_audit.reports.junit import write_junit
-from infusion_audit.results import AttackRecord, DetectionRecord, ErrorRecord, MitigationRecord, load_records, summarise
+from infusion_audit.results import (AttackRecord, DetectionRecord, ErrorRecord, MitigationRecord, by_kind, load_records,
+                                    summarise)
 from infusion_audit.results.gate import SCHEMA_PATH, evaluate_policy, glance, write_verdict
 
 BOUNDED = {"k": 14, "eps": 0.0625, "norm": "linf", "quantize": True}
@@ -185,7 +186,7 @@ def test_random_token_edits_are_the_control_not_an_attack():
                          target={"shift": t, "target_shift": t + 1}, seed=0, params=params, delta_logodds=delta,
                          delta_p=1e-12, flip=attack == "probe-insertion-text", top1_poisoned=False)
             for attack, (deltas, params) in arms.items() for t, delta in enumerate(deltas)]
-    summary = summarise({"attack": rows, "detection": [], "defence": [], "skip": [], "mitigation": [], "error": []})
+    summary = summarise(by_kind(rows))
     table = glance(summary)
     assert (table["attacks"], table["succeeding"], table["controls"]) == (2, 2, 1)
     infusion = next(r["attack"] for r in table["rows"] if r["arm"][1] == "infusion-text")
