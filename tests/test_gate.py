@@ -82,6 +82,9 @@ def test_each_level_counts_only_what_that_defender_has(summary):
     gm = rows["gradient-matching"]["cells"]
     assert gm["model"]["outcome"] == "evades" and gm["model"]["best"]["detector"] == "loss-outlier"
     assert [d["detector"] for d in gm["reference"]["caught_by"]] == ["perturbation-norm"]
+    assert [(c["level"], c["detector"]) for c in rows["infusion (quantized)"]["least"]] == [("model", "loss-outlier")]
+    assert [(c["level"], c["detector"]) for c in rows["gradient-matching"]["least"]] == [
+        ("reference", "perturbation-norm")]
     assert (table["attacks"], table["succeeding"], table["controls"]) == (3, 3, 1)
     assert table["rows"][-1]["label"] == "random-noise (quantized)"  # the control comes last
 

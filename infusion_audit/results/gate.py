@@ -38,6 +38,10 @@ CONTROL_RULE = ("a random-edit control edits the same documents as its attack (o
                 "not judged as an attack")
 
 
+def _has(level: str) -> set:
+    return set(DEFENDER_HAS.get(level, (level,)))
+
+
 def available(level: str, knowledge: str) -> bool:
     """Whether a detector needing `knowledge` is available to a defender at `level` (a level this module does
     not know, a plugin's own, has only its own detectors)."""
@@ -67,7 +71,8 @@ def level_cell(detections: list[dict], level: str) -> dict:
 def glance(summary: dict) -> dict:
     """The verdict at a glance, from the summary: 'rows', each arm at its largest budget (attacks that succeed
     first, random-edit controls last) with its outcome at every level, the least a defender needs to catch it
-    ('least': the first level that does, and its best detector there) and its defence rows by detector;
+    ('least': each level that catches it while no level with less does, with its best detector there; two when
+    a reference copy and the behaviour each do) and its defence rows by detector;
     'levels', each level of knowledge some
     detector of the run needs (least first), with the detectors available there, the best of them (the highest
     mean TPR at 1% FPR over the attacks that succeed, or over every attack when none does: 'basis') and the
@@ -86,11 +91,12 @@ def glance(summary: dict) -> dict:
     for a in attacks:
         key = (a["arm"], a["budget_key"])
         cells = {level: level_cell(by_arm.get(key, []), level) for level in levels}
-        least = next((level for level in levels if cells[level]["outcome"] == "caught"), None)
+        catching = [level for level in levels if cells[level]["outcome"] == "caught"]
+        least = [level for level in catching if not any(_has(other) < _has(level) for other in catching)]
         rows.append({"arm": a["arm"], "label": a["label"], "budget": a["budget"], "attack": a,
                      "detections": by_arm.get(key, []), "cells": cells, "defence": defences.get(key, {}),
-                     "least": None if least is None else {"level": least, "has": DEFENDER_LABELS.get(least, least),
-                                                          **cells[least]["caught_by"][0]}})
+                     "least": [{"level": level, "has": DEFENDER_LABELS.get(level, level), **cells[level]["caught_by"][0]}
+                               for level in least]})
     judged = [r for r in rows if not r["attack"]["is_control"]]
     succeeding = [r for r in judged if r["attack"]["status"] == "succeeds"]
     basis = succeeding or judged
