@@ -72,11 +72,10 @@ def glance(summary: dict) -> dict:
     """The verdict at a glance, from the summary: 'rows', each arm at its largest budget (attacks that succeed
     first, random-edit controls last) with its outcome at every level, the least a defender needs to catch it
     ('least': each level that catches it while no level with less does, with its best detector there; two when
-    a reference copy and the behaviour each do) and its defence rows by detector;
-    'levels', each level of knowledge some
-    detector of the run needs (least first), with the detectors available there, the best of them (the highest
-    mean TPR at 1% FPR over the attacks that succeed, or over every attack when none does: 'basis') and the
-    succeeding attacks it leaves caught, evading or not scanned."""
+    a reference copy and the behaviour each do) and its defence rows by detector; 'levels', each level of
+    knowledge some detector of the run needs (least first), with the detectors available there, the best of them
+    (the highest mean TPR at 1% FPR over the attacks that succeed, or over every attack when none does: 'basis')
+    and the succeeding attacks it leaves caught, evading or not scanned."""
     detection = summary["detection"]
     levels = sorted({d["knowledge"] for d in detection}, key=knowledge_order)
     by_arm: dict[tuple, list[dict]] = defaultdict(list)
