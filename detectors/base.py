@@ -457,6 +457,7 @@ class DetectorRun:
     flagged: np.ndarray | None = None
     seconds: float = 0.0
     skipped: str | None = None
+    error: str | None = None  # when it raised: "Type: first line" (and `skipped` says it failed)
     details: dict = field(default_factory=dict)
 
 
@@ -490,7 +491,8 @@ def run_detector(detector: Detector, context: AuditContext) -> DetectorRun:
             raise PluginError("returned non-finite scores")
         flagged = np.asarray(detector.flag(scores, context), dtype=bool)
     except Exception as exc:  # one broken detector must not cost the defender the others' results
-        run.skipped = f"failed: {type(exc).__name__}: {_first_line(exc)}"
+        run.error = f"{type(exc).__name__}: {_first_line(exc)}"
+        run.skipped = f"failed: {run.error}"
         SKIP_LOG.warning("detector %s %s", detector.name, run.skipped)
         log.debug("detector %s failed", detector.name, exc_info=True)
         return run

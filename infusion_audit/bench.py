@@ -2,8 +2,9 @@
 commands call `audit` below).
 
 A run directory holds the resolved config (config.yaml), the records (results.jsonl, appended cell by
-cell, resumed on the next call), provenance.json, the artefacts and report.html. `BenchResult` reads a run
-directory back: its records by kind, the summaries the report shows, the report itself.
+cell, resumed on the next call), provenance.json, the artefacts, report.html and verdict.json (the verdict and
+the config's policy judged, machine-readable). `BenchResult` reads a run directory back: its records by kind,
+the summaries the report shows, the report itself and the verdict.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class BenchResult:
 
     run_dir: Path
     report: Path | None = None  # report.html, when `bench` rendered it
+    verdict: dict | None = None  # verdict.json's content, when `bench` wrote it
 
     @cached_property
     def records(self) -> dict[str, list[dict]]:
@@ -57,6 +59,13 @@ class BenchResult:
         from .reports import render_report
 
         return render_report(self.run_dir, path)
+
+    def write_verdict(self) -> dict:
+        """Write run_dir/verdict.json, judged by the policy in the run's config.yaml; returns its content."""
+        from .results.gate import write_verdict
+
+        self.verdict = write_verdict(self.run_dir)[1]
+        return self.verdict
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{kind}={len(rows)}" for kind, rows in self.records.items())
@@ -101,8 +110,10 @@ def bench(config=None, out: str | Path = "runs/bench", jobs: int | None = 1, pro
     local processes, or on Ray (`executor="ray"`, at `address`; `jobs` caps the workers, None: as many as
     the cluster holds). `device` ("auto", "cpu", "cuda"; default: the pipeline's train.device) is resolved
     here, once, and every worker computes on it; `threads`: torch threads per process (the command line's
-    --threads, default 1: the same arithmetic everywhere). Returns the run read back as a BenchResult."""
+    --threads, default 1: the same arithmetic everywhere). Writes verdict.json (the config's `policy` judged:
+    `result.verdict["policy"]["passed"]`). Returns the run read back as a BenchResult."""
     result = audit(prepare(config, device, threads), out, jobs, progress, True, executor, address, gpus_per_worker)
     if report:
         result.report = result.write_report()
+    result.write_verdict()
     return result

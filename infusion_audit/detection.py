@@ -90,6 +90,11 @@ class Detection:
         return {label: run.skipped for label, run in zip(self.labels, self.runs) if run.skipped is not None}
 
     @property
+    def failed(self) -> dict[str, str]:
+        """Detector label -> the error it raised ("Type: first line"), for those of `skipped` that raised."""
+        return {label: run.error for label, run in zip(self.labels, self.runs) if run.error is not None}
+
+    @property
     def ranks(self) -> dict[str, np.ndarray]:
         """Detector -> rank of every document, 1 = most suspicious (ties share the best rank)."""
         return {label: rankdata(-run.scores, method="min").astype(int) for label, run in self.completed}

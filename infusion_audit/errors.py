@@ -22,3 +22,9 @@ class DataError(UserError):
 
 class PluginError(UserError):
     """A plugin that is unknown, duplicated or fails to import."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line (its first), at most `limit` characters; its type when it has none."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__

@@ -6,6 +6,10 @@ each item it is handed. Results come back to the caller in completion order, so 
 is the only process that writes records. Workers read and write the run directory themselves
 (checkpoints, the influence-factor cache, under file locks): on a Ray cluster of several machines it
 must be on a filesystem every node mounts at the same path.
+
+A Ray worker that dies (its process killed, its node lost) is restarted by Ray and the item it was running
+handed to it again (the actor's `max_restarts`, its tasks' `max_task_retries`): the item's result still comes
+back once, so the driver records it once. An exception raised by the work itself is not retried.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import os
 import socket
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .runtime import DEFAULT_THREADS, set_threads
 
 Item = TypeVar("Item")
@@ -25,6 +29,7 @@ Work = Callable[[Any, Any], Any]
 EXECUTORS = ("local", "ray")
 DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))  # local processes: this machine's cores, up to 4
 RAY_MISSING = "the ray executor needs Ray: pip install 'infusion-audit[ray]'"
+RAY_RETRIES = 3  # a Ray worker lost mid-item: restarts of the actor, and tries of the item it was running
 
 
 class Executor:
@@ -127,7 +132,8 @@ class RayExecutor(Executor):
         return n
 
     def _run(self, ray, setup, setup_args, work, items):
-        actor = ray.remote(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_restarts=0)(_Worker)
+        actor = ray.remote(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_restarts=RAY_RETRIES,
+                           max_task_retries=RAY_RETRIES)(_Worker)
         fits = self.capacity(ray)  # checked even with `workers` given: a worker the cluster cannot hold waits forever
         n = min(len(items), fits if self.workers is None else int(self.workers))
         actors = [actor.remote(setup, setup_args, self.threads, os.getcwd()) for _ in range(n)]
@@ -148,6 +154,9 @@ class RayExecutor(Executor):
                     result = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:  # the worker's own exception, not Ray's wrapper
                     raise (exc.cause if isinstance(exc.cause, BaseException) else exc) from exc
+                except ray.exceptions.RayActorError as exc:  # lost more often than Ray would restart it
+                    raise UserError(f"ray: a worker was lost beyond Ray's {RAY_RETRIES} restarts and retries "
+                                    f"({first_line(exc)}); what finished is kept, re-run to resume") from None
                 submit(worker)
                 yield item, result
         finally:  # an error, Ctrl-C or the caller stopping: stop every worker and what it was running

@@ -6,7 +6,9 @@ it under each mitigation, and, when the grid detects (`bench`; `attack` does not
 the poisoned set with the unedited null, removes what each flags, retrains and measures what is left of
 the attack and what the removal cost. Cells run in units (a cell with the arms that copy its documents);
 all records of a cell are appended to results.jsonl in one write, by the driver only, so an interrupted
-run loses at most the units in flight and re-running the same command skips finished cells.
+run loses at most the units in flight and re-running the same command skips finished cells. A plugin that
+raises (an attack, a pipeline's training, a detector) costs only what it was computing: the cell records an
+error and the others go on; a full disk stops the run (see `io.disk_full`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import platform
 import sys
 import time
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,13 +27,14 @@ from tqdm.auto import tqdm
 
 from .config import AttackSpec, AuditConfig, PipelineConfig, PluginSpec, to_dict
 from .detection import Detection, UneditedNull, detect, detector_specs
+from .errors import first_line
 from .executors import Executor, LocalExecutor, SerialExecutor
-from .io import append_jsonl_many, read_jsonl, stable_hash, write_json
+from .io import append_jsonl_many, disk_full, read_jsonl, stable_hash, write_json
 from .mitigations import build_mitigation
 from .pipeline import Pipeline
 from .protocol import Attacker, Crafted, Victim
 from .registry import PIPELINES, load_callable
-from .results import AttackRecord, DefenceRecord, DetectionRecord, MitigationRecord, Record, SkipRecord
+from .results import AttackRecord, DefenceRecord, DetectionRecord, ErrorRecord, MitigationRecord, Record, SkipRecord
 from .runtime import configure, runtime_info
 
 log = logging.getLogger(__name__)
@@ -108,23 +112,37 @@ class Grid:
 
     def run_cell(self, cell: Cell) -> list[Record]:
         """Every record of one cell: the attack on each victim and under each mitigation, then (when the grid
-        detects) detection and defence on the main victim."""
+        detects) detection and defence on the main victim. What raises records an error instead: crafting or
+        measuring (no other record: the next run tries the cell again), detection as a whole, or one detector."""
         spec: AttackSpec = self.config.attack.attacks[cell.spec_index]
         budget = self.config.grid_budgets()[cell.budget_index]
-        crafted = self.attacker.craft(spec, cell.target, cell.seed, budget, cell.repeat)
-        records, main = [], None
-        for name, victim in self.victims.items():
-            # a transfer victim is its own arm in tables and charts
-            variant = crafted.variant if main is None else f"{crafted.variant} → {name}".lstrip(" →")
-            record, retrained = self.attacker.measure(crafted, victim, victim=name, variant=variant)
-            if main is None:
-                main = (record, retrained.model, victim)
-            records.append(record)
-        records += self.mitigate(crafted, records[0])
+        try:
+            crafted = self.attacker.craft(spec, cell.target, cell.seed, budget, cell.repeat)
+            records, main = [], None
+            for name, victim in self.victims.items():
+                # a transfer victim is its own arm in tables and charts
+                variant = crafted.variant if main is None else f"{crafted.variant} → {name}".lstrip(" →")
+                record, retrained = self.attacker.measure(crafted, victim, victim=name, variant=variant)
+                if main is None:
+                    main = (record, retrained.model, victim)
+                records.append(record)
+            records += self.mitigate(crafted, records[0])
+        except Exception as exc:
+            if disk_full(exc):
+                raise
+            params = self.attacker.build_attack(spec, cell.seed, budget, cell.repeat).get_params()
+            return [error_record(exc, "attack", cell=cell.key, dataset=self.config.pipeline.dataset.name,
+                                 attack=spec.name, variant=spec.variant, target=cell.target.as_dict(), seed=cell.seed,
+                                 budget={key: params[key] for key in to_dict(budget) if key in params})]
         scanned = self.config.scan.attacks
         if not self.detects or cell.repeat or scanned and spec.name not in scanned:
             return records
-        return records + self.detect_and_defend(crafted, *main)
+        try:
+            return records + self.detect_and_defend(crafted, *main)
+        except Exception as exc:
+            if disk_full(exc):
+                raise
+            return records + [error_record(exc, "detection", **records[0].shared_fields())]
 
     def mitigate(self, crafted: Crafted, plain: AttackRecord) -> list[MitigationRecord]:
         """The cell retrained under each mitigation against a clean control trained under the same one."""
@@ -180,7 +198,11 @@ class Grid:
                                      acc_after=victim.quality(defended), acc_control=control["accuracy"],
                                      acc_control_removed=victim.quality(removed_control),
                                      seconds=time.perf_counter() - t1))
-        out += [SkipRecord(**common, detector=label, reason=reason) for label, reason in result.skipped.items()]
+        failed = result.failed
+        out += [SkipRecord(**common, detector=label, reason=reason) for label, reason in result.skipped.items()
+                if label not in failed]
+        out += [ErrorRecord(**common, stage="detector", detector=label, error=error.split(": ", 1)[0],
+                            message=error.split(": ", 1)[-1]) for label, error in failed.items()]
         return out
 
     def unedited(self, crafted: Crafted, scanned: Detection) -> dict[str, dict]:
@@ -197,6 +219,13 @@ class Grid:
                                       self.config.influence)
         return self._null.figures(scanned, poisoning.indices, self.attacker.context.behaviour(crafted.target),
                                   crafted.target)
+
+
+def error_record(exc: Exception, stage: str, **where) -> ErrorRecord:
+    """The record of what raised in a cell: its type, its first line, and the innermost frame it came from."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return ErrorRecord(**where, stage=stage, error=type(exc).__name__, message=first_line(exc),
+                       where=f"{frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else None)
 
 
 def victim_pipeline(pipeline: PipelineConfig, spec: PluginSpec) -> PipelineConfig:
@@ -253,10 +282,13 @@ def run_grid(config: AuditConfig, out: Path, executor: Executor, progress: bool 
         for records in cells:
             append_jsonl_many(results, [r.to_dict() for r in records])
             factors.extend(r.timings["factors_shared"] for r in records if r.kind == "attack")
-            for r in records:  # each distinct reason a detector did not run, once per run
+            for r in records:  # each distinct reason a detector did not run, once per run; every error
                 if r.kind == "skip" and (r.detector, r.reason) not in said:
                     said.add((r.detector, r.reason))
                     log.warning("%s not run: %s", r.detector, r.reason)
+                if r.kind == "error":
+                    log.warning("%s, target %s: %s raised %s: %s (recorded; the other cells go on)", r.attack,
+                                r.target, r.detector or r.stage, r.error, r.message)
             bar.update(1)
 
     if isinstance(executor, SerialExecutor) or isinstance(executor, LocalExecutor) and len(todo) <= 1:

@@ -21,6 +21,17 @@ log = logging.getLogger(__name__)
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` says the filesystem is full (or the user's quota spent): a run stops on it, never records it."""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """The same error with the file it was writing named (a write to a descriptor names none)."""
+    return exc if exc.filename else type(exc)(exc.errno, exc.strerror, str(path))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -35,6 +46,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results and reports are meant to be shared
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise _naming(exc, path) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -111,16 +125,24 @@ def iter_chunks(n: int, size: int) -> Iterable[slice]:
 
 
 def append_jsonl_many(path: str | os.PathLike, records: list[dict]) -> None:
-    """Append several records in one write: a crash leaves all of them or none (a torn tail is repaired)."""
+    """Append several records in one write: all of them or none. A write that fails (a full disk) or comes up
+    short is cut back to where the file ended, so the file holds whole lines only; a crash mid-write leaves a
+    torn tail that the next run repairs (`repair_jsonl`). The caller must be the file's only writer."""
     if not records:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    blob = "".join(json.dumps(r, sort_keys=True, default=_jsonable) + "\n" for r in records).encode("utf-8")
+    blob = memoryview("".join(json.dumps(r, sort_keys=True, default=_jsonable) + "\n" for r in records).encode("utf-8"))
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, blob)
-        os.fsync(fd)
+        end = os.fstat(fd).st_size
+        try:
+            while blob:  # a short write (the disk filling up) is continued until it fails outright
+                blob = blob[os.write(fd, blob):]
+            os.fsync(fd)
+        except OSError as exc:
+            os.ftruncate(fd, end)
+            raise _naming(exc, path) from exc
     finally:
         os.close(fd)
 

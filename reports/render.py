@@ -27,10 +27,11 @@ from infusion_audit.errors import DataError, UserError
 from infusion_audit.io import atomic_write_text, read_jsonl
 from infusion_audit.results import load_records, summarise
 from infusion_audit.results.summary import DETECTION_METRICS, bound_label, ci_text, in_points, number_text
+from infusion_audit.results.gate import CONTROL_RULE, evaluate_policy, glance, run_policy
 from infusion_audit.results.verdict import (CATCH_RULE, EFFECT_LABEL, KNOWLEDGE_LEVELS, LOGODDS_DEFINITIONS,
                                             NEUTRAL_BOUND, NEUTRALISE_RULE, PRIMARY_LABEL, PRIMARY_METRIC,
                                             SUCCESS_RULE, SURVIVAL_RULE, build_defender_levels, build_frontier,
-                                            build_verdict, detectors_by_level, headline_level, largest_budgets)
+                                            detectors_by_level, headline_level, judge_mitigations, largest_budgets)
 from infusion_audit.version import __version__
 
 from . import charts
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).parent / "templates"
 GALLERY_DOCS = 3
+LEVEL_HEADINGS = {"data": "with the data alone", "model": "with a model", "probe": "with a model and probe inputs",
+                  "reference": "with a model and a trusted copy", "forensic": "with a model and the behaviour"}
 
 
 def _read_optional_json(path: Path) -> Any:
@@ -275,14 +278,16 @@ def render_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     config_path = run_dir / "config.yaml"
     gallery = [item for a in attacks if (item := _gallery_item(run_dir, a, provenance)) is not None]
     levels, frontier = build_defender_levels(attacks, detection), build_frontier(attacks, detection)
+    at_a_glance = glance(summary)
     context = {
         "title": f"Poisoning audit: {run_dir.resolve().name}",
         "version": __version__,
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "run_dir": str(run_dir),
         "counts": summary["counts"], "targets": summary["targets"],
-        "verdict": build_verdict(summary),
-        "levels": levels, "headline": headline_level(levels), "frontier": frontier,
+        "glance": at_a_glance, "policy": evaluate_policy(run_policy(run_dir), summary, at_a_glance),
+        "mitigation_verdicts": judge_mitigations(mitigations, summary["mitigation_costs"]),
+        "errors": summary["errors"], "levels": levels, "headline": headline_level(levels), "frontier": frontier,
         "attacks": attacks, "detection": detection, "defence": defence, "mitigations": mitigations,
         "removal_cost": removal_cost(defence),
         "charts": build_charts(attacks, detection, defence, defence_label, frontier, mitigations),
@@ -293,8 +298,9 @@ def render_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         "timings": summary["timings"],
         "not_run": summary["not_run"], "n_cells": summary["cells"],
         "rules": {"success": SUCCESS_RULE, "catch": CATCH_RULE, "survival": SURVIVAL_RULE,
-                  "neutralise": NEUTRALISE_RULE,
+                  "neutralise": NEUTRALISE_RULE, "control": CONTROL_RULE,
                   "logodds": [text for domain, text in LOGODDS_DEFINITIONS.items() if domain in summary["domains"]]},
+        "level_headings": LEVEL_HEADINGS,
         "effect_label": EFFECT_LABEL, "defence_label": defence_label, "neutral_bound": NEUTRAL_BOUND,
         "primary_label": PRIMARY_LABEL, "metric_names": DETECTION_METRICS,
     }

@@ -4,6 +4,7 @@ the dumped DOM shows the verdict, the charts and the tables; the page asked for 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -20,15 +21,16 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 OFFLINE = ["--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>", "--host-resolver-rules=MAP * ~NOTFOUND"]
 
 
-def load_in_chromium(page: Path, work: Path) -> dict:
-    """Open `page` offline; return the dumped DOM, the screenshot path and the URLs the page requested."""
+def load_in_chromium(page: Path, work: Path, window: str = "1280,2400") -> dict:
+    """Open `page` offline in a `window` (width,height); return the dumped DOM, the screenshot path and the URLs
+    the page requested."""
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (.ci/run installs Debian's chromium)")
     screenshot, net_log = work / "screenshot.png", work / "netlog.json"
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
            f"--user-data-dir={work / 'profile'}", *OFFLINE, f"--log-net-log={net_log}",
-           f"--screenshot={screenshot}", "--window-size=1280,2400", "--dump-dom", page.resolve().as_uri()]
+           f"--screenshot={screenshot}", f"--window-size={window}", "--dump-dom", page.resolve().as_uri()]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return {"dom": done.stdout, "screenshot": screenshot, "requests": page_requests(net_log)}
@@ -89,9 +91,67 @@ def test_report_renders_offline_in_chromium(report, tmp_path):
     assert dom.tags.get("img", 0) >= 9 and all(s.startswith("data:image/png;base64,") for s in dom.img_sources)
     assert "script" not in dom.tags
     verdict = loaded["dom"][loaded["dom"].index('id="verdict"'):loaded["dom"].index('id="detection"')]
-    assert "attacks succeed" in verdict and "caught by" in verdict and ">succeeds</span>" in verdict
+    assert "attacks succeed" in verdict and ">caught</span>" in verdict and ">succeeds</span>" in verdict
 
     shot = Image.open(loaded["screenshot"])
     assert shot.size == (1280, 2400)
     top = shot.convert("L").crop((0, 0, 1280, 900))  # the verdict box: text, not a blank page
     assert top.getextrema()[0] < 60 and len(top.getcolors(1 << 16) or []) > 20
+
+
+# Measures the laid-out page from inside it (a copy with this script and without the page's no-script policy):
+# the window, the page's width, every table's box and whether its container scrolls, the first screen's parts.
+MEASURE = """<script>
+(() => {
+  const box = e => { const r = e.getBoundingClientRect(); return {top: r.top, bottom: r.bottom, right: r.right}; };
+  const tables = [...document.querySelectorAll("table")].map(t => ({
+    head: (t.querySelector("th") || t).textContent.trim().slice(0, 40), ...box(t),
+    scrolls: t.parentElement.scrollWidth > t.parentElement.clientWidth + 1}));
+  document.body.dataset.measured = JSON.stringify({width: innerWidth,
+    page: document.documentElement.scrollWidth, tables: tables,
+    glance: box(document.querySelector("table.glance")), levels: box(document.querySelector("ul.levels"))});
+})();
+</script>"""
+FIRST_SCREEN = (1280, 800)
+
+
+def measure_in_chromium(page: Path, work: Path) -> dict:
+    html = re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", page.read_text(encoding="utf-8"))
+    copy = work / "measured.html"
+    copy.write_text(html.replace("</body>", MEASURE + "</body>"), encoding="utf-8")
+    dom = load_in_chromium(copy, work / "measure", window="{},{}".format(*FIRST_SCREEN))["dom"]
+    found = re.search(r'data-measured="([^"]*)"', dom)
+    assert found, "the measuring script did not run"
+    from html import unescape
+
+    return json.loads(unescape(found.group(1)))
+
+
+def test_measuring_catches_a_table_too_wide(tmp_path):
+    """The check below can fail: a table wider than the window is reported."""
+    page = tmp_path / "wide.html"
+    page.write_text('<html><body><div class="scroll" style="overflow-x:auto"><table class="glance"><tr><td '
+                    'style="white-space:nowrap">' + "x" * 400 + '</td></tr></table></div><ul class="levels"></ul>'
+                    '</body></html>')
+    measured = measure_in_chromium(page, tmp_path)
+    assert measured["tables"][0]["scrolls"]
+
+
+def test_the_first_screen_answers_at_a_glance(report, tmp_path):
+    """At 1280 x 800: one table (attack x what the defender has) and one sentence per level fit the first screen,
+    and no table of the page is wider than the window."""
+    measured = measure_in_chromium(report, tmp_path)
+    assert measured["width"] == FIRST_SCREEN[0] and measured["page"] <= FIRST_SCREEN[0]
+    too_wide = [t["head"] for t in measured["tables"] if t["scrolls"] or t["right"] > FIRST_SCREEN[0]]
+    assert len(measured["tables"]) >= 8 and too_wide == []
+    assert measured["glance"]["bottom"] <= FIRST_SCREEN[1] and measured["levels"]["bottom"] <= FIRST_SCREEN[1]
+
+    loaded = load_in_chromium(report, tmp_path, window="{},{}".format(*FIRST_SCREEN))
+    verdict = loaded["dom"][loaded["dom"].index('id="verdict"'):loaded["dom"].index('id="attacks-in-words"')]
+    assert "attacks succeed" in verdict and verdict.count("<li><strong>With ") == 2  # a sentence per level
+    assert "perturbation-norm" not in verdict
+    shot = Image.open(loaded["screenshot"]).convert("RGB")
+    assert shot.size == FIRST_SCREEN
+    colours = {colour: n for n, colour in shot.getcolors(1 << 20)}
+    red, green = (183, 28, 28), (30, 125, 50)  # the badges: succeeds / evades, caught
+    assert colours.get(red, 0) > 200 and colours.get(green, 0) > 200

@@ -16,7 +16,8 @@ from infusion_audit.errors import DataError, UserError
 from infusion_audit.io import append_jsonl, read_jsonl
 from infusion_audit.reports import render_report, render_scan_report
 from infusion_audit.reports.render import _text_diff
-from infusion_audit.statistics import fmt_ci, mean_ci
+from infusion_audit.results.summary import ci_text
+from infusion_audit.statistics import mean_ci
 
 
 @pytest.fixture(scope="module")
@@ -33,22 +34,28 @@ def test_verdict_is_computed_from_the_records(full_run):
     run, html = full_run
     records = read_jsonl(run / "results.jsonl")
     assert all(r["fixture"] == FIXTURE for r in records)
-    verdict = _verdict(html)
+    glance = html[html.index('id="verdict"'):html.index('id="attacks-in-words"')]
+    succeeding = 0
     for attack in ("infusion", "random-noise", "label-flip"):
         top = [r for r in records if r["kind"] == "attack" and r["attack"] == attack and r["budget"]["k"] == 14]
         summary = mean_ci([r["delta_logodds"] for r in top])
-        row = re.search(rf"<strong>{attack}[^<]*</strong></td>.*?</tr>", verdict, re.S).group(0)
-        assert fmt_ci(summary) in row  # the figure judged is the mean and CI of the records' delta log-odds
-        delta_p = mean_ci([r["delta_p"] for r in top])["mean"]  # shown beside it, too small for 3 decimals: 1e-4
-        assert (f"{delta_p:.3f}" if abs(delta_p) >= 5e-4 else f"{delta_p:.2e}") in row
+        row = re.search(rf"<strong>{attack}[^<]*</strong>.*?</tr>", glance, re.S).group(0)
+        assert ci_text(summary, 2, False) in row  # the figure judged is the mean and CI of the records' delta log-odds
         expected = "succeeds" if summary["lo"] > 0 else "no effect shown"
         assert f">{expected}</span>" in row
-    n_succeeding = verdict.count(">succeeds</span>")
-    assert f"{n_succeeding} of 3 attacks succeed" in verdict
+        assert f"{sum(r['flip'] for r in top)} of {len(top)}" in row  # the strength a defender cares about
+        succeeding += expected == "succeeds" and attack != "random-noise"
+    assert "random-noise" in glance and ">control</span>" in glance  # Infusion's random-edit control, not an attack
+    assert f"{succeeding} of 2 attacks succeed" in glance
+    prose = html[html.index('id="attacks-in-words"'):html.index('id="detection"')]
+    infusion = [r for r in records if r["kind"] == "attack" and r["attack"] == "infusion" and r["budget"]["k"] == 14]
+    delta_p = mean_ci([r["delta_p"] for r in infusion])  # shown beside it, in the prose
     # the fixture's influence detector separates Infusion's poisons, the spectral one does not
-    assert re.search(r"<strong>infusion \(quantized\)</strong> raises the log-odds of the target by .*? \(mean Δp "
-                     r".*?caught by influence</strong>", verdict, re.S)
-    assert "retraining leaves Δ log-odds" in verdict and "points of clean accuracy" in verdict
+    assert re.search(rf"<strong>infusion \(quantized\)</strong>, k=14, L∞ ε=0.25: raises the log-odds of the target by "
+                     rf".*? \(mean Δp {re.escape(ci_text(delta_p, 3, False))}\).*?The least a defender needs to catch "
+                     r"it: a model and the suspicious behaviour \(no reference copy\), with <strong>influence</strong>",
+                     prose, re.S)
+    assert "retraining leaves Δ log-odds" in prose and "points of clean accuracy" in prose
 
 
 def test_every_section_is_present(full_run):
@@ -140,7 +147,7 @@ def test_tiny_target_probability_is_judged_on_log_odds(tmp_path):
             "delta_p_after": 0.0, "acc_after": 1.0, "acc_control": 1.0})
     html = render_report(tmp_path).read_text(encoding="utf-8")
     verdict = _verdict(html)
-    assert "1 of 1 attacks succeed" in verdict and ">succeeds</span>" in verdict
+    assert "1 of 1 attack succeeds" in verdict and ">succeeds</span>" in verdict
     assert f"raises the log-odds of the target by {np.log([80, 100, 120]).mean():.2f} [" in verdict
     assert re.search(r"\(mean Δp 2\.\d\de-11 \[", verdict)  # tiny figures in scientific notation, not 0.000
     assert "≤2 tokens per document" in verdict

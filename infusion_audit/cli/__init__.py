@@ -1,6 +1,7 @@
 """The `infusion-audit` command line. Each command lives in its own module of this package exposing
 ``add_arguments(parser)`` and ``run(args) -> int``; the runtime (threads, device) is set up once, here, before
-any command; user errors print one line and exit with 2."""
+any command. Exit codes: 0 done; 2 could not be done as asked (a user error, or a full disk), with one line
+saying why; 3 a bench whose policy failed (`cli.bench.POLICY_FAILED`); 130 interrupted."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import logging
 import sys
 
 from ..errors import ConfigError, UserError
+from ..io import disk_full
 from ..runtime import DEFAULT_THREADS, DEVICES, resolve_device, set_threads
 from ..version import __version__
 
@@ -79,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except UserError as exc:
         print(f"infusion-audit: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if not disk_full(exc):
+            raise
+        print(f"infusion-audit: error: {exc.strerror or 'no space left on device'} writing "
+              f"{exc.filename or 'the run directory'}; the finished results are kept: free some space and re-run "
+              "the same command to resume", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("infusion-audit: interrupted; finished results are kept, re-run the same command to resume",

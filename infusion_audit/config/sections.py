@@ -247,11 +247,40 @@ class DefenceConfig:
         "help": "the detectors (their labels) whose flags are removed (default: every detector scanned)"})
 
 
+# --------------------------------------------------------------------------- the gate
+@dataclass
+class PolicyConfig:
+    """What the team will not accept from a bench (its gate in CI): `bench` exits with a code of its own when a
+    rule fails and says which in one line. Every rule judges each attack at its largest budget; random-edit
+    controls are measurements, not attacks, and are not judged. A cell whose plugin raised fails the policy
+    unless `allow_errors`."""
+
+    undetected_at: Literal["data", "model", "probe", "reference", "forensic"] | None = field(default=None, metadata={
+        "help": "fail when an attack succeeds and no detector available to a defender with this much catches it "
+                "(data: the data alone; model: + a model trained on it; probe: + held-out probe inputs; reference: "
+                "+ a trusted reference copy; forensic: + the suspicious behaviour, no reference copy)"})
+    max_mitigated_effect: float | None = field(default=None, metadata={
+        "help": "fail when an attack's mean Δ log-odds under a mitigation is above this (nats); a run without a "
+                "mitigation fails it"})
+    attacks: list[str] = field(default_factory=list, metadata={
+        "help": "the attacks the rules judge, by name (default: every attack of the run)"})
+    allow_errors: bool = field(default=False, metadata={
+        "help": "a cell whose attack or detector raised does not fail the policy (it is reported all the same)"})
+
+    def validate(self, source: str, prefix: str) -> None:
+        for i, name in enumerate(self.attacks):
+            _check_plugin(ATTACKS, name, source, dotted(prefix, f"attacks[{i}]"), "attack")
+
+    def rules(self) -> dict:
+        """The rules set, by key (what a verdict reports the policy as)."""
+        return {k: v for k, v in to_dict(self).items() if v not in (None, [], False)}
+
+
 # --------------------------------------------------------------------------- the whole audit
 @dataclass
 class AuditConfig:
     """A whole audit: the pipeline, how influence is computed, the attack grid and its budgets, the victims,
-    the detectors (`scan`), the defence and the mitigations."""
+    the detectors (`scan`), the defence, the mitigations and the policy a bench is judged by."""
 
     pipeline: PipelineConfig | None = field(default=None, metadata={
         "help": "the training set-up under audit (default: the digits pipeline; scan: one for the data's shape)"})
@@ -267,6 +296,8 @@ class AuditConfig:
     mitigations: list[PluginSpec] = field(default_factory=list, metadata={
         "help": "ways of training the victim (clip, dp-sgd, partition): each cell is retrained and measured "
                 "under each, against a clean control trained under the same mitigation"})
+    policy: PolicyConfig = field(default_factory=PolicyConfig, metadata={
+        "help": "bench: what the team will not accept; the command exits with 3 when a rule fails"})
 
     def grid_budgets(self) -> list[BudgetConfig]:
         return self.budgets or [self.attack.budget]

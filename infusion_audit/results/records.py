@@ -92,6 +92,18 @@ Requires cell*, attack*, budget*, detector*, delta_p_after*, acc_after*, acc_con
     seconds        seconds                the two retrains
 
 SkipRecord ("skip"): a detector that did not run on a cell. Requires detector*, reason*.
+
+ErrorRecord ("error"): a plugin (an attack, a pipeline's training, a detector) that raised in a cell; the other
+cells go on. Requires stage*, message*. A cell whose attack raised has no attack record, so the next run tries
+it again; its error is superseded once it has one.
+
+    stage          "attack" | "detection" | "detector"   what raised: crafting or measuring the attack (or
+                                          retraining it under a mitigation), the cell's detection and defence as
+                                          a whole, or one detector
+    detector       str                    the detector's label (stage "detector")
+    error          str                    the exception's type
+    message        str                    the exception's first line
+    where          str                    the innermost frame it was raised in (file:line in function)
 """
 
 from __future__ import annotations
@@ -312,8 +324,20 @@ class SkipRecord(Record):
     reason: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class ErrorRecord(Record):
+    """A plugin that raised in a cell: what raised and its message (the cell's other records stand)."""
+
+    kind: ClassVar[str] = "error"
+    stage: str
+    message: str
+    detector: str | None = None
+    error: str | None = None
+    where: str | None = None
+
+
 KINDS: dict[str, type[Record]] = {cls.kind: cls for cls in (AttackRecord, DetectionRecord, DefenceRecord, SkipRecord,
-                                                            MitigationRecord)}
+                                                            MitigationRecord, ErrorRecord)}
 
 
 def by_kind(records: Iterable[Record]) -> dict[str, list[Record]]:

@@ -30,6 +30,9 @@ DETECTION_METRICS = [("auroc", "AUROC"), ("auprc", "AUPRC"), ("tpr_at_1fpr", "TP
 ROC_GRID = np.concatenate([np.linspace(0, 0.05, 26), np.linspace(0.05, 1, 96)[1:]])
 REFERENCE_ATTACKS = ("infusion", "infusion-text")  # the arms compared with every other
 TOPLINE = ("probe-insertion", "xk")  # (attack, variant): k copies of the target input with the target class
+# random-edit controls: the attack each stands beside (it edits that attack's documents, or ones chosen by the same
+# selection, at random within the same budget); a control's `like` param names another
+RANDOM_CONTROLS = {"random-noise": "infusion", "random-tokens": "infusion-text"}
 
 
 # --------------------------------------------------------------------------- budgets and arms
@@ -132,6 +135,17 @@ def _by_cell(records: list[Record]) -> dict[tuple, list[Record]]:
     return out
 
 
+def _paired(a: list[Record], b: list[Record], name: str) -> tuple[list[float], list[float]] | None:
+    """Field `name` of two arms on the (target, seed) cells both ran, an arm's repeats on a cell by their mean;
+    None with fewer than 2 shared cells."""
+    cells_a, cells_b = _by_cell(a), _by_cell(b)
+    shared = [c for c in cells_b if c in cells_a]
+    if len(shared) < 2:
+        return None
+    mean = lambda group: float(np.mean([getattr(r, name) for r in group]))  # noqa: E731
+    return [mean(cells_a[c]) for c in shared], [mean(cells_b[c]) for c in shared]
+
+
 def _comparisons(attacks: list[dict]) -> list[dict]:
     """Each reference arm (an attack row) against every other arm of its dataset on the cells both ran; with
     several budgets, every budget of one against every budget of the other (each comparison names both)."""
@@ -139,25 +153,40 @@ def _comparisons(attacks: list[dict]) -> list[dict]:
     for ref in attacks:
         if ref["arm"][1] not in REFERENCE_ATTACKS:
             continue
-        ref_cells = _by_cell(ref["records"])
         for other in attacks:
             if other["arm"] == ref["arm"] or other["arm"][0] != ref["arm"][0]:
                 continue
-            cells = _by_cell(other["records"])
-            shared = [c for c in cells if c in ref_cells]
-            if len(shared) < 2:
+            paired = _paired(ref["records"], other["records"], "delta_logodds")
+            if paired is None:
                 continue
-            mean = lambda group, name: float(np.mean([getattr(r, name) for r in group]))  # noqa: E731
             entry = {"arm": ref["label"], "budget": ref["budget"], "versus": other["label"],
-                     "versus_budget": other["budget"],
-                     **paired_test([mean(ref_cells[c], "delta_logodds") for c in shared],
-                                   [mean(cells[c], "delta_logodds") for c in shared])}
+                     "versus_budget": other["budget"], **paired_test(*paired)}
             if other["arm"][1:] == TOPLINE:
-                entry["share_of_topline"] = {name: _share([mean(ref_cells[c], name) for c in shared],
-                                                          [mean(cells[c], name) for c in shared])
+                entry["share_of_topline"] = {name: _share(*_paired(ref["records"], other["records"], name))
                                              for name in ("delta_p", "delta_logodds")}
             out.append(entry)
     return out
+
+
+def _controls(attacks: list[dict]) -> None:
+    """Mark each attack row with its own random-edit control: `is_control` (the row is one), and `control`, the
+    attack's Δ log-odds against its control's (paired on the cells both ran: same dataset and budget, the same
+    selection where both have one), or None where the run has no such control."""
+    for row in attacks:
+        row["is_control"], row["control"] = row["arm"][1] in RANDOM_CONTROLS, None
+    for control in (r for r in attacks if r["is_control"]):
+        params = control["records"][0].params or {}
+        stands_for = params.get("like") or RANDOM_CONTROLS[control["arm"][1]]
+        for row in attacks:
+            own = row["records"][0].params or {}
+            same_selection = "selection" not in own or "selection" not in params or own["selection"] == params["selection"]
+            if (row["is_control"] or row["control"] is not None or row["arm"][1] != stands_for
+                    or row["arm"][0] != control["arm"][0] or row["budget_key"] != control["budget_key"]
+                    or not same_selection):
+                continue
+            paired = _paired(row["records"], control["records"], "delta_logodds")
+            if paired is not None:
+                row["control"] = {"label": control["label"], "budget": control["budget"], **paired_test(*paired)}
 
 
 def _share(arm: list[float], topline: list[float]) -> float | None:
@@ -330,6 +359,16 @@ def _not_run(records: list[Record]) -> list[dict]:
     return [{"detector": d, "reason": reason, "n": n} for (d, reason), n in sorted(counts.items())]
 
 
+def _errors(records: dict[str, list[Record]], arms: Arms) -> list[dict]:
+    """The errors that stand: the last of each (cell, stage, detector); an attack's is superseded once its cell has
+    an attack record (a later run got through it)."""
+    done = {r.cell for r in records["attack"]}
+    latest = {(r.cell, r.stage, r.detector): r for r in records["error"] if not (r.stage == "attack" and r.cell in done)}
+    return [{"label": arms.label(Arms.key(r)), "budget": budget_label(r.budget), "attack": r.attack, "cell": r.cell,
+             "target": r.target, "seed": r.seed, "stage": r.stage, "detector": r.detector, "error": r.error,
+             "message": r.message, "where": r.where} for r in latest.values()]
+
+
 def _timings(records: dict[str, list[Record]]) -> list[dict]:
     """Wall time by stage, summed over the records that report it."""
     stages: dict[str, list[float]] = defaultdict(list)
@@ -350,21 +389,25 @@ def _timings(records: dict[str, list[Record]]) -> list[dict]:
 def summarise(records: dict[str, list[Record]]) -> dict:
     """Every summary of a run's records (by kind, as `load_records` or `by_kind` gives them):
 
-    'attacks', 'detection', 'defence', 'mitigations': rows per arm x budget (and detector or mitigation);
+    'attacks', 'detection', 'defence', 'mitigations': rows per arm x budget (and detector or mitigation), each
+    attack row with its random-edit control (`is_control`, `control`: see _controls);
     'defence_measure': the effect the defence rows compare (see defence_measure); 'mitigation_costs': per
     mitigation over all its runs; 'comparisons': each reference arm against the others, with its share of the
-    topline; 'not_run': why detectors did not run; 'timings': wall time by stage; 'counts' (records by kind),
-    'targets' (distinct dataset x target), 'cells' (distinct attack cells), 'domains' (of the attack records).
+    topline; 'not_run': why detectors did not run; 'errors': the plugins that raised (see _errors); 'timings':
+    wall time by stage; 'counts' (records by kind), 'targets' (distinct dataset x target), 'cells' (distinct
+    attack cells), 'domains' (of the attack records).
     """
     arms = Arms(records["attack"])
     attacks = _attack_rows(records["attack"], arms)
+    _controls(attacks)
     measure = defence_measure(records["defence"])
     mitigations = _mitigation_rows(records["mitigation"], attacks, arms)
     return {
         "attacks": attacks, "detection": _detection_rows(records["detection"], arms),
         "defence": _defence_rows(records["defence"], attacks, arms, measure), "defence_measure": measure,
         "mitigations": mitigations, "mitigation_costs": _mitigation_costs(mitigations),
-        "comparisons": _comparisons(attacks), "not_run": _not_run(records["skip"]), "timings": _timings(records),
+        "comparisons": _comparisons(attacks), "not_run": _not_run(records["skip"]),
+        "errors": _errors(records, arms), "timings": _timings(records),
         "counts": {kind: len(rows) for kind, rows in records.items()},
         "targets": len({(r.dataset, json.dumps(r.target, sort_keys=True)) for r in records["attack"]}),
         "cells": len({r.cell for r in records["attack"]}),
@@ -429,4 +472,7 @@ def format_table(summary: dict) -> str:
                                                            (("delta_p", "Δp"), ("delta_logodds", "Δ log-odds"))
                                                            if share[m] is not None)
         lines.append(line)
+    for e in summary["errors"]:
+        lines.append(f"error: {e['label']}, {e['budget']}, target {json.dumps(e['target'], sort_keys=True)}, "
+                     f"{e['detector'] or e['stage']}: {e['message']}")
     return "\n".join(lines)

@@ -1,9 +1,9 @@
 """The verdict's rules, their thresholds and the texts that state them, and the functions that apply them.
 
 The status functions judge one summarised row (an attack, a detector, a mitigation); the build functions
-judge a run from the summary's rows (`infusion_audit.results.summary`): each attack at its largest budget,
-the defender's best detector at each level of knowledge, what a detector-aware attacker can still do, and
-which attacks each mitigation neutralises.
+judge a run from the summary's rows (`infusion_audit.results.summary`): what a detector-aware attacker can
+still do, the best detector of each knowledge level against it, and which attacks each mitigation
+neutralises. The verdict at a glance and the policy are `infusion_audit.results.gate`'s.
 """
 
 from __future__ import annotations
@@ -100,34 +100,6 @@ def judge_mitigations(mitigations: list[dict], costs: dict[str, dict]) -> list[d
                                                           "too few targets", "nothing to stop")},
                     **costs[name]})
     return out
-
-
-def build_verdict(summary: dict) -> dict:
-    """One row per attack arm at its largest budget: does it work, who catches it, what removal costs; and
-    per mitigation, which attacks it neutralises and at what cost (see judge_mitigations)."""
-    attacks, detection, defence = summary["attacks"], summary["detection"], summary["defence"]
-    rows = []
-    by_arm: dict[tuple, list[dict]] = defaultdict(list)
-    for a in attacks:
-        by_arm[a["arm"]].append(a)
-    for arm, budgets in by_arm.items():
-        top = max(budgets, key=lambda a: a["budget_key"])
-        dets = sorted((d for d in detection if d["arm"] == arm and d["budget_key"] == top["budget_key"]),
-                      key=lambda d: -(d["metrics"][PRIMARY_METRIC]["mean"] or 0))
-        defs = {d["detector"]: d for d in defence if d["arm"] == arm and d["budget_key"] == top["budget_key"]}
-        best = dets[0] if dets else None
-        best_defence = defs.get(best["detector"]) if best else None
-        rows.append({
-            "label": top["label"], "budget": top["budget"], "attack": top, "status": top["status"],
-            "caught_by": [d for d in dets if d["status"] == "caught"], "n_detectors": len(dets), "best": best,
-            "defence": best_defence,
-        })
-    rows.sort(key=lambda r: (r["status"] != "succeeds", -(r["attack"]["delta_logodds"]["mean"] or 0)))
-    succeeding = [r for r in rows if r["status"] == "succeeds"]
-    return {"rows": rows, "succeeding": succeeding,
-            "inconclusive": [r for r in rows if r["status"] == "too few targets"],
-            "has_detection": bool(detection), "has_defence": bool(defence),
-            "mitigations": judge_mitigations(summary["mitigations"], summary["mitigation_costs"])}
 
 
 # --------------------------------------------------------------------------- the adaptive attacker
