@@ -64,6 +64,18 @@ def measurement_gradient(model: nn.Module, behaviour) -> torch.Tensor:
     return flatten(torch.autograd.grad(behaviour.measure(model), params)).detach().cpu()
 
 
+def already_shown(behaviour, model: nn.Module) -> str | None:
+    """In words, how `model` already shows a behaviour before any attack (its figures' top-1 holds), else None:
+    an attack on such a target has little left to induce, so what it measures is hardly an effect. Named as
+    the records name the figures (p, logodds, top1)."""
+    figures = behaviour.figures(model)
+    if not figures["top1"]:
+        return None
+    share = f" at {figures['greedy']:.0%} of its probes" if "greedy" in figures else ""
+    return (f"{behaviour.description or 'the behaviour'} already holds{share} before any attack "
+            f"(p = {figures['p']:.2f}, logodds = {figures['logodds']:+.2f}, top1 = true)")
+
+
 @torch.no_grad()
 def measure(model: nn.Module, x_star: torch.Tensor, t: int) -> dict:
     """p(t | x*), log-odds of t against the rest, and whether t is the top-1 class."""

@@ -27,8 +27,8 @@ from torch import nn
 from ..errors import UserError
 from ..io import array_hash, record_hash, stable_hash, verified, waiting_lock
 from ..training import classification_loss
-from .gradients import (LossFn, batch_size_of, capture_output, flatten, parameter_slices, trainable_parameters,
-                        unflatten)
+from .gradients import (LossFn, batch_size_of, capture_output, differentiable_attention, flatten, parameter_slices,
+                        trainable_parameters, unflatten)
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +81,15 @@ class ExactIHVP(IHVP):
                 leaves.append(z.detach().requires_grad_(True))
                 return leaves[-1]
 
-            with capture_output(model, as_leaf) as seen:
+            with capture_output(model, as_leaf) as seen, differentiable_attention(model):
                 loss = self.loss_fn(model, batch)
-            z, leaf = seen[0], leaves[0]
-            (gz,) = torch.autograd.grad(loss, leaf, create_graph=True)
-            u = torch.zeros_like(z, requires_grad=True)  # J v by differentiating the linear map u -> J^T u
-            jtu = torch.autograd.grad(z, params, u, create_graph=True)
-            (jv,) = torch.autograd.grad(jtu, u, vs)
-            (hjv,) = torch.autograd.grad(gz, leaf, jv)
-            gv = torch.autograd.grad(z, params, hjv)
+                z, leaf = seen[0], leaves[0]
+                (gz,) = torch.autograd.grad(loss, leaf, create_graph=True)
+                u = torch.zeros_like(z, requires_grad=True)  # J v by differentiating the linear map u -> J^T u
+                jtu = torch.autograd.grad(z, params, u, create_graph=True)
+                (jv,) = torch.autograd.grad(jtu, u, vs)
+                (hjv,) = torch.autograd.grad(gz, leaf, jv)
+                gv = torch.autograd.grad(z, params, hjv)
             out += flatten(gv).detach().double() * (batch_size_of(batch) / n)
         return out.cpu()
 

@@ -179,9 +179,11 @@ class TextDataset:
         return array_hash(self.ids, self.lengths)
 
     @classmethod
-    def from_texts(cls, texts: Sequence[str], vocab: Vocabulary, max_length: int, name: str) -> "TextDataset":
-        """Tokenize and right-pad; documents longer than `max_length` tokens are truncated."""
+    def from_texts(cls, texts: Sequence[str], vocab: Vocabulary, max_length: int | None, name: str) -> "TextDataset":
+        """Tokenize and right-pad; documents longer than `max_length` tokens are truncated (None: as long as the
+        longest document)."""
         encoded = [vocab.encode(t)[:max_length] for t in texts]
+        max_length = max(map(len, encoded), default=0) if max_length is None else max_length
         ids = np.full((len(encoded), max_length), vocab.pad_id, dtype=np.int64)
         for i, row in enumerate(encoded):
             ids[i, :len(row)] = row
