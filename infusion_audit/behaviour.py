@@ -9,6 +9,7 @@ Text behaviours (`infusion_audit.text.behaviours`) follow the same contract.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -64,12 +65,15 @@ def measurement_gradient(model: nn.Module, behaviour) -> torch.Tensor:
     return flatten(torch.autograd.grad(behaviour.measure(model), params)).detach().cpu()
 
 
+SHOWN_LOGODDS = math.log(2)  # a behaviour is shown when its top-1 holds and it is twice as likely as not
+
+
 def already_shown(behaviour, model: nn.Module) -> str | None:
-    """In words, how `model` already shows a behaviour before any attack (its figures' top-1 holds), else None:
-    an attack on such a target has little left to induce, so what it measures is hardly an effect. Named as
-    the records name the figures (p, logodds, top1)."""
+    """In words, how `model` already shows a behaviour before any attack, else None: its top-1 holds and its
+    log-odds are at least log 2 (a random model's slight, uniform leanings are not a preference). An attack on
+    such a target has little left to induce. Named as the records name the figures (p, logodds, top1)."""
     figures = behaviour.figures(model)
-    if not figures["top1"]:
+    if not (figures["top1"] and figures["logodds"] >= SHOWN_LOGODDS):
         return None
     share = f" at {figures['greedy']:.0%} of its probes" if "greedy" in figures else ""
     return (f"{behaviour.description or 'the behaviour'} already holds{share} before any attack "

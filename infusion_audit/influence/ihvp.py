@@ -201,6 +201,13 @@ class EkfacIHVP(IHVP):
         self.blocks = self._blocks(factors)
         self.info = {"fit_seconds": time.perf_counter() - t0, "cached": cached,
                      "modules": [b.name for b in self.blocks]}
+        untracked = sorted({type(m).__name__ for m in model.modules()
+                            if not isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding))
+                            and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.ndim >= 2})
+        if untracked:  # e.g. GPT-2's attention and MLP are transformers' Conv1D
+            log.warning("EK-FAC leaves out the %s layers of %s (kronfluence fits nn.Linear and nn.Conv2d): their "
+                        "parameters get no influence; influence.backend exact covers every parameter",
+                        ", ".join(untracked), type(model).__name__)
 
     def factor_key(self, dataset, seed: int) -> str:
         state = [t.detach().cpu().numpy() for t in self.model.state_dict().values()]

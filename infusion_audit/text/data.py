@@ -21,6 +21,7 @@ from ..data import MANIFEST, DatasetSplit, seeded_split
 from ..errors import DataError
 from ..io import array_hash, atomic_write_text, stable_hash, write_json
 from ..registry import DATASETS
+from .models import quiet_transformers
 
 CORPUS = "train.jsonl"
 TEXT_DOCUMENTS = "documents.jsonl"  # the edited documents only, before and after, for the report's diffs
@@ -330,7 +331,8 @@ def load_tokenizer(path: str | Path):
     if not path.is_dir():
         raise DataError(f"{path}: no such tokenizer folder")
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:
         raise DataError(f"{path}: cannot load a tokenizer ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
 
