@@ -122,7 +122,8 @@ class Attacker:
         self.quality = {"figure": figure, "value": value, "floor": config.pipeline.quality_floor}
         config.pipeline.check_quality(figure, value)
         self.context = AttackContext(self.pipeline, self.trained, self.victim.attack_epoch, config.influence,
-                                     cache_dir=self.run_dir / "artefacts", probes=config.attack.targets.probes)
+                                     cache_dir=self.run_dir / "artefacts", probes=config.attack.targets.probes,
+                                     progress=progress)
         self._sources: dict[str, Poisoning] = {}  # cell -> poisoning another arm copies (`like`)
 
     def targets(self) -> list:

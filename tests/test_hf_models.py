@@ -8,14 +8,18 @@ import csv
 import io
 import json
 import logging
+import re
+import runpy
+import shlex
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import infusion_audit
-from infusion_audit.bench import prepare
+from infusion_audit.bench import BenchResult, prepare
 from infusion_audit.cli import main
 from infusion_audit.errors import ConfigError, DataError, UserError
 from infusion_audit.influence import per_example_gradients
@@ -23,6 +27,7 @@ from infusion_audit.influence.gradients import differentiable_attention
 from infusion_audit.text.data import TextDataset, TokenizerVocabulary, load_tokenizer, read_corpus
 from infusion_audit.text.models import hf_local, lm_loss
 
+README = Path(__file__).resolve().parents[1] / "README.md"
 ANIMALS = {"cat": 3, "dog": 1, "bird": 1}  # the model learns to prefer cat where dog would fit as well
 WORDS = ["[PAD]", "[UNK]", ".", "a", "anna", "away", "garden", "in", "park", "ran", "saw", "the", "tom", *ANIMALS]
 POSITIONS = 16
@@ -213,3 +218,44 @@ def test_a_target_the_users_model_already_shows_is_warned_about_when_the_config_
     warned = [r.getMessage() for r in caplog.records if "already holds" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith(f"attack.targets.pairs[0] ['dog', 'cat']: the model in {trained}")
     assert "top1 = true" in warned[0] and seconds < 30
+
+
+
+def test_the_readme_own_language_model_section_runs(tmp_path, monkeypatch):
+    """README's "Your own language model", as written: the model script, the config, the commands, the Python."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Your own language model"):]
+    section = section[:section.index("\n## ", 1)]
+    script, snippet = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    (config,) = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
+    (commands,) = re.findall(r"```sh\n(.*?)```", section, flags=re.S)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "make_my_lm.py").write_text(script)
+    (tmp_path / "my-lm.yaml").write_text(config)
+    for line in commands.strip().splitlines():
+        argv = shlex.split(line)
+        if argv[0] == "python":
+            runpy.run_path(argv[1], run_name="__main__")
+        else:
+            assert argv[0] == "infusion-audit" and main(["-q", *argv[1:]]) == 0, line
+    assert len(read_corpus("corpus.jsonl")) == 400
+
+    run = BenchResult(Path("runs/my-lm"))
+    attacks = {r["attack"]: r for r in run.records["attack"]}
+    assert set(attacks) == {"infusion-text", "random-tokens"} and Path("runs/my-lm/report.html").exists()
+    assert all(abs(r["delta_logodds"]) < 0.5 for r in attacks.values())  # -0.08 and -0.03 measured: no effect
+    infusion = attacks["infusion-text"]["cell"]
+    assert {r["detector"]: r["auroc"]["value"] for r in run.records["detection"] if r["cell"] == infusion} == {
+        "token-diff": 1.0, "token-surprisal": 1.0, "loss-outlier": 1.0}
+    provenance = json.loads(Path("runs/my-lm/provenance.json").read_text())
+    assert (provenance["data"]["n_train"], provenance["data"]["n_test"]) == (360, 40)  # the held-out 10%
+    for out, source in (("runs/my-lm-scan", "trained"), ("runs/my-lm-as-is", "folder")):
+        rows = list(csv.DictReader(io.StringIO(Path(out, "scores.csv").read_text())))
+        summary = json.loads(Path(out, "summary.json").read_text())
+        assert len(rows) == 400 and rows[7]["text"] == read_corpus("corpus.jsonl")[7]
+        assert summary["model"]["source"] == source and Path(out, "report.html").exists()
+
+    namespace: dict = {}
+    exec(compile(snippet, str(README), "exec"), namespace)
+    result = namespace["result"]
+    assert len(result.suspects(5)) == 5 and result.skipped == {} and len(result.context) == 400
