@@ -1,7 +1,7 @@
 """`scan()`: rank every document of a suspect dataset by several independent detectors, from Python.
 
-The defender brings the data (arrays, a torch Dataset, the project's datasets, or a path as the command line
-takes) and whatever else they have: a trusted reference copy, a model trained on the data, the suspicious
+The defender brings the data (arrays, a torch Dataset, texts with their model's tokenizer, the project's
+datasets, or a path as the command line takes) and whatever else they have: a trusted reference copy, a model trained on the data, the suspicious
 behaviour, held-out probes, and, to measure the detectors, ground truth. The detectors run through the
 detection engine (`detection.detect`), as every bench cell's do. The `scan` command (`cli.scan`) adds files:
 it can train a model on the data by a pipeline (`train_on_suspect`) or load a checkpoint (`load_model`).
