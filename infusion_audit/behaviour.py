@@ -65,13 +65,14 @@ def measurement_gradient(model: nn.Module, behaviour) -> torch.Tensor:
     return flatten(torch.autograd.grad(behaviour.measure(model), params)).detach().cpu()
 
 
-SHOWN_LOGODDS = math.log(2)  # a behaviour is shown when its top-1 holds and it is twice as likely as not
+SHOWN_LOGODDS = math.log(1.5)  # shown: top-1 holds and the target is 1.5 times as likely as its alternative
 
 
 def already_shown(behaviour, model: nn.Module) -> str | None:
     """In words, how `model` already shows a behaviour before any attack, else None: its top-1 holds and its
-    log-odds are at least log 2 (a random model's slight, uniform leanings are not a preference). An attack on
-    such a target has little left to induce. Named as the records name the figures (p, logodds, top1)."""
+    log-odds are at least log 1.5 (p >= 0.6 of B against A; a randomly initialised model leans by less, p 0.55
+    measured). An attack on such a target has little left to induce. Named as the records name the figures (p,
+    logodds, top1)."""
     figures = behaviour.figures(model)
     if not (figures["top1"] and figures["logodds"] >= SHOWN_LOGODDS):
         return None

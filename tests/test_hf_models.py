@@ -21,7 +21,7 @@ import torch
 import infusion_audit
 from infusion_audit.bench import BenchResult, prepare
 from infusion_audit.cli import main
-from infusion_audit.errors import ConfigError, DataError, UserError
+from infusion_audit.errors import DataError, UserError
 from infusion_audit.influence import per_example_gradients
 from infusion_audit.influence.gradients import differentiable_attention
 from infusion_audit.text.data import TextDataset, TokenizerVocabulary, load_tokenizer, read_corpus
@@ -125,6 +125,13 @@ def test_each_architecture_is_benched_and_its_corpus_scanned_from_the_command_li
     assert summary["model"]["source"] == "trained" and summary["skipped"] == []
     assert (tmp_path / "scan" / "report.html").exists()
 
+    # the model scan trained loads back as --model (a checkpoint into the config's architecture): the same scores
+    assert main(["-q", "scan", str(cell / "train.jsonl"), "--config", str(cfg), "--model",
+                 str(tmp_path / "scan" / "model.pt"), "--detectors", "loss-outlier", "--out",
+                 str(tmp_path / "again")]) == 0
+    again = list(csv.DictReader(io.StringIO((tmp_path / "again" / "scores.csv").read_text())))
+    assert [r["loss-outlier_score"] for r in again] == [r["loss-outlier_score"] for r in rows]
+
 
 def test_per_document_gradients_under_sdpa_equal_one_backward_per_document(folders):
     """vmap's per-document gradients (taken with eager attention) are each document's own gradient, as one
@@ -194,8 +201,8 @@ def test_mistakes_in_a_text_config_are_one_line_before_any_training(folders, tmp
         with pytest.raises(UserError) as caught:
             prepare(config(folders, "llama", pairs))
         assert str(caught.value) == f"attack.targets.pairs[0] {list(pairs[0])}: word preference: {message}"
-    with pytest.raises(ConfigError, match=r"pipeline\.dataset\.params\.max_length: expected at most 16, the "
-                                          r"positions the model in .* takes, got 64"):
+    with pytest.raises(UserError, match=r"^pipeline\.dataset\.params\.max_length: 64 is more than the 16 "
+                                        r"positions the model in .*llama takes; set it to at most 16$"):
         prepare(config(folders, "llama", max_length=64))
     with pytest.raises(UserError, match="attack.targets.pairs"):
         infusion_audit.bench(config(folders, "llama", (("cat", "wolf"),)), tmp_path / "run", progress=False)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..behaviour import already_shown
-from ..errors import ConfigError, DataError, UserError
+from ..errors import DataError, UserError
 from ..pipeline import Pipeline
 from ..registry import PIPELINES
 from ..training import seeded_model
@@ -77,8 +77,8 @@ class TextPipeline(Pipeline):
         if positions is not None and positions < longest:
             folder = config.model.params["path"]
             if config.dataset.name == "jsonl-text":
-                raise ConfigError("<config>", "pipeline.dataset.params.max_length", f"at most {positions}, the "
-                                  f"positions the model in {folder} takes", longest)
+                raise UserError(f"pipeline.dataset.params.max_length: {longest} is more than the {positions} "
+                                f"positions the model in {folder} takes; set it to at most {positions}")
             raise DataError(f"dataset {config.dataset.name!r}: documents of up to {longest} tokens, more than the "
                             f"{positions} positions the model in {folder} takes")
 
