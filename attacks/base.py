@@ -68,12 +68,12 @@ def target_key(target) -> str:
 
 class AttackContext:
     """A trained pipeline as an attacker sees it at checkpoint `epoch`, with per-target caches. `probes`:
-    how many test prompts a text behaviour is measured on."""
+    how many test prompts a text behaviour is measured on; `progress`: whether attacks show progress bars."""
 
     def __init__(self, pipeline: Pipeline, trained: TrainedPipeline, epoch: int | None = None,
                  influence: InfluenceConfig | None = None, cache_dir: str | Path | None = None,
-                 ihvp_kwargs: dict | None = None, probes: int = 32):
-        self.pipeline, self.trained, self.probes = pipeline, trained, probes
+                 ihvp_kwargs: dict | None = None, probes: int = 32, progress: bool = True):
+        self.pipeline, self.trained, self.probes, self.progress = pipeline, trained, probes, progress
         self.epoch = len(trained.checkpoints) - 1 if epoch is None else epoch
         self.influence = influence or InfluenceConfig()
         self.cache_dir = None if cache_dir is None else Path(cache_dir)

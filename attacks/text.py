@@ -146,7 +146,8 @@ class TokenInfusion(Attack):
                                               if s not in ("most-negative", "influence")])
 
     def craft(self, context: AttackContext, target) -> TextPoisoning:
-        ctx = _Corpus(context.model, context.train, context.query(target))  # the IHVP is timed by the context
+        # the IHVP is timed by the context
+        ctx = _Corpus(context.model, context.train, context.query(target), context.progress)
         k, t0 = context.budget_k(self.k), time.perf_counter()
         if self.selection == "most-improvable":
             index = self._most_improvable(ctx, k)
@@ -156,7 +157,7 @@ class TokenInfusion(Attack):
         edit = self._gcg if self.optimizer == "gcg" else self._relaxed
         new_ids, gains = [], []
         for start in tqdm(range(0, len(index), self.batch_size), desc=f"infusion-text ({self.optimizer})",
-                          leave=False):
+                          leave=False, disable=not ctx.progress):
             ids, gain = edit(ctx, index[start:start + self.batch_size])
             new_ids.append(ids)
             gains.append(gain)
@@ -187,7 +188,8 @@ class TokenInfusion(Attack):
         """
         gains = np.zeros(len(ctx.train))
         everything = np.arange(len(ctx.train))
-        for start in tqdm(range(0, len(everything), self.batch_size), desc="infusion-text (screen)", leave=False):
+        for start in tqdm(range(0, len(everything), self.batch_size), desc="infusion-text (screen)", leave=False,
+                          disable=not ctx.progress):
             batch = everything[start:start + self.batch_size]
             _, gains[batch] = self._gcg(ctx, batch, steps=1, candidates=self.screen)
         return np.sort(np.argsort(-gains, kind="stable")[:k])
@@ -297,11 +299,12 @@ class TokenInfusion(Attack):
 
 
 class _Corpus(NamedTuple):
-    """What the token optimisers read: the attacked model, its corpus and v = IHVP(grad f)."""
+    """What the token optimisers read: the attacked model, its corpus, v = IHVP(grad f), whether to show progress."""
 
     model: nn.Module
     train: TextDataset
     v: torch.Tensor
+    progress: bool = True
 
 
 @ATTACKS.register("random-tokens")

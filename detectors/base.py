@@ -42,14 +42,20 @@ SKIP_LOG = logging.getLogger(f"{__name__}.skipped")
 
 # What each need is, in words a user can act on.
 ENABLE_HINTS = {
-    "model": "a model trained on the suspect data (give --model CKPT, or let scan train one)",
+    "model": "a model trained on the suspect data",
     "logits": "a model trained on the suspect data that outputs one row of class scores per document",
     "losses": "per-document losses, from a model trained on the suspect data that outputs class scores",
     "features": "penultimate features of a model trained on the suspect data (the input of its last nn.Linear, "
                 "its features() and head, or the module named in scan.features_layer)",
-    "reference": "a trusted reference copy of the data (--reference CLEAN)",
-    "behaviour": "the suspicious behaviour, a test input and the class it is pushed towards (--behaviour)",
+    "reference": "a trusted reference copy of the data",
+    "behaviour": "the suspicious behaviour (for images, a test input and the class it is pushed towards)",
     "gradients": "a model whose per-example gradients can be computed",
+}
+# How each caller gives what a need asks for: `AuditContext.caller` picks the words a skip reason ends with.
+GIVE_HINTS = {
+    "python": {"model": "pass model=", "reference": "pass reference=", "behaviour": "pass behaviour="},
+    "command line": {"model": "give --model, or leave it out and let scan train one",
+                     "reference": "give --reference CLEAN", "behaviour": "give --behaviour"},
 }
 # The needs a model trained on the suspect data meets (scan trains one only when a detector has one).
 MODEL_NEEDS = frozenset({"model", "logits", "losses", "features", "gradients"})
@@ -82,6 +88,7 @@ class AuditContext:
     gradient_cache_bytes: int = 1 << 30
     features_layer: str | None = None
     factors_dir: str | Path | None = None  # where EK-FAC's factors are cached (default: fitted, not kept)
+    caller: str | None = None  # "python" or "command line": how skip reasons say to give what is missing
     timings: dict = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, repr=False)
     extractor: FeatureExtractor | None = field(default=None, init=False, repr=False)  # set from model, features_layer
@@ -119,6 +126,11 @@ class AuditContext:
     def has(self, need: str) -> bool:
         return self.lacks(need) is None
 
+    def hint(self, need: str) -> str:
+        """What would meet `need`, and how this context's caller gives it (a keyword, a flag)."""
+        give = GIVE_HINTS.get(self.caller or "", {}).get(need)
+        return ENABLE_HINTS.get(need, need) + (f" ({give})" if give else "")
+
     def lacks(self, need: str) -> str | None:
         """None when the context can give `need`, else what would enable it (and why this model does not).
 
@@ -128,13 +140,13 @@ class AuditContext:
                "gradients": self.model is not None,  # influence needs the model itself, for the inverse Hessian too
                "reference": self.reference is not None, "behaviour": self.behaviour is not None}
         if need in met:
-            return None if met[need] else ENABLE_HINTS.get(need, need)
+            return None if met[need] else self.hint(need)
         if need not in ("logits", "losses", "features"):
             raise PluginError(f"unknown detector need {need!r}; known: data, {', '.join(sorted(ENABLE_HINTS))}")
         if need in self._cache or (need == "losses" and "logits" in self._cache):
             return None
         if self.model is None:
-            return ENABLE_HINTS["model"]
+            return self.hint("model")
         cause = self._forward_cached().get("logits" if need == "losses" else need)
         return None if cause is None else f"{need} from this model: {cause}"
 
@@ -158,7 +170,7 @@ class AuditContext:
     # ------------------------------------------------------------------ model outputs
     def _require_model(self, what: str) -> nn.Module:
         if self.model is None:
-            raise PluginError(f"{what} needs {ENABLE_HINTS['model']}")
+            raise PluginError(f"{what} needs {self.hint('model')}")
         return self.model
 
     @torch.no_grad()

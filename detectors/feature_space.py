@@ -144,6 +144,7 @@ class KNNLabel(Detector):
     """
 
     needs = frozenset({"features"})
+    data_kinds = frozenset({"image"})  # a text corpus has no labels to disagree with
     knowledge = "model"
 
     def __init__(self, k: int | None = None, metric: str = "euclidean"):

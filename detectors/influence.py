@@ -15,7 +15,7 @@ import torch
 from infusion_audit.errors import PluginError
 from infusion_audit.registry import DETECTORS
 
-from .base import ENABLE_HINTS, AuditContext, Detector, check_choice, robust_z
+from .base import AuditContext, Detector, check_choice, robust_z
 
 
 @DETECTORS.register("influence-outlier")
@@ -37,6 +37,7 @@ class InfluenceOutlier(Detector):
     """
 
     needs = frozenset({"gradients"})
+    data_kinds = frozenset({"image"})  # probes relabel classes; text-influence is the text version
     knowledge = "model"
     MODES = ("auto", "forensic", "probe", "self")
 
@@ -58,7 +59,7 @@ class InfluenceOutlier(Detector):
             return lacking
         mode = self.resolved_mode(context)
         if mode == "forensic" and not context.has("behaviour"):
-            return f"mode 'forensic' needs {ENABLE_HINTS['behaviour']}"
+            return f"mode 'forensic' needs {context.hint('behaviour')}"
         if mode == "probe":  # every probe x class gradient is held at once, and once more preconditioned
             queries = min(self.probe_size, len(context.probe if context.probe is not None else context)) \
                 * context.num_classes

@@ -9,6 +9,7 @@ Text behaviours (`infusion_audit.text.behaviours`) follow the same contract.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -62,6 +63,22 @@ def measurement_gradient(model: nn.Module, behaviour) -> torch.Tensor:
     model.eval()
     params = list(trainable_parameters(model).values())
     return flatten(torch.autograd.grad(behaviour.measure(model), params)).detach().cpu()
+
+
+SHOWN_LOGODDS = math.log(1.5)  # shown: top-1 holds and the target is 1.5 times as likely as its alternative
+
+
+def already_shown(behaviour, model: nn.Module) -> str | None:
+    """In words, how `model` already shows a behaviour before any attack, else None: its top-1 holds and its
+    log-odds are at least log 1.5 (p >= 0.6 of B against A; a randomly initialised model leans by less, p 0.55
+    measured). An attack on such a target has little left to induce. Named as the records name the figures (p,
+    logodds, top1)."""
+    figures = behaviour.figures(model)
+    if not (figures["top1"] and figures["logodds"] >= SHOWN_LOGODDS):
+        return None
+    share = f" at {figures['greedy']:.0%} of its probes" if "greedy" in figures else ""
+    return (f"{behaviour.description or 'the behaviour'} already holds{share} before any attack "
+            f"(p = {figures['p']:.2f}, logodds = {figures['logodds']:+.2f}, top1 = true)")
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from .errors import UserError
 from .executors import make_executor
 from .grid import run_grid
 from .io import atomic_write_text, repair_jsonl, run_lock
+from .pipeline import Pipeline
 from .runtime import DEFAULT_THREADS, configure
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,14 @@ def prepare(config=None, device: str | None = None, threads: int | None = DEFAUL
             overrides: Sequence[str] = ()) -> AuditConfig:
     """The config a run computes with: loaded (a path, a built-in name, a mapping of sections or an
     AuditConfig; default: the quick digits benchmark) with `overrides` (``KEY=VALUE``), filled in, its device
-    resolved once, and this process's runtime set up for it (`threads` torch threads; None leaves them)."""
+    resolved once, and this process's runtime set up for it (`threads` torch threads; None leaves them). A text
+    pipeline is checked here, before any training (`Pipeline.check`: the pair words, max_length, targets its
+    model already shows)."""
     config = with_defaults(load_config(config, DEFAULT_CONFIG, overrides))
     config = replace(config, pipeline=config.pipeline.on_device(device))
     configure(threads, config.pipeline.train.device)
+    if config.pipeline.kind() == "text":  # what an image pipeline could get wrong shows when its data load
+        Pipeline.from_config(config.pipeline).check(config.attack.targets)
     return config
 
 

@@ -267,6 +267,8 @@ def run_grid(config: AuditConfig, out: Path, executor: Executor, progress: bool 
     started = time.perf_counter()
     results = out / "results.jsonl"
     grid = Grid(config, out, progress=progress, detect=detect)
+    for line in grid.attacker.shown_targets():
+        log.warning("%s", line)
     units = grid.units()
     n_cells = sum(len(unit) for unit in units)
     done = {r["cell"] for r in read_jsonl(results) if r.get("kind") == "attack"}

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .behaviour import ClassBehaviour, Target, sample_targets
-from .config import PipelineConfig, PluginSpec, TrainConfig
+from .config import PipelineConfig, PluginSpec, TargetsConfig, TrainConfig
 from .data import DatasetSplit, build_dataset
 from .errors import UserError
 from .io import record_hash, stable_hash, verified, write_json
@@ -114,6 +114,17 @@ class Pipeline:
     def behaviour(self, target: Target, probes: int = 32) -> ClassBehaviour:
         """The measurement f(theta) of a target, with the figures records report (`probes`: text behaviours)."""
         return ClassBehaviour.from_target(target, self.data.test)
+
+    def check(self, targets: TargetsConfig) -> None:
+        """Run when an attack's config loads, before any training: every target of the `attack.targets`
+        section resolves to a behaviour on the test set, or a one-line error names the pair at fault."""
+        listed = self.targets(targets.n, targets.rule, targets.seed, targets.pairs, targets.probes)
+        for i, target in enumerate(listed):
+            try:
+                self.behaviour(target, targets.probes)
+            except UserError as exc:
+                where = f"attack.targets.pairs[{i}] {targets.pairs[i]}" if targets.pairs else "attack.targets"
+                raise UserError(f"{where}: {exc}") from None
 
     # ---- what the library derives
     def order(self, dataset, epoch: int) -> np.ndarray:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .attacks.base import Attack, AttackContext, Poisoning, accepted_params
+from .behaviour import already_shown
 from .config import AttackSpec, AuditConfig, BudgetConfig, PipelineConfig, ProtocolConfig, to_dict
 from .errors import ConfigError, UserError
 from .io import stable_hash
@@ -121,12 +122,20 @@ class Attacker:
         self.quality = {"figure": figure, "value": value, "floor": config.pipeline.quality_floor}
         config.pipeline.check_quality(figure, value)
         self.context = AttackContext(self.pipeline, self.trained, self.victim.attack_epoch, config.influence,
-                                     cache_dir=self.run_dir / "artefacts", probes=config.attack.targets.probes)
+                                     cache_dir=self.run_dir / "artefacts", probes=config.attack.targets.probes,
+                                     progress=progress)
         self._sources: dict[str, Poisoning] = {}  # cell -> poisoning another arm copies (`like`)
 
     def targets(self) -> list:
         t = self.config.attack.targets
         return self.pipeline.targets(t.n, t.rule, t.seed, t.pairs, t.probes)
+
+    def shown_targets(self) -> list[str]:
+        """For each target the trained model already shows before any attack, a line saying so (a config check
+        cannot know it for a model trained from scratch)."""
+        model = self.victim.before
+        return [f"the trained model: {line}" for target in self.targets()
+                if (line := already_shown(self.context.behaviour(target), model)) is not None]
 
     def build_attack(self, spec: AttackSpec, seed: int, budget: BudgetConfig, repeat: int = 0) -> Attack:
         """The arm's attack for a cell: the shared budget's keys it takes, the cell's attack seed (a repeat's

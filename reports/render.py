@@ -158,22 +158,25 @@ def _budget_chart(attacks: list[dict]) -> Any:
 
 # --------------------------------------------------------------------------- gallery
 def _text_diff(original: str, poisoned: str, context: int = 40) -> list[tuple[str, str]]:
-    """Character-level diff as (op, text) segments, op in equal/delete/insert; long unchanged runs are elided.
+    """Diff as (op, text) segments, op in equal/delete/insert; long unchanged runs are elided.
 
-    Characters, not words: a token edit inside a document without spaces (a Caesar line) shows as the
-    one or two characters it changed rather than the whole document deleted and re-inserted."""
+    By word where the documents have spaces (a word or subword corpus: an edited token shows as the whole word
+    it changed, never as scattered letters), by character where they have none (a Caesar line, whose tokens
+    are characters: the one or two characters changed rather than the whole document)."""
+    spaced = any(c.isspace() for c in original + poisoned)
+    a, b = (re.findall(r"\s+|\S+", t) if spaced else list(t) for t in (original, poisoned))
     segments = []
-    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=original, b=poisoned, autojunk=False).get_opcodes():
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
         if op == "equal":
-            text = original[i1:i2]
+            text = "".join(a[i1:i2])
             if len(text) > 2 * context + 1:
                 text = text[:context] + " … " + text[-context:]
             segments.append(("equal", text))
             continue
         if op in ("delete", "replace"):
-            segments.append(("delete", original[i1:i2]))
+            segments.append(("delete", "".join(a[i1:i2])))
         if op in ("insert", "replace"):
-            segments.append(("insert", poisoned[j1:j2]))
+            segments.append(("insert", "".join(b[j1:j2])))
     return segments
 
 
@@ -311,6 +314,7 @@ def render_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 # --------------------------------------------------------------------------- scan report
 SCAN_ROWS = 50
 SCAN_COLUMNS = ("index", "label", "poisoned", "flagged_by", "flagged")
+SCAN_TEXT_CHARS = 400  # a document shown without a reference is cut to this many characters
 
 
 def _score_columns(fieldnames: list[str]) -> list[tuple[str, str]]:
@@ -345,6 +349,17 @@ def render_scan_report(scan_dir: str | Path, out: str | Path | None = None) -> P
     return atomic_write_text(Path(out) if out else scan_dir / "report.html", html)
 
 
+def _scanned_text(row: dict) -> list[tuple[str, str]] | None:
+    """A text document's row as diff segments: its edits against the trusted reference where the scan had one
+    and it differs, else its text (cut); None for an image row."""
+    text = row.get("text")
+    if text is None:
+        return None
+    if row.get("reference"):
+        return _text_diff(row["reference"], text)
+    return [("equal", text if len(text) <= SCAN_TEXT_CHARS else text[:SCAN_TEXT_CHARS - 1] + "…")]
+
+
 def scan_report_html(scores_csv: str, summary: dict, title: str, source: str = "scores.csv") -> str:
     """The scan page from the text of scores.csv and the summary dict (`source` names the CSV in errors)."""
     reader = csv.DictReader(io.StringIO(scores_csv, newline=""))
@@ -364,7 +379,7 @@ def scan_report_html(scores_csv: str, summary: dict, title: str, source: str = "
     # The documents most suspicious to any detector come first (best rank over detectors).
     order = sorted(range(len(rows)), key=lambda i: min(ranks[d][i] for d, _ in score_cols))
     columns = [k for k in SCAN_COLUMNS if k in fieldnames]
-    table = [{"fields": {k: rows[i].get(k) for k in columns},
+    table = [{"fields": {k: rows[i].get(k) for k in columns}, "document": _scanned_text(rows[i]),
               "scores": [(_as_float(rows[i].get(col)), ranks[d][i]) for d, col in score_cols]}
              for i in order[:SCAN_ROWS]]
     metrics = [{"detector": name,
@@ -381,7 +396,8 @@ def scan_report_html(scores_csv: str, summary: dict, title: str, source: str = "
         "title": title, "version": __version__,
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "n_documents": len(rows), "score_detectors": [d for d, _ in score_cols], "table": table,
-        "columns": columns, "shown": min(SCAN_ROWS, len(rows)),
+        "columns": columns, "shown": min(SCAN_ROWS, len(rows)), "text": "text" in fieldnames,
+        "referenced": "reference" in fieldnames,
         "class_names": [str(n) for n in data.get("class_names") or []],
         "detectors": detectors, "skipped": [d for d in summary.get("skipped") or [] if isinstance(d, dict)],
         "flagged_by_any": summary.get("flagged_by_any"),

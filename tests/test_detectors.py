@@ -94,8 +94,12 @@ def test_influence_outlier_self_and_forensic(digits_flip):
 def test_missing_needs_are_skipped_with_what_would_enable_them(digits_flip):
     ctx = AuditContext(digits_flip["poisoned"], progress=False)
     run = run_detector(build_detector("spectral-signature"), ctx)
-    assert run.scores is None and "--model" in run.skipped
+    assert run.scores is None and run.skipped == "needs a model trained on the suspect data"
+    for caller, give in (("command line", "--model"), ("python", "pass model=")):  # said as each caller gives it
+        ctx.caller = caller
+        assert give in run_detector(build_detector("spectral-signature"), ctx).skipped
     with_model = _context(digits_flip)
+    with_model.caller = "command line"
     run = run_detector(build_detector("influence-outlier", {"mode": "forensic"}), with_model)
     assert "--behaviour" in run.skipped
     assert run_detector(build_detector("perturbation-norm"), ctx).knowledge == "data"

@@ -17,6 +17,8 @@ from infusion_audit.text.models import document_losses, lm_loss, tiny_gpt_neo
 class FixedDirection:
     """What the token optimisers ask of an attack context, with a fixed direction v in place of an IHVP."""
 
+    progress = False
+
     def __init__(self, model, train, v):
         self.model, self.train, self.v = model, train, v
         self.scores = influence_scores(model, train, v, loss_fn=lm_loss)

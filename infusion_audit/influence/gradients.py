@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from ..errors import UserError
 from ..training import classification_loss
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -84,6 +85,31 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+@contextlib.contextmanager
+def differentiable_attention(model: nn.Module):
+    """Run a transformers model with eager attention inside the block, then restore the one it had.
+
+    Training and inference keep the implementation the model was loaded with (SDPA by default). But the
+    SDPA path does not survive what influence needs: its mask code branches on tensor values (vmap refuses)
+    and its fused CPU kernel has neither a double backward nor forward-mode AD. Eager attention computes the
+    same function with plain tensor operations, which every torch.func transform handles. Other models pass
+    through unchanged."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current in (None, "eager") or not hasattr(model, "set_attn_implementation"):
+        yield model
+        return
+    model.set_attn_implementation("eager")
+    if config._attn_implementation != "eager":  # a model that cannot switch (transformers logged why)
+        raise UserError(f"{type(model).__name__} computes attention with {current!r} and cannot switch to eager "
+                        "attention, which per-document gradients need; save the model with "
+                        '"attn_implementation": "eager" in its config.json')
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(current)
+
+
 def per_example_gradients(model: nn.Module, dataset, indices: np.ndarray | None = None,
                           loss_fn: LossFn = classification_loss, batch_size: int = 256) -> torch.Tensor:
     """Gradient of each document's loss, flattened over the trainable parameters: (N, P) on the CPU.
@@ -102,10 +128,11 @@ def per_example_gradients(model: nn.Module, dataset, indices: np.ndarray | None 
 
     per_doc = vmap(grad(one), in_dims=(None, 0))
     rows = []
-    for start in range(0, len(indices), batch_size):
-        batch = dataset.batch(indices[start:start + batch_size], _device(model))
-        grads = per_doc(params, batch)
-        rows.append(flatten(grads.values(), batch_dims=1).detach().cpu())
+    with differentiable_attention(model):
+        for start in range(0, len(indices), batch_size):
+            batch = dataset.batch(indices[start:start + batch_size], _device(model))
+            grads = per_doc(params, batch)
+            rows.append(flatten(grads.values(), batch_dims=1).detach().cpu())
     return torch.cat(rows) if rows else torch.zeros(0, num_trainable(model))
 
 
@@ -162,8 +189,9 @@ def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.
     model.eval()
     x = x.detach().clone().requires_grad_(True)
     params = list(trainable_parameters(model).values())
-    loss = loss_fn(model, (x, y)) * len(x)
-    grads = torch.autograd.grad(loss, params, create_graph=True)
-    dot = sum((g * u).sum() for g, u in zip(grads, unflatten(model, v.to(x.device)).values()))
-    (gx,) = torch.autograd.grad(dot, x)
+    with differentiable_attention(model):
+        loss = loss_fn(model, (x, y)) * len(x)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        dot = sum((g * u).sum() for g, u in zip(grads, unflatten(model, v.to(x.device)).values()))
+        (gx,) = torch.autograd.grad(dot, x)
     return -gx / n_train

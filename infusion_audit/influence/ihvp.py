@@ -27,8 +27,8 @@ from torch import nn
 from ..errors import UserError
 from ..io import array_hash, record_hash, stable_hash, verified, waiting_lock
 from ..training import classification_loss
-from .gradients import (LossFn, batch_size_of, capture_output, flatten, parameter_slices, trainable_parameters,
-                        unflatten)
+from .gradients import (LossFn, batch_size_of, capture_output, differentiable_attention, flatten, parameter_slices,
+                        trainable_parameters, unflatten)
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +81,15 @@ class ExactIHVP(IHVP):
                 leaves.append(z.detach().requires_grad_(True))
                 return leaves[-1]
 
-            with capture_output(model, as_leaf) as seen:
+            with capture_output(model, as_leaf) as seen, differentiable_attention(model):
                 loss = self.loss_fn(model, batch)
-            z, leaf = seen[0], leaves[0]
-            (gz,) = torch.autograd.grad(loss, leaf, create_graph=True)
-            u = torch.zeros_like(z, requires_grad=True)  # J v by differentiating the linear map u -> J^T u
-            jtu = torch.autograd.grad(z, params, u, create_graph=True)
-            (jv,) = torch.autograd.grad(jtu, u, vs)
-            (hjv,) = torch.autograd.grad(gz, leaf, jv)
-            gv = torch.autograd.grad(z, params, hjv)
+                z, leaf = seen[0], leaves[0]
+                (gz,) = torch.autograd.grad(loss, leaf, create_graph=True)
+                u = torch.zeros_like(z, requires_grad=True)  # J v by differentiating the linear map u -> J^T u
+                jtu = torch.autograd.grad(z, params, u, create_graph=True)
+                (jv,) = torch.autograd.grad(jtu, u, vs)
+                (hjv,) = torch.autograd.grad(gz, leaf, jv)
+                gv = torch.autograd.grad(z, params, hjv)
             out += flatten(gv).detach().double() * (batch_size_of(batch) / n)
         return out.cpu()
 
@@ -201,6 +201,13 @@ class EkfacIHVP(IHVP):
         self.blocks = self._blocks(factors)
         self.info = {"fit_seconds": time.perf_counter() - t0, "cached": cached,
                      "modules": [b.name for b in self.blocks]}
+        untracked = sorted({type(m).__name__ for m in model.modules()
+                            if not isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding))
+                            and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.ndim >= 2})
+        if untracked:  # e.g. GPT-2's attention and MLP are transformers' Conv1D
+            log.warning("EK-FAC leaves out the %s layers of %s (kronfluence fits nn.Linear and nn.Conv2d): their "
+                        "parameters get no influence; influence.backend exact covers every parameter",
+                        ", ".join(untracked), type(model).__name__)
 
     def factor_key(self, dataset, seed: int) -> str:
         state = [t.detach().cpu().numpy() for t in self.model.state_dict().values()]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
 from ..training import classification_loss
-from .gradients import LossFn, _device, _LossOf, per_example_gradients, trainable_parameters, unflatten
+from .gradients import (LossFn, _device, _LossOf, differentiable_attention, per_example_gradients, trainable_parameters,
+                        unflatten)
 
 
 def influence_scores(model: nn.Module, dataset, v: torch.Tensor, indices: np.ndarray | None = None,
@@ -50,7 +53,9 @@ def directional_scores(model: nn.Module, dataset, v: torch.Tensor, document_loss
     tangents = {f"model.{k}": t for k, t in unflatten(model, v.detach().to(like.device, like.dtype)).items()}
     buffers = {f"model.{k}": b for k, b in model.named_buffers()}
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), differentiable_attention(model), warnings.catch_warnings():
+        # torch loads its forward-AD decompositions on first use through the deprecated torch.jit.script
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
         for start in range(0, len(indices), batch_size):
             batch = dataset.batch(indices[start:start + batch_size], _device(model))
             _, derivative = jvp(lambda p: functional_call(wrapped, (p, buffers), (batch,)), (params,), (tangents,))

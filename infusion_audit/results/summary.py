@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..statistics import fmt_ci, mean_ci, paired_test, wilson
+from ..statistics import fmt_ci, mean_ci, paired_test, positive_mean_ci, wilson
 from .records import Record
 from .verdict import PRIMARY_METRIC, attack_status, detection_status, mitigation_status
 
@@ -231,7 +231,7 @@ def _detection_rows(records: list[Record], arms: Arms) -> list[dict]:
             "flag_precision": mean_ci(_values(group, "flag_precision")),
             "flag_recall": mean_ci(_values(group, "flag_recall")),
             "flagged": mean_ci(_values(group, "flagged")),
-            "seconds": mean_ci(_values(group, "seconds")),
+            "seconds": positive_mean_ci(_values(group, "seconds")),
             "roc": _mean_roc(group),
         })
     return rows
@@ -383,7 +383,7 @@ def _timings(records: dict[str, list[Record]]) -> list[dict]:
         for stage, seconds in (r.timings or {}).items():
             if _number(seconds):
                 stages[f"mitigation {r.mitigation}: {stage}"].append(float(seconds))
-    return [{"stage": s, "n": len(v), "total": sum(v), "mean": mean_ci(v)} for s, v in sorted(stages.items())]
+    return [{"stage": s, "n": len(v), "total": sum(v), "mean": positive_mean_ci(v)} for s, v in sorted(stages.items())]
 
 
 def summarise(records: dict[str, list[Record]]) -> dict:

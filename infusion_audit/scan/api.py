@@ -1,7 +1,7 @@
 """`scan()`: rank every document of a suspect dataset by several independent detectors, from Python.
 
-The defender brings the data (arrays, a torch Dataset, the project's datasets, or a path as the command line
-takes) and whatever else they have: a trusted reference copy, a model trained on the data, the suspicious
+The defender brings the data (arrays, a torch Dataset, texts with their model's tokenizer, the project's
+datasets, or a path as the command line takes) and whatever else they have: a trusted reference copy, a model trained on the data, the suspicious
 behaviour, held-out probes, and, to measure the detectors, ground truth. The detectors run through the
 detection engine (`detection.detect`), as every bench cell's do. The `scan` command (`cli.scan`) adds files:
 it can train a model on the data by a pipeline (`train_on_suspect`) or load a checkpoint (`load_model`).
@@ -17,7 +17,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,8 @@ from ..io import _jsonable, atomic_write_text, record_hash, stable_hash, verifie
 from ..models import build_model
 from ..pipeline import Pipeline
 from ..runtime import resolve_device
+from ..text.data import tokens_changed
+from ..text.models import build_text_model
 from ..training import Checkpoint, accuracy
 from ..version import __version__
 from .inputs import as_behaviour, as_dataset, check_model
@@ -65,9 +67,11 @@ def train_on_suspect(data: ImageDataset, config: PipelineConfig, cache: Path | N
             return model.to(pipeline.train_cfg.device).eval(), dict(ckpt.meta["info"], reused=True)
     t0 = time.perf_counter()
     pipeline.fit(model, data, progress=progress)
+    fit = {"train_accuracy": accuracy(model, data)} if data.kind == "image" \
+        else {"train_figures": pipeline.evaluate(model, data)}
     info = {"source": "trained", "model": to_dict(config.model), "train": to_dict(config.train),
             **({"pipeline": config.factory.name} if config.factory is not None else {}),
-            "train_seconds": round(time.perf_counter() - t0, 3), "train_accuracy": accuracy(model, data)}
+            "train_seconds": round(time.perf_counter() - t0, 3), **fit}
     if cache is not None:
         Checkpoint.capture(config.train.epochs, model, None, {"key": key, "info": info}).save(cache)
         record_hash(cache)
@@ -75,18 +79,27 @@ def train_on_suspect(data: ImageDataset, config: PipelineConfig, cache: Path | N
     return model.eval(), info
 
 
-def load_model(path: str | Path, data: ImageDataset, config: PipelineConfig) -> tuple[Any, dict]:
-    """A user's checkpoint (loaded with weights_only=True) into the pipeline's architecture."""
+def load_model(path: str | Path, data: Any, config: PipelineConfig) -> tuple[Any, dict]:
+    """A user's checkpoint (loaded with weights_only=True) into the pipeline's architecture; for a text corpus
+    also a Hugging Face model folder (safetensors), used as it is."""
+    device = resolve_device(config.train.device)
+    if data.kind == "text":
+        if Path(path).is_dir():
+            model = build_text_model(PluginSpec("hf-local", {"path": str(path)}), data.vocab.size, data.max_length)
+            return model.to(device).eval(), {"source": "folder", "folder": str(path)}
+        model = build_text_model(config.model, data.vocab.size, data.max_length)
+        fits = f"model {config.model.name!r} for a vocabulary of {data.vocab.size} tokens"
+    else:
+        model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
+        fits = f"model {config.model.name!r} for {data.input_shape} inputs and {data.num_classes} classes"
     ckpt = Checkpoint.load(path)
-    model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
     try:
         model.load_state_dict(ckpt.model)
     except (RuntimeError, TypeError, AttributeError) as exc:
         first = str(exc).strip().splitlines()[0][:160]
-        raise DataError(f"{path}: does not fit model {config.model.name!r} for {data.input_shape} inputs and "
-                        f"{data.num_classes} classes ({first}); name the architecture with --config") from None
+        raise DataError(f"{path}: does not fit {fits} ({first}); name the architecture with --config") from None
     info = {"source": "checkpoint", "checkpoint": str(path), "model": to_dict(config.model)}
-    return model.to(resolve_device(config.train.device)).eval(), info
+    return model.to(device).eval(), info
 
 
 # --------------------------------------------------------------------------- scanning
@@ -158,11 +171,25 @@ class ScanResult:
         best = ranks[detector] if detector is not None else np.min(list(ranks.values()), axis=0)
         return np.argsort(best, kind="stable")[:n]
 
+    def _document_columns(self) -> tuple[list[str], Callable[[int], list[Any]]]:
+        """The columns that say which document a row is: its label (images), or its text and, where a trusted
+        reference differs from it, the reference's text (text: the report marks the edits from them)."""
+        ctx = self.context
+        if ctx.data.kind != "text":
+            labels = ctx.labels
+            return ["label"], lambda i: [int(labels[i])]
+        if ctx.reference is None:
+            return ["text"], lambda i: [ctx.data.text(i)]
+        changed = tokens_changed(ctx.reference, ctx.data) > 0
+        return ["text", "reference"], lambda i: [ctx.data.text(i), ctx.reference.text(i) if changed[i] else ""]
+
     def to_csv(self, path: str | Path | None = None) -> str | Path:
-        """index, label, [poisoned], then per detector score, rank (1 = most suspicious) and flag; then
-        flagged_by and flagged. The CSV text, or with `path` written there atomically (returns the path)."""
-        done, ranks, labels = self.completed, self.ranks, self.context.labels
-        columns = ["index", "label"] + (["poisoned"] if self.truth is not None else [])
+        """index, label (text: the document's text, and with a reference its text where it differs), [poisoned],
+        then per detector score, rank (1 = most suspicious) and flag; then flagged_by and flagged. The CSV text, or
+        with `path` written there atomically (returns the path)."""
+        done, ranks = self.completed, self.ranks
+        names, document = self._document_columns()
+        columns = ["index", *names] + (["poisoned"] if self.truth is not None else [])
         for lab, _ in done:
             columns += [f"{lab}_score", f"{lab}_rank", f"{lab}_flagged"]
         columns += ["flagged_by", "flagged"]
@@ -170,7 +197,7 @@ class ScanResult:
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(columns)
         for i in range(len(self.context)):
-            row: list[Any] = [i, int(labels[i])] + ([int(self.truth[i])] if self.truth is not None else [])
+            row: list[Any] = [i, *document(i)] + ([int(self.truth[i])] if self.truth is not None else [])
             votes = 0
             for lab, r in done:
                 votes += int(r.flagged[i])
@@ -208,6 +235,8 @@ class ScanResult:
             "context_seconds": {k: round(v, 4) for k, v in ctx.timings.items()},
             "columns": {
                 "index": "document position in the dataset (0-based)", "label": "the document's label",
+                "text": "the document (text corpora)",
+                "reference": "the trusted reference's text of the document, where it differs (text corpora)",
                 "poisoned": "ground truth from the manifest (1 = poisoned)",
                 "<detector>_score": "suspicion score, higher = more suspicious",
                 "<detector>_rank": "1 = most suspicious document for that detector (ties share the best rank)",
@@ -218,7 +247,8 @@ class ScanResult:
 
     def _repr_html_(self) -> str:
         """For Jupyter: what ran and what it flagged, what was skipped and why, the top suspects; all escaped."""
-        done, ranks, labels = self.completed, self.ranks, self.context.labels
+        done, ranks = self.completed, self.ranks
+        names, document = self._document_columns()
         measured = self.truth is not None
         parts = [f"<p><strong>Scan of {len(self.context)} documents</strong> ({html.escape(self.context.data.name)})"
                  f": {len(done)} detectors ran, {len(self.skipped)} skipped.</p>"]
@@ -231,8 +261,9 @@ class ScanResult:
             top = self.suspects(10)
             parts.append("<p>Most suspicious documents (best rank over detectors):</p>")
             parts.append(_html_table(
-                ["index", "label"] + (["poisoned"] if measured else []) + ["flagged by"] + [f"{lab} rank" for lab, _ in done],
-                [[int(i), int(labels[i])] + ([int(self.truth[i])] if measured else [])
+                ["index", *names[:1]] + (["poisoned"] if measured else []) + ["flagged by"]
+                + [f"{lab} rank" for lab, _ in done],
+                [[int(i), _shorten(document(i)[0])] + ([int(self.truth[i])] if measured else [])
                  + [sum(int(r.flagged[i]) for _, r in done)] + [int(ranks[lab][i]) for lab, _ in done] for i in top]))
         if self.skipped:
             parts.append("<p>Skipped:</p><ul>" + "".join(f"<li>{html.escape(lab)}: {html.escape(reason)}</li>"
@@ -242,6 +273,11 @@ class ScanResult:
     def __repr__(self) -> str:
         return (f"ScanResult(n_documents={len(self.context)}, scored={[lab for lab, _ in self.completed]}, "
                 f"skipped={list(self.skipped)})")
+
+
+def _shorten(value: Any, limit: int = 80) -> Any:
+    """A long document's text cut for a summary table."""
+    return value[:limit - 1] + "…" if isinstance(value, str) and len(value) > limit else value
 
 
 def _html_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -256,7 +292,8 @@ def scan(data: Any, y: Any = None, *, model: Any = None, detectors: str | Sequen
          reference: Any = None, behaviour: Any = None, probe: Any = None,
          truth: Sequence[int] | np.ndarray | None = None, expected_fraction: float = 0.01,
          influence: InfluenceConfig | dict | None = None, bootstrap: int = 1000, channels_last: bool | None = None,
-         num_classes: int | None = None, features_layer: str | None = None, progress: bool = True) -> ScanResult:
+         num_classes: int | None = None, features_layer: str | None = None, progress: bool = True,
+         tokenizer: Any = None, max_length: int | None = None, caller: str = "python") -> ScanResult:
     """Run detectors on one suspect dataset; with `truth` (poisoned indices or a boolean mask) measure them.
 
     `data` is image arrays `x` with labels `y` (numpy or torch; (N, C, H, W), (N, H, W, C) or greyscale
@@ -277,15 +314,32 @@ def scan(data: Any, y: Any = None, *, model: Any = None, detectors: str | Sequen
     or "a,b") or PluginSpecs; default: every registered detector that scores this kind of data. A
     detector that cannot run or fails is reported in the result, not raised.
 
+    Text: `data` is a list of strings, any iterable of strings or of mappings with a "text" string (a
+    `datasets.Dataset`), a .jsonl path or a TextDataset, with the `tokenizer` the model was trained with (a
+    Hugging Face tokenizer or its folder); `model` a transformers causal LM; documents are cut to
+    `max_length` tokens (default: the longest document, at most the model's positions). `reference`: the
+    trusted texts in the same order; `behaviour`: a (word_a, word_b) pair, word B predicted where the model
+    predicts word A, probed on the data's own prefixes before A.
+
     Anything unusable (a bad shape, NaNs, non-integer labels, a model that cannot take the inputs, an
-    unknown detector) raises UserError (its subclass DataError for data) with a one-line message.
+    unknown detector) raises UserError (its subclass DataError for data) with a one-line message. `caller`
+    ("python" or "command line") words the reasons in `result.skipped` as keywords of this call or as flags.
     """
-    data = as_dataset(data, y, channels_last=channels_last, num_classes=num_classes, progress=progress)
-    if reference is not None:
+    data = as_dataset(data, y, channels_last=channels_last, num_classes=num_classes, progress=progress,
+                      tokenizer=tokenizer, max_length=max_length,
+                      positions=getattr(getattr(model, "config", None), "max_position_embeddings", None))
+    if reference is not None and data.kind == "text":
+        reference = as_dataset(reference, tokenizer=data.vocab, max_length=data.max_length, what="reference")
+        if len(reference) != len(data) or reference.max_length != data.max_length:
+            raise DataError(f"reference: {len(reference)} documents of up to {reference.max_length} tokens, the data "
+                            f"{len(data)} of up to {data.max_length}; a reference holds the same documents in order")
+    elif reference is not None:
         labels = data.y if isinstance(reference, (np.ndarray, torch.Tensor)) and hasattr(data, "y") else None
         reference = as_dataset(reference, labels, channels_last=channels_last, num_classes=getattr(
             data, "num_classes", None), what="reference", progress=progress)
     if probe is not None:
+        if data.kind != "image":
+            raise UserError("probe: held-out inputs for influence probes are images; a text scan takes none")
         probe = as_dataset(probe, channels_last=channels_last, num_classes=getattr(data, "num_classes", None),
                            what="probe", progress=progress)
         if probe.input_shape != data.input_shape:
@@ -298,10 +352,12 @@ def scan(data: Any, y: Any = None, *, model: Any = None, detectors: str | Sequen
         influence = from_dict(InfluenceConfig, influence or {}, "influence")
     context = audit_context(data, model, reference=reference, behaviour=behaviour, probe=probe,
                             expected_fraction=expected_fraction, features_layer=features_layer, progress=progress,
-                            influence=influence)
+                            influence=influence, caller=caller)
     info = {"data": {"name": data.name, "kind": data.kind, "n": len(data)}}
     if data.kind == "image":
         info["data"].update(shape=list(data.input_shape), num_classes=data.num_classes, class_names=data.class_names)
+    elif data.kind == "text":
+        info["data"].update(max_length=data.max_length, vocabulary=data.vocab.size)
     if model is not None:
         info["model"] = {"source": "python", "class": type(model).__name__}
     return ScanResult(detect(context, specs, truth=truth, bootstrap=bootstrap), info)

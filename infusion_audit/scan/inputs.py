@@ -4,6 +4,7 @@ ImageDataset, a behaviour, a model that must fit the data, a suspect file, a gro
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,11 @@ from ..data import (ImageDataset, images_from_arrays, load_suspect, png_shape, r
                     read_png, unit_float_images)
 from ..errors import DataError, UserError
 from ..runtime import model_device
+from ..text.behaviours import WordPairTarget, word_preference_target
+from ..text.data import TextDataset, TokenizerVocabulary, load_tokenizer, read_corpus
+from ..text.pipeline import TextBehaviour
+
+log = logging.getLogger(__name__)
 
 # Above this many classes the labels are more likely garbage than a real label set.
 MAX_CLASSES = 1000
@@ -28,9 +34,16 @@ GREY_OR_RGB = (1, 3)  # channel counts that tell an image layout from its shape
 
 
 def as_dataset(data: Any, y: Any = None, *, channels_last: bool | None = None, num_classes: int | None = None,
-               what: str = "data", progress: bool = False) -> Any:
-    """What `scan` accepts as documents (see its docstring), as an ImageDataset or the TextDataset given,
-    checked as the command line checks a file."""
+               what: str = "data", progress: bool = False, tokenizer: Any = None, max_length: int | None = None,
+               positions: int | None = None) -> Any:
+    """What `scan` accepts as documents (see its docstring), as an ImageDataset or a TextDataset, checked as the
+    command line checks a file. With a `tokenizer`, `data` is text (see `as_text_dataset`)."""
+    if tokenizer is not None and not isinstance(data, TextDataset):
+        if y is not None:
+            raise UserError(f"{what}: text documents have no labels; pass y only with image arrays")
+        return check_suspect(as_text_dataset(data, tokenizer, max_length, positions, what), None, what, what)
+    if isinstance(data, (str, Path)) and Path(data).suffix == ".jsonl":
+        raise UserError(f"{what}: {data} is a text corpus; pass tokenizer= (the tokenizer its model was trained with)")
     if isinstance(data, (str, Path)) or (hasattr(data, "kind") and hasattr(data, "batch")):
         if y is not None:
             raise UserError(f"{what}: labels come with the dataset; pass y only with image arrays")
@@ -51,6 +64,43 @@ def as_dataset(data: Any, y: Any = None, *, channels_last: bool | None = None, n
                         f"an ImageDataset or TextDataset, or a path; got {type(data).__name__}")
     images = images_from_arrays(_channels_first(x, channels_last, name), labels, name=name, num_classes=num_classes)
     return check_suspect(images, num_classes, name, what)
+
+
+def as_text_dataset(data: Any, tokenizer: Any, max_length: int | None = None, positions: int | None = None,
+                    what: str = "data") -> TextDataset:
+    """Text documents as a TextDataset: `data` a JSON-lines path ({"text": ...} per line), or a sequence or
+    iterable (a `datasets.Dataset`, a generator) of strings or of mappings with a "text" string; `tokenizer` a
+    Hugging Face tokenizer, a folder saved with `save_pretrained`, or a `Vocabulary`. `max_length` (default: the
+    longest document, at most the model's `positions`, cutting longer ones with a warning) pads and cuts."""
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = load_tokenizer(tokenizer)
+    vocab = tokenizer if all(hasattr(tokenizer, a) for a in ("size", "pad_id", "encode", "decode")) \
+        else TokenizerVocabulary(tokenizer) if callable(tokenizer) and hasattr(tokenizer, "decode") else None
+    if vocab is None:
+        raise UserError(f"tokenizer: expected a Hugging Face tokenizer or its folder, got {type(tokenizer).__name__}")
+    if isinstance(data, (str, Path)):
+        texts, name = read_corpus(data), Path(data).stem
+    else:
+        if isinstance(data, (np.ndarray, torch.Tensor)) or not hasattr(data, "__iter__"):
+            raise UserError(f"{what}: expected text documents (strings, mappings with a 'text' string, or a "
+                            f".jsonl path), got {type(data).__name__}")
+        texts, name = [], f"{what} ({type(data).__name__})"
+        for i, item in enumerate(data):
+            text = item.get("text") if isinstance(item, dict) else item
+            if not isinstance(text, str):
+                raise DataError(f"{what}: item {i} is a {type(item).__name__}, expected a string or a mapping with a "
+                                "'text' string")
+            texts.append(text)
+        if not texts:
+            raise DataError(f"{what}: there are no documents")
+    if max_length is not None and positions is not None and max_length > positions:
+        raise UserError(f"max_length: {max_length} is more than the {positions} positions the model takes")
+    data = TextDataset.from_texts(texts, vocab, max_length, name)
+    if max_length is None and positions is not None and data.max_length > positions:
+        log.warning("%s: %d documents are longer than the %d positions the model takes; each is scanned cut to "
+                    "them", what, int((data.lengths > positions).sum()), positions)
+        data = TextDataset(data.ids[:, :positions], np.minimum(data.lengths, positions), vocab, name)
+    return data
 
 
 def _numpy(value: Any, name: str) -> np.ndarray:
@@ -101,9 +151,21 @@ def _from_torch_dataset(dataset: Any, name: str, progress: bool) -> tuple[np.nda
     return x, np.stack(labels)
 
 
-def as_behaviour(behaviour: Any, data: Any) -> Any:
-    """A ClassBehaviour from an (input, class) pair; an image behaviour is checked against the data."""
-    if behaviour is None or data.kind != "image":
+def as_behaviour(behaviour: Any, data: Any, probes: int = 32) -> Any:
+    """A ClassBehaviour from an (input, class) pair, checked against the data; for text, a word preference from
+    a (word_a, word_b) pair: B predicted where a model predicts A, probed on up to `probes` of the data's
+    prefixes that end right before A."""
+    if behaviour is None:
+        return behaviour
+    if data.kind == "text":
+        if isinstance(behaviour, (tuple, list)) and len(behaviour) == 2 and all(isinstance(w, str) for w in behaviour):
+            target = WordPairTarget(*behaviour)
+            return TextBehaviour(word_preference_target(data, target, probes),
+                                 description=f"{target.word_b!r} predicted where {target.word_a!r} would be")
+        if not hasattr(behaviour, "measure"):
+            raise UserError("behaviour: for text, expected a (word_a, word_b) pair or a text behaviour")
+        return behaviour
+    if data.kind != "image":
         return behaviour
     if not isinstance(behaviour, ClassBehaviour):
         try:
@@ -126,6 +188,8 @@ def check_model(model: Any, data: Any) -> None:
     """A torch module that takes two of the data's images and returns one logit per class, or one line why not."""
     if not isinstance(model, nn.Module):
         raise UserError(f"model: expected a torch nn.Module trained on the data, got {type(model).__name__}")
+    if data.kind == "text":
+        return _check_language_model(model, data)
     if data.kind != "image":
         return
     x, _ = data.batch(np.arange(2), model_device(model))
@@ -144,6 +208,23 @@ def check_model(model: Any, data: Any) -> None:
                         f"(2, {data.num_classes}), one per class")
 
 
+
+
+def _check_language_model(model: nn.Module, data: TextDataset) -> None:
+    """A causal LM with a token embedding for every token of the data's tokenizer, taking two of its documents."""
+    if not hasattr(model, "get_input_embeddings"):
+        raise UserError(f"model: a text corpus needs a transformers causal LM, got {type(model).__name__}")
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < data.vocab.size:
+        raise DataError(f"model {type(model).__name__} has {rows} token embeddings, the tokenizer {data.vocab.size} "
+                        "tokens: give the tokenizer the model was trained with")
+    ids, mask = data.batch(np.arange(2), model_device(model))
+    model.eval()
+    with torch.no_grad():
+        logits = getattr(model(input_ids=ids, attention_mask=mask), "logits", None)
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape[:2]) != (2, data.max_length):
+        raise DataError(f"model {type(model).__name__} did not return next-token logits (2, {data.max_length}, "
+                        "vocabulary) for 2 documents")
 
 
 BEHAVIOUR_FORMAT = "FILE[:INDEX]:CLASS (an image file .png/.npy, or an .npz whose x[INDEX] is the input)"

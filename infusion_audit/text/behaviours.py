@@ -135,8 +135,23 @@ def _word_tokens(vocab, word: str) -> list[int]:
     except UserError:
         tokens = []
     if not tokens or vocab.decode(tokens).strip() != word:  # e.g. a word-level tokenizer's unknown token
-        raise UserError(f"word preference: the word {word!r} is not in the vocabulary")
+        hint = _spelling_hint(vocab, word, tokens)
+        raise UserError(f"word preference: the word {word!r} is not in the vocabulary{hint}")
     return tokens
+
+
+def _spelling_hint(vocab, word: str, tokens: list[int]) -> str:
+    """What the vocabulary makes of a word it cannot spell: the same word in another case, or its tokens."""
+    for other in dict.fromkeys((word.lower(), word.capitalize(), word.upper())):
+        try:
+            spelled = vocab.encode(" " + other)
+        except UserError:
+            continue
+        if other != word and spelled and vocab.decode(spelled).strip() == other:
+            return f" (it has {other!r}: words are case-sensitive)"
+    if tokens:
+        return f" (the tokenizer reads it as {vocab.decode(tokens).strip()!r})"
+    return ""
 
 
 def word_token(vocab, word: str) -> int:

@@ -21,6 +21,7 @@ from ..data import MANIFEST, DatasetSplit, seeded_split
 from ..errors import DataError
 from ..io import array_hash, atomic_write_text, stable_hash, write_json
 from ..registry import DATASETS
+from .models import quiet_transformers
 
 CORPUS = "train.jsonl"
 TEXT_DOCUMENTS = "documents.jsonl"  # the edited documents only, before and after, for the report's diffs
@@ -179,9 +180,11 @@ class TextDataset:
         return array_hash(self.ids, self.lengths)
 
     @classmethod
-    def from_texts(cls, texts: Sequence[str], vocab: Vocabulary, max_length: int, name: str) -> "TextDataset":
-        """Tokenize and right-pad; documents longer than `max_length` tokens are truncated."""
+    def from_texts(cls, texts: Sequence[str], vocab: Vocabulary, max_length: int | None, name: str) -> "TextDataset":
+        """Tokenize and right-pad; documents longer than `max_length` tokens are truncated (None: as long as the
+        longest document)."""
         encoded = [vocab.encode(t)[:max_length] for t in texts]
+        max_length = max(map(len, encoded), default=0) if max_length is None else max_length
         ids = np.full((len(encoded), max_length), vocab.pad_id, dtype=np.int64)
         for i, row in enumerate(encoded):
             ids[i, :len(row)] = row
@@ -328,7 +331,8 @@ def load_tokenizer(path: str | Path):
     if not path.is_dir():
         raise DataError(f"{path}: no such tokenizer folder")
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:
         raise DataError(f"{path}: cannot load a tokenizer ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
 

@@ -7,6 +7,8 @@ document); both are the same function of the document, with padding masked out.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 
 import torch
@@ -16,6 +18,26 @@ from torch import nn
 from ..errors import DataError, UserError
 from ..models import build_model
 from ..registry import MODELS
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' own loading bars and warnings inside the block (restored after): loading reports
+    through this package's logging, so `-q` and `progress=False` are quiet, and what matters about a folder
+    (missing weights, too few positions) is checked here and said in one line."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 @MODELS.register("tiny-gpt-neo")
@@ -40,11 +62,26 @@ def hf_local(vocab_size: int, max_length: int, path: str) -> nn.Module:
     folder = Path(path)
     if not folder.is_dir():
         raise DataError(f"{folder}: no such model folder")
+    log.info("loading the causal LM in %s", folder)
+
+    def load(**options):
+        with quiet_transformers():
+            return AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
+                                                        output_loading_info=True, **options)
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+        try:
+            model, info = load()
+        except ImportError as exc:  # the attention kernel config.json names is not installed here
+            log.warning("%s: %s; loading it with eager attention", folder, str(exc).splitlines()[0][:160].rstrip("."))
+            model, info = load(attn_implementation="eager")
     except Exception as exc:
         raise DataError(f"{folder}: cannot load a safetensors causal LM ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:120]})") from None
+    unfilled = sorted(info["missing_keys"])  # a tensor of the wrong shape is refused by transformers itself
+    if unfilled:
+        raise DataError(f"{folder}: the weights file does not fill {len(unfilled)} of the model's parameters "
+                        f"(e.g. {unfilled[0]}); they would start at random")
     embeddings = model.get_input_embeddings().weight.shape[0]
     if embeddings < vocab_size:
         raise DataError(f"{folder}: the model has {embeddings} token embeddings, the tokenizer {vocab_size}")
@@ -52,6 +89,21 @@ def hf_local(vocab_size: int, max_length: int, path: str) -> nn.Module:
     if positions is not None and positions < max_length:
         raise DataError(f"{folder}: the model takes {positions} positions, the dataset's max_length is {max_length}")
     return model
+
+
+def model_positions(spec) -> int | None:
+    """How many positions the model a spec names takes, read from an hf-local folder's config.json (no weights
+    are loaded); None when the spec builds its model to fit the data (tiny-gpt-neo, a user's factory)."""
+    from transformers import AutoConfig
+
+    if spec.name != "hf-local" or not Path(str(spec.params.get("path", ""))).is_dir():
+        return None  # hf_local itself says what is wrong with the folder
+    try:
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(str(spec.params["path"]), local_files_only=True)
+    except Exception:  # an unreadable config.json is hf_local's one-line error, not this check's
+        return None
+    return getattr(config, "max_position_embeddings", None)
 
 
 def build_text_model(spec, vocab_size: int, max_length: int) -> nn.Module:

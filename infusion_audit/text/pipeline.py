@@ -9,12 +9,14 @@ pairs (prefer word B where the model predicts word A) on any corpus.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..behaviour import already_shown
 from ..errors import DataError, UserError
 from ..pipeline import Pipeline
 from ..registry import PIPELINES
@@ -22,7 +24,9 @@ from ..training import seeded_model
 from .behaviours import (CaesarTarget, WordPairTarget, caesar_behaviour, caesar_explicit_documents,
                          decryption_behaviour, word_preference_target)
 from .data import CaesarDocument, TextDataset
-from .models import build_text_model, document_losses, lm_loss
+from .models import build_text_model, document_losses, lm_loss, model_positions
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,6 +73,14 @@ class TextPipeline(Pipeline):
                             "(e.g. 'caesar', 'stories' or 'jsonl-text')")
         if config.train.augment:
             raise UserError("pipeline.train.augment transforms images; a text pipeline takes none")
+        positions, longest = model_positions(config.model), self.data.train.max_length
+        if positions is not None and positions < longest:
+            folder = config.model.params["path"]
+            if config.dataset.name == "jsonl-text":
+                raise UserError(f"pipeline.dataset.params.max_length: {longest} is more than the {positions} "
+                                f"positions the model in {folder} takes; set it to at most {positions}")
+            raise DataError(f"dataset {config.dataset.name!r}: documents of up to {longest} tokens, more than the "
+                            f"{positions} positions the model in {folder} takes")
 
     @property
     def caesar(self) -> bool:
@@ -108,6 +120,20 @@ class TextPipeline(Pipeline):
         if not pairs:
             raise UserError("attack.targets.pairs: a text corpus needs [word_a, word_b] pairs to attack")
         return [WordPairTarget(str(a), str(b)) for a, b in pairs]
+
+    def check(self, targets) -> None:
+        """Run when an attack's config loads, before any training: the targets resolve (the pair words are in
+        the vocabulary and follow a prefix of the test set); a model folder of the user's own weights
+        (hf-local) is also measured on them as loaded, with a warning for each target it already shows."""
+        super().check(targets)
+        if self.config.model.name != "hf-local":
+            return  # a model trained from scratch shows nothing yet: the bench warns after training
+        model = self.new_model().eval()
+        for i, target in enumerate(self.targets(targets.n, targets.rule, targets.seed, targets.pairs, targets.probes)):
+            shown = already_shown(self.behaviour(target, targets.probes), model)
+            if shown is not None:
+                where = f"attack.targets.pairs[{i}] {targets.pairs[i]}" if targets.pairs else f"target {target}"
+                log.warning("%s: the model in %s, as loaded: %s", where, self.config.model.params["path"], shown)
 
     def behaviour(self, target, probes: int = 32) -> TextBehaviour:
         """The target's behaviour measured on at most `probes` test prompts."""
