@@ -27,10 +27,11 @@ from infusion_audit.errors import DataError, UserError
 from infusion_audit.io import atomic_write_text, read_jsonl
 from infusion_audit.results import load_records, summarise
 from infusion_audit.results.summary import DETECTION_METRICS, bound_label, ci_text, in_points, number_text
-from infusion_audit.results.verdict import (CATCH_RULE, EFFECT_LABEL, KNOWLEDGE_LEVELS, LOGODDS_DEFINITIONS,
-                                            NEUTRAL_BOUND, NEUTRALISE_RULE, PRIMARY_LABEL, PRIMARY_METRIC,
-                                            SUCCESS_RULE, SURVIVAL_RULE, build_defender_levels, build_frontier,
-                                            build_verdict, detectors_by_level, headline_level, largest_budgets)
+from infusion_audit.results.verdict import (ASR_LABEL, BACKDOOR_NEUTRALISE_RULE, BACKDOOR_RULE, CATCH_RULE, EFFECT_LABEL,
+                                            KNOWLEDGE_LEVELS, LOGODDS_DEFINITIONS, NEUTRAL_BOUND, NEUTRALISE_RULE,
+                                            PRIMARY_LABEL, PRIMARY_METRIC, SUCCESS_RULE, SURVIVAL_RULE,
+                                            build_defender_levels, build_frontier, build_verdict, detectors_by_level,
+                                            headline_level, largest_budgets)
 from infusion_audit.version import __version__
 
 from . import charts
@@ -121,7 +122,8 @@ def _knowledge_panels(attacks: list[dict], detection: list[dict]) -> list[dict]:
     arms = sorted(largest_budgets(attacks),
                   key=lambda a: (a["status"] != "succeeds", -(a["delta_logodds"]["mean"] or 0), a["label"]))
     by_key = {(d["arm"], d["budget_key"], d["detector"]): d for d in detection}
-    labels = [f"{a['label']} · {EFFECT_LABEL} {number_text(a['delta_logodds']['mean'], 2)}" for a in arms]
+    labels = [f"{a['label']} · {ASR_LABEL} {number_text(a['asr']['mean'], 2)}" if a["measure"] == "asr"
+              else f"{a['label']} · {EFFECT_LABEL} {number_text(a['delta_logodds']['mean'], 2)}" for a in arms]
     panels = []
     for level, names in detectors_by_level(detection).items():
         rows = {det: [by_key.get((a["arm"], a["budget_key"], det)) for a in arms] for det in names}
@@ -293,7 +295,7 @@ def render_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         "timings": summary["timings"],
         "not_run": summary["not_run"], "n_cells": summary["cells"],
         "rules": {"success": SUCCESS_RULE, "catch": CATCH_RULE, "survival": SURVIVAL_RULE,
-                  "neutralise": NEUTRALISE_RULE,
+                  "neutralise": NEUTRALISE_RULE, "backdoor": BACKDOOR_RULE, "backdoor_neutralise": BACKDOOR_NEUTRALISE_RULE,
                   "logodds": [text for domain, text in LOGODDS_DEFINITIONS.items() if domain in summary["domains"]]},
         "effect_label": EFFECT_LABEL, "defence_label": defence_label, "neutral_bound": NEUTRAL_BOUND,
         "primary_label": PRIMARY_LABEL, "metric_names": DETECTION_METRICS,
