@@ -220,7 +220,7 @@ def test_strip_and_neural_cleanse_find_the_backdoor(backdoored):
     truth = np.zeros(len(data), bool)
     truth[poisons] = True
     strip = run_detector(build_detector("strip", {"overlays": 8}), context)
-    cleanse = run_detector(build_detector("neural-cleanse", {"steps": 150}), context)
+    cleanse = run_detector(build_detector("neural-cleanse", {"steps": 100, "sample": 300}), context)
     from infusion_audit.metrics import auroc
 
     assert auroc(truth, strip.scores) > 0.9
@@ -314,3 +314,69 @@ def test_the_report_has_a_backdoor_section_and_escapes_the_dataset(tmp_path):
     assert 'id="backdoors"' in html and "plants a backdoor" in html and "ΔASR" in html
     assert "neural-cleanse: 3 of 3 runs (2 judged backdoored)" in html
     assert "carrying the trigger go to class 0 “&lt;b&gt;zero&lt;/b&gt;”" in html and "<b>zero</b>" not in html
+
+
+# --------------------------------------------------------------------------- cross-checks with ART
+def test_badnets_with_arts_pattern_gives_arts_poisoned_set(context):
+    """ART's PoisoningAttackBackdoor with its add_pattern_bd on the documents badnets chose, labelled with the target
+    class, is the same poisoned set: the dots trigger, 1 pixel in, is ART's pattern at distance 2."""
+    pytest.importorskip("art")
+    from art.attacks.poisoning import PoisoningAttackBackdoor
+    from art.attacks.poisoning.perturbations import add_pattern_bd
+
+    target = BackdoorTarget(5).bind(TriggerConfig(pattern="dots", margin=1))
+    ours = ATTACKS.get("badnets")().craft(context, target)
+    art = PoisoningAttackBackdoor(lambda x: add_pattern_bd(x, distance=2, pixel_value=1, channels_first=True))
+    x, y = art.poison(context.train.x[ours.indices], y=np.eye(10)[[5]], broadcast=True)
+    np.testing.assert_array_equal(ours.x, x)
+    np.testing.assert_array_equal(ours.y, y.argmax(1))
+    assert (ours.x != context.train.x[ours.indices]).sum() > 0
+
+
+def _at_fpr(scores: np.ndarray, truth: np.ndarray, fpr: float) -> float:
+    """Our TPR when at most `fpr` of the clean documents score above the threshold (ties count against us)."""
+    clean = np.sort(scores[~truth])[::-1]
+    allowed = int(np.floor(fpr * len(clean) + 1e-9))
+    threshold = clean[allowed] if allowed < len(clean) else -np.inf
+    return float((scores[truth] > threshold).mean())
+
+
+def test_detectors_at_arts_operating_points_on_the_same_poisons(backdoored, capsys):
+    """ART's ActivationDefence, SpectralSignatureDefense and STRIP on the backdoored model's poisons: each flags a
+    set (its operating point: the share of poisons and of clean documents it flags); ours, thresholded to flag no
+    larger share of the clean documents, catches at least as many poisons. ART has no PyTorch Neural Cleanse."""
+    pytest.importorskip("art")
+    from art.defences.detector.poison import ActivationDefence, SpectralSignatureDefense
+    from art.defences.transformer.poisoning import STRIP as ArtSTRIP
+    from art.estimators.classification import PyTorchClassifier
+
+    data, poisons, model = backdoored
+    truth = np.zeros(len(data), bool)
+    truth[poisons] = True
+    context = AuditContext(data, model=model, expected_fraction=0.05, progress=False)
+    feats, onehot = context.features(), np.eye(10)[data.y]
+    identity = PyTorchClassifier(model=nn.Sequential(nn.Identity()), loss=nn.CrossEntropyLoss(),
+                                 input_shape=(feats.shape[1],), nb_classes=10)
+    np.random.seed(0)  # ART's k-means and STRIP draw from numpy's global state
+    art_flags = {
+        "activation-clustering": ActivationDefence(identity, feats, onehot).detect_poison(
+            nb_clusters=2, nb_dims=10, reduce="PCA", cluster_analysis="smaller")[1],
+        "spectral-signature": SpectralSignatureDefense(identity, feats, onehot, expected_pp_poison=0.05,
+                                                       eps_multiplier=1.5).detect_poison()[1],
+    }
+    classifier = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=data.input_shape,
+                                   nb_classes=10, clip_values=(0.0, 1.0))
+    strip = ArtSTRIP(classifier)(num_samples=8, false_acceptance_rate=0.01)
+    held_out = data.x[np.flatnonzero(~truth)[:300]]
+    strip.mitigate(held_out)
+    art_flags["strip"] = [0 if row.sum() == 0 else 1 for row in strip.predict(data.x)]  # abstains: zero rows
+    lines = []
+    for name, is_clean in art_flags.items():
+        flagged = np.asarray(is_clean) == 0
+        art_tpr, art_fpr = flagged[truth].mean(), flagged[~truth].mean()
+        params = {"overlays": 8} if name == "strip" else {}
+        ours = _at_fpr(run_detector(build_detector(name, params), context).scores, truth, art_fpr)
+        lines.append(f"{name}: ART TPR {art_tpr:.3f} at FPR {art_fpr:.4f}; ours {ours:.3f}")
+        assert ours >= art_tpr - 1e-9, lines[-1]
+    with capsys.disabled():
+        print("\nat ART's operating points: " + "; ".join(lines))
