@@ -20,7 +20,7 @@ from torch import nn
 from ..behaviour import Target, measurement_gradient
 from ..errors import UserError
 from ..io import stable_hash
-from ..config import InfluenceConfig
+from ..config import InfluenceConfig, TriggerConfig
 from ..influence import IHVP, fit_ihvp, influence_scores
 from ..pipeline import Pipeline, TrainedPipeline
 
@@ -114,7 +114,9 @@ class AttackContext:
     def behaviour(self, target: Target):
         """The pipeline's behaviour for this target (its measurement f and the figures records report)."""
         if target not in self._behaviours:
-            self._behaviours[target] = self.pipeline.behaviour(target, probes=self.probes)
+            behaviour = self.pipeline.behaviour(target, probes=self.probes)
+            resolve = getattr(behaviour, "resolve", None)  # a learned trigger is learned on the attacker's model
+            self._behaviours[target] = behaviour if resolve is None else resolve(self.model)
         return self._behaviours[target]
 
     def query(self, target: Target) -> torch.Tensor:
@@ -167,9 +169,13 @@ class AttackContext:
 
 class Attack:
     """Base of attack plugins: hyperparameters in __init__, `craft(context, target) -> Poisoning`.
-    `data_kinds`: the kinds of data it edits ("image", "text")."""
+    `data_kinds`: the kinds of data it edits ("image", "text"); `behaviour_kinds`: the behaviours it can induce
+    ("targeted": a chosen input classified or completed a chosen way; "backdoor": a trigger and a target class);
+    `trigger`: the trigger it plants for a backdoor target whose arm names none (None: the arm must name one)."""
 
     data_kinds = frozenset({"image"})
+    behaviour_kinds = frozenset({"targeted"})
+    trigger: TriggerConfig | None = None
 
     def get_params(self) -> dict:
         return {name: getattr(self, name) for name in inspect.signature(type(self).__init__).parameters

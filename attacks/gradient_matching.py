@@ -72,6 +72,15 @@ class GradientMatching(Attack):
              for chunk in iter_chunks(len(pool), 256)]))
         return np.sort(pool[np.argsort(-norms, kind="stable")[:k]])
 
+    def adversarial(self, context: AttackContext, target: Target, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inputs and labels whose training gradient the poisons match: the target image labelled t."""
+        x_star, _ = context.test.batch([target.index], device)
+        return x_star, torch.tensor([target.cls], device=device)
+
+    def seed_words(self, target: Target) -> list[int]:
+        """The target's part of the restarts' seed."""
+        return [target.index, target.cls]
+
     def craft(self, context: AttackContext, target: Target) -> Poisoning:
         t0 = time.perf_counter()
         index = self.select(context, target)
@@ -80,9 +89,9 @@ class GradientMatching(Attack):
         train, model = context.train, context.model.eval()
         device = next(model.parameters()).device
         x0, y = train.batch(index, device)
-        x_star, _ = context.test.batch([target.index], device)
-        mismatch = _mismatch(model, x0, y, x_star, target.cls)
-        rng = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, target.index, target.cls])
+        x_star, y_star = self.adversarial(context, target, device)
+        mismatch = _mismatch(model, x0, y, x_star, y_star)
+        rng = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, *self.seed_words(target)])
                                                 .generate_state(1)[0]))
         init = (torch.randn((self.restarts, *x0.shape), generator=rng) * self.eps).clamp(-self.eps, self.eps)
         delta = (project(x0 + init.to(device), x0, self.eps, "linf", train.value_range) - x0).requires_grad_(True)
@@ -108,15 +117,16 @@ class GradientMatching(Attack):
                           "alignment": float(1 - final[best]), "restart_alignments": (1 - final).tolist()})
 
 
-def _mismatch(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, x_star: torch.Tensor, cls: int):
-    """δ -> 1 - cos(∇θ Σ CE(x0 + δ, y), ∇θ CE(x*, cls)), a function torch.func can differentiate and vmap."""
+def _mismatch(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, x_star: torch.Tensor,
+              y_star: torch.Tensor):
+    """δ -> 1 - cos(∇θ Σ CE(x0 + δ, y), ∇θ Σ CE(x*, y*)), a function torch.func can differentiate and vmap."""
     params = {name: p.detach() for name, p in trainable_parameters(model).items()}
     buffers = dict(model.named_buffers())
 
     def loss(p: dict, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(functional_call(model, (p, buffers), (x,)), labels, reduction="sum")
 
-    target_grad = flatten(grad(loss)(params, x_star, torch.tensor([cls], device=x_star.device)).values()).detach()
+    target_grad = flatten(grad(loss)(params, x_star, y_star).values()).detach()
 
     def mismatch(delta: torch.Tensor) -> torch.Tensor:
         g = flatten(grad(loss)(params, x0 + delta, y).values())

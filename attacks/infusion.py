@@ -38,7 +38,11 @@ def store(dataset, x: np.ndarray, x0: np.ndarray, eps: float, norm: str) -> np.n
 
 @ATTACKS.register("infusion")
 class Infusion(Attack):
-    """Influence-guided clean-label edits of k training documents (Infusion, PGD on the influence)."""
+    """Influence-guided clean-label edits of k training documents (Infusion, PGD on the influence). On a backdoor
+    target it raises the backdoor's f (the triggered images' log p(target)): the trigger is never stamped on a
+    training document, only on test inputs."""
+
+    behaviour_kinds = frozenset({"targeted", "backdoor"})
 
     def __init__(self, k: int | float = 0.01, eps: float = 1 / 16, norm: Literal["linf", "l2"] = "linf",
                  step: float | None = None, steps: int = 20, selection: Selection = "most-negative",

@@ -1,6 +1,6 @@
 """Detector plugins: each scores every document of a suspect dataset (higher = more suspicious)."""
 
-from . import feature_space, influence, perturbation, text, training_signals  # noqa: F401  (register the plugins)
+from . import backdoor, feature_space, influence, perturbation, text, training_signals  # noqa: F401  (register the plugins)
 from .base import AuditContext, Detector, DetectorRun, build_detector, run_detector
 from .features import FeatureExtractor
 

@@ -377,6 +377,7 @@ class Detector:
     needs: frozenset = frozenset({"data"})
     knowledge: str = "data"
     data_kinds: frozenset | None = None  # dataset kinds it can score ("image", "text"); None: any
+    by_default = True  # runs when no detectors are named (False: only when named)
 
     def applies_to(self, data: Any) -> bool:
         return self.data_kinds is None or getattr(data, "kind", "image") in self.data_kinds

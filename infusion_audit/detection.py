@@ -30,12 +30,12 @@ UNEDITED_METRICS = ("auroc", "auprc", "tpr_at_1fpr", "tpr_at_5fpr", "recall_at_k
 
 def detector_specs(detectors: str | Sequence[str | PluginSpec] | None, data: Any) -> list[PluginSpec]:
     """Detector names ("a,b" or a list) or PluginSpecs as specs; None or empty: every registered detector
-    that scores this kind of data."""
+    that scores this kind of data and runs by default."""
     if isinstance(detectors, str):
         detectors = [name.strip() for name in detectors.split(",") if name.strip()]
     if detectors:
         return [PluginSpec(d) if isinstance(d, str) else d for d in detectors]
-    return [PluginSpec(n) for n in DETECTORS.names() if build_detector(n).applies_to(data)]
+    return [PluginSpec(n) for n in DETECTORS.names() if (d := build_detector(n)).by_default and d.applies_to(data)]
 
 
 def detector_label(spec: PluginSpec) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .backdoor import is_backdoor
 from .config import AttackSpec, AuditConfig, PipelineConfig, PluginSpec, to_dict
 from .detection import Detection, UneditedNull, detect, detector_specs
 from .errors import first_line
@@ -178,17 +179,24 @@ class Grid:
         truth = result.truth
         for label, run in result.completed:
             out.append(DetectionRecord(**common, **{**result.figures[label], "detector": label},
-                                       context_seconds=scan_seconds, **null.get(label, {})))
+                                       context_seconds=scan_seconds, details=run.details or None,
+                                       **null.get(label, {})))
             defence = self.config.defence
             if not defence.enabled or defence.detectors and label not in defence.detectors:
                 continue
             flagged = np.flatnonzero(run.flagged)
             t1 = time.perf_counter()
-            defended = victim.retrain(poisoned_set.without(flagged)).model
-            # the same documents removed from the clean set: what is left is the attack's, not the removal's
-            removed_control = victim.retrain(clean.without(flagged)).model
+            if len(flagged):
+                defended = victim.retrain(poisoned_set.without(flagged)).model
+                # the same documents removed from the clean set: what is left is the attack's, not the removal's
+                removed_control = victim.retrain(clean.without(flagged)).model
+            else:  # nothing removed: training is deterministic, so the retrains would be these two again
+                defended, removed_control = poisoned_model, control["model"]
             after, baseline = behaviour.figures(defended), behaviour.figures(removed_control)
-            out.append(DefenceRecord(**common, detector=label, knowledge=run.knowledge,
+            backdoor = {"asr_after": after["asr"], "asr_control_removed": baseline["asr"],
+                        "delta_asr_after": after["asr"] - baseline["asr"],
+                        "delta_asr_before": main.delta_asr} if "asr" in after else {}
+            out.append(DefenceRecord(**common, **backdoor, detector=label, knowledge=run.knowledge,
                                      removed=int(run.flagged.sum()), removed_poisons=int((run.flagged & truth).sum()),
                                      p_after=after["p"], p_control_removed=baseline["p"],
                                      delta_p_after=after["p"] - baseline["p"], delta_p_before=main.delta_p,
@@ -207,12 +215,13 @@ class Grid:
 
     def unedited(self, crafted: Crafted, scanned: Detection) -> dict[str, dict]:
         """The unedited null of the cell's detection figures (see `detection.UneditedNull`), for attacks that
-        edit documents in place within a perturbation bound and keep their labels: a relabelled or replaced
-        document has no unedited counterpart."""
+        edit documents in place within a perturbation bound and keep their labels, and for backdoors (a stamped,
+        perhaps relabelled, document's counterpart is the clean document with its own label): a document
+        relabelled or replaced to push one test input has no unedited counterpart."""
         clean, poisoning = self.attacker.pipeline.data.train, crafted.poisoning
         params = crafted.attack.get_params()
         bounded = params.get("eps") is not None or params.get("tokens") is not None  # probe insertion: unbounded
-        if not bounded or not poisoning.edits_in_place(clean):
+        if not is_backdoor(crafted.target) and (not bounded or not poisoning.edits_in_place(clean)):
             return {}
         if self._null is None:
             self._null = UneditedNull(clean, self.attacker.victim.control()["model"], self.config.scan,

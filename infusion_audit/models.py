@@ -1,4 +1,4 @@
-"""Model factories: a small CNN for 8x8 digits and the paper's TinyResNet and SimpleCNN for 32x32 RGB.
+"""Model factories: small CNNs for 8x8 digits and 28x28 MNIST, and the paper's TinyResNet and SimpleCNN for 32x32 RGB.
 
 Every factory takes ``in_channels`` and ``num_classes`` (filled in from the dataset) and returns an
 ``nn.Module`` whose last Linear layer reads a penultimate representation exposed by ``features``.
@@ -37,6 +37,22 @@ class DigitsCNN(FeatureModel):
             nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
             nn.MaxPool2d(2), nn.Flatten(),
             nn.Linear(2 * width * 16, hidden), nn.ReLU(),
+        )
+        self.head = nn.Linear(hidden, num_classes)
+
+
+@MODELS.register("mnist-cnn")
+class MnistCNN(FeatureModel):
+    """Two conv+pool blocks and a 64-unit hidden layer for 28x28 greyscale (MNIST); no BatchNorm.
+    `size` is the input's side (divisible by 4)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16, hidden: int = 64,
+                 size: int = 28):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(2 * width * (size // 4) ** 2, hidden), nn.ReLU(),
         )
         self.head = nn.Linear(hidden, num_classes)
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .backdoor import BackdoorBehaviour, BackdoorTarget, backdoor_targets
 from .behaviour import ClassBehaviour, Target, sample_targets
 from .config import PipelineConfig, PluginSpec, TargetsConfig, TrainConfig
 from .data import DatasetSplit, build_dataset
@@ -106,13 +107,19 @@ class Pipeline:
     def targets(self, n: int, rule: str = "random-other", seed: int = 0, pairs: list | None = None,
                 probes: int = 32) -> list:
         """The behaviours an attacker may want, as hashable targets with `as_dict()`: `n` seeded test images,
-        each pushed towards another class (`pairs`, `probes` are for text behaviours)."""
+        each pushed towards another class, or (rule backdoor) `n` target classes of a backdoor (`pairs` are for
+        text behaviours)."""
         if pairs:
             raise UserError("attack.targets.pairs names text behaviours; an image pipeline samples test images")
+        if rule == "backdoor":
+            return backdoor_targets(self.data.test.num_classes, n, seed)
         return sample_targets(self.data.test, n, rule, seed)
 
-    def behaviour(self, target: Target, probes: int = 32) -> ClassBehaviour:
-        """The measurement f(theta) of a target, with the figures records report (`probes`: text behaviours)."""
+    def behaviour(self, target: Target | BackdoorTarget, probes: int = 32) -> ClassBehaviour | BackdoorBehaviour:
+        """The measurement f(theta) of a target, with the figures records report (`probes`: the training images a
+        backdoor's f averages over; the prompts of a text behaviour)."""
+        if isinstance(target, BackdoorTarget):
+            return BackdoorBehaviour.from_target(target, self.data, probes)
         return ClassBehaviour.from_target(target, self.data.test)
 
     def check(self, targets: TargetsConfig) -> None:

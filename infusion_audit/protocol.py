@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .attacks.base import Attack, AttackContext, Poisoning, accepted_params
+from .backdoor import is_backdoor
 from .behaviour import already_shown
 from .config import AttackSpec, AuditConfig, BudgetConfig, PipelineConfig, ProtocolConfig, to_dict
 from .errors import ConfigError, UserError
@@ -147,9 +148,22 @@ class Attacker:
         except TypeError as exc:
             raise ConfigError("<config>", f"attack.attacks: {spec.name}", f"valid params ({exc})") from None
 
+    @staticmethod
+    def bind(spec: AttackSpec, attack: Attack, target):
+        """The target a cell attacks: a backdoor target with its arm's trigger (the arm's own, else its attack's);
+        any other target as it is."""
+        if not is_backdoor(target):
+            return target
+        trigger = spec.trigger or attack.trigger
+        if trigger is None:
+            raise ConfigError("<config>", f"attack.attacks: {spec.name}", "a trigger for the backdoor targets (this "
+                              "attack has none of its own), e.g. trigger: {kind: patch, size: 3}")
+        return target.bind(trigger)
+
     def cell_key(self, spec: AttackSpec, target, seed: int, budget: BudgetConfig, repeat: int = 0) -> str:
         """The cell's key in results.jsonl and under artefacts/: everything its records depend on."""
         attack = self.build_attack(spec, seed, budget, repeat)
+        target = self.bind(spec, attack, target)
         return stable_hash({"scenario": self.pipeline.fingerprint(), "attack": spec.name,  # schema-1 key names
                             "params": attack.get_params(), "target": target.as_dict(), "seed": seed,
                             "protocol": to_dict(self.config.attack.protocol),
@@ -177,20 +191,21 @@ class Attacker:
         that copies another's documents (`like`) gets that arm's poisoning of the same target and seed."""
         attack = self.build_attack(spec, seed, budget, repeat)
         cell = self.cell_key(spec, target, seed, budget, repeat)
+        bound = self.bind(spec, attack, target)
         clean = self.pipeline.data.train
         source = self.source_spec(spec)
         t0 = time.perf_counter()
         if source is None:
-            poisoning = attack.craft(self.context, target)
+            poisoning = attack.craft(self.context, bound)
         else:
-            poisoning = attack.craft(self.context, target, like=self.source_poisoning(source, target, seed, budget))
-        crafted = Crafted(spec, attack, target, seed, cell, poisoning, poisoning.apply(clean),
+            poisoning = attack.craft(self.context, bound, like=self.source_poisoning(source, target, seed, budget))
+        crafted = Crafted(spec, attack, bound, seed, cell, poisoning, poisoning.apply(clean),
                           time.perf_counter() - t0, repeat=repeat)
         if spec in self.copied:
             self._sources[cell] = poisoning
         if self.config.attack.write_artefacts:
             rel = Path("artefacts") / "poisoned" / cell
-            meta = {"attack": spec.name, "variant": crafted.variant, "target": target.as_dict(),
+            meta = {"attack": spec.name, "variant": crafted.variant, "target": bound.as_dict(),
                     "seed": seed, "params": attack.get_params()}
             write_artefact(self.run_dir / rel, clean, crafted.poisoned_set, poisoning.indices, meta,
                            fmt=self.config.attack.format, extra={"cell": cell})
@@ -228,7 +243,8 @@ class Attacker:
             attack=crafted.spec.name,
             budget={"k": len(poisoning.indices), "eps": params.get("eps"), "norm": params.get("norm"),
                     "quantize": bool(params.get("quantize", False)),
-                    **({"tokens": params["tokens"]} if params.get("tokens") is not None else {})},
+                    **({"tokens": params["tokens"]} if params.get("tokens") is not None else {}),
+                    **({"trigger": target.trigger.label()} if is_backdoor(target) else {})},
             target=target.as_dict(), seed=crafted.seed, params=params,
             repeat=crafted.repeat if crafted.spec.repeats > 1 else None,
             acc_control=control["accuracy"], acc_poisoned=on.quality(retrained.model),

@@ -28,10 +28,11 @@ from infusion_audit.io import atomic_write_text, read_jsonl
 from infusion_audit.results import load_records, summarise
 from infusion_audit.results.summary import DETECTION_METRICS, bound_label, ci_text, in_points, number_text
 from infusion_audit.results.gate import CONTROL_RULE, evaluate_policy, glance, run_policy
-from infusion_audit.results.verdict import (CATCH_RULE, EFFECT_LABEL, KNOWLEDGE_LEVELS, LOGODDS_DEFINITIONS,
-                                            NEUTRAL_BOUND, NEUTRALISE_RULE, PRIMARY_LABEL, PRIMARY_METRIC,
-                                            SUCCESS_RULE, SURVIVAL_RULE, build_defender_levels, build_frontier,
-                                            detectors_by_level, headline_level, judge_mitigations, largest_budgets)
+from infusion_audit.results.verdict import (ASR_LABEL, BACKDOOR_NEUTRALISE_RULE, BACKDOOR_RULE, CATCH_RULE, EFFECT_LABEL,
+                                            KNOWLEDGE_LEVELS, LOGODDS_DEFINITIONS, NEUTRAL_BOUND, NEUTRALISE_RULE,
+                                            PRIMARY_LABEL, PRIMARY_METRIC, SUCCESS_RULE, SURVIVAL_RULE, build_backdoors,
+                                            build_defender_levels, build_frontier, detectors_by_level, headline_level,
+                                            judge_mitigations, largest_budgets)
 from infusion_audit.version import __version__
 
 from . import charts
@@ -124,7 +125,8 @@ def _knowledge_panels(attacks: list[dict], detection: list[dict]) -> list[dict]:
     arms = sorted(largest_budgets(attacks),
                   key=lambda a: (a["status"] != "succeeds", -(a["delta_logodds"]["mean"] or 0), a["label"]))
     by_key = {(d["arm"], d["budget_key"], d["detector"]): d for d in detection}
-    labels = [f"{a['label']} · {EFFECT_LABEL} {number_text(a['delta_logodds']['mean'], 2)}" for a in arms]
+    labels = [f"{a['label']} · {ASR_LABEL} {number_text(a['asr']['mean'], 2)}" if a["measure"] == "asr"
+              else f"{a['label']} · {EFFECT_LABEL} {number_text(a['delta_logodds']['mean'], 2)}" for a in arms]
     panels = []
     for level, names in detectors_by_level(detection).items():
         rows = {det: [by_key.get((a["arm"], a["budget_key"], det)) for a in arms] for det in names}
@@ -288,7 +290,7 @@ def render_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "run_dir": str(run_dir),
         "counts": summary["counts"], "targets": summary["targets"],
-        "glance": at_a_glance, "policy": evaluate_policy(run_policy(run_dir), summary, at_a_glance),
+        "glance": at_a_glance, "backdoors": build_backdoors(summary), "policy": evaluate_policy(run_policy(run_dir), summary, at_a_glance),
         "mitigation_verdicts": judge_mitigations(mitigations, summary["mitigation_costs"]),
         "errors": summary["errors"], "levels": levels, "headline": headline_level(levels), "frontier": frontier,
         "attacks": attacks, "detection": detection, "defence": defence, "mitigations": mitigations,
@@ -301,7 +303,8 @@ def render_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         "timings": summary["timings"],
         "not_run": summary["not_run"], "n_cells": summary["cells"],
         "rules": {"success": SUCCESS_RULE, "catch": CATCH_RULE, "survival": SURVIVAL_RULE,
-                  "neutralise": NEUTRALISE_RULE, "control": CONTROL_RULE,
+                  "neutralise": NEUTRALISE_RULE, "control": CONTROL_RULE, "backdoor": BACKDOOR_RULE,
+                  "backdoor_neutralise": BACKDOOR_NEUTRALISE_RULE,
                   "logodds": [text for domain, text in LOGODDS_DEFINITIONS.items() if domain in summary["domains"]]},
         "level_headings": LEVEL_HEADINGS,
         "effect_label": EFFECT_LABEL, "defence_label": defence_label, "neutral_bound": NEUTRAL_BOUND,

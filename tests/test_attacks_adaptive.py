@@ -100,7 +100,7 @@ def test_gradient_matching_edits_target_class_documents_towards_the_target_gradi
     np.testing.assert_array_equal(p.indices, np.sort(of_class[np.argsort(-norm)[:14]]))
     x0, y = train.batch(p.indices)
     x_star, _ = context.test.batch([target.index])
-    mismatch = _mismatch(context.model, x0, y, x_star, target.cls)
+    mismatch = _mismatch(context.model, x0, y, x_star, torch.tensor([target.cls]))
     unedited = 1 - mismatch(torch.zeros_like(x0)).item()
     assert p.meta["alignment"] == pytest.approx(1 - mismatch(torch.from_numpy(p.x) - x0).item(), abs=1e-5)
     assert p.meta["alignment"] == max(p.meta["restart_alignments"]) > unedited + 0.1
@@ -142,7 +142,7 @@ def test_gradient_matching_against_art_on_the_same_targets_and_budget(tmp_path):
             assert np.isfinite(record.delta_logodds)
             x0, y = train.batch(p.indices)
             x_star, _ = attacker.pipeline.data.test.batch([target.index])
-            mismatch = _mismatch(attacker.context.model, x0, y, x_star, target.cls)
+            mismatch = _mismatch(attacker.context.model, x0, y, x_star, torch.tensor([target.cls]))
             records[spec.name, target] = (record, 1 - mismatch(torch.from_numpy(p.x) - x0).item())
     for target in attacker.targets():
         ours, art = records["gradient-matching", target], records["gradient-matching-art", target]

@@ -145,25 +145,71 @@ class InfluenceConfig:
 
 
 # --------------------------------------------------------------------------- attack
+@dataclass(frozen=True)
+class TriggerConfig:
+    """A backdoor's trigger: stamped on an image x as x' = (1 - opacity * m) * x + opacity * m * p, then put on the
+    storage grid, where m is its mask and p its pattern. `patch`: a size x size square in a corner (`margin` pixels
+    from its edges) holding `pattern` (checkerboard, white, dots: the four pixels of ART's add_pattern_bd in a 3 x 3
+    square, or seeded noise); `blend`: the whole image blended with `pattern` (noise by default); `learned`: a
+    patch whose pattern is optimised on the attacker's model to push inputs of the other classes to the target
+    class. Unset `pattern` and `opacity` take the kind's defaults (patch: white, 1; blend: noise, 0.2)."""
+
+    kind: Literal["patch", "blend", "learned"] = "patch"
+    size: int = bounded(3, min=1, help="patch, learned: the square's side in pixels")
+    pattern: Literal["checkerboard", "white", "dots", "noise"] | None = None
+    opacity: float | None = field(default=None, metadata={"help": "the pattern's weight in (0, 1]", "gt": 0, "max": 1})
+    position: Literal["bottom-right", "bottom-left", "top-right", "top-left"] = "bottom-right"
+    margin: int = bounded(0, min=0, help="patch, learned: pixels between the square and the image's edges")
+    seed: int = bounded(0, min=0, help="the noise pattern's seed")
+
+    def validate(self, source: str, prefix: str) -> None:
+        if self.kind == "learned" and self.pattern is not None:
+            raise ConfigError(source, dotted(prefix, "pattern"), "no pattern for a learned trigger (it is optimised)",
+                              self.pattern)
+        if self.resolved().pattern == "dots" and (self.kind != "patch" or self.size != 3):
+            raise ConfigError(source, dotted(prefix, "pattern"), "dots only on a 3 x 3 patch", self.pattern)
+
+    def resolved(self) -> "TriggerConfig":
+        """The same trigger with the kind's defaults filled in: one spelling per trigger (cell keys hash it)."""
+        pattern = self.pattern or {"patch": "white", "blend": "noise"}.get(self.kind)
+        opacity = self.opacity if self.opacity is not None else 0.2 if self.kind == "blend" else 1.0
+        return dataclasses.replace(self, pattern=pattern, opacity=opacity)
+
+    def label(self) -> str:
+        """'3×3 checkerboard patch', 'noise blend α=0.2', '3×3 learned patch top-left, 1 px in': what tells two
+        triggers apart (a noise pattern's seed aside)."""
+        t = self.resolved()
+        if t.kind == "blend":
+            return f"{t.pattern} blend α={t.opacity:g}"
+        alpha = f" α={t.opacity:g}" if t.opacity != 1 else ""
+        where = (f" {t.position}" if t.position != "bottom-right" else "") + (f", {t.margin} px in" if t.margin else "")
+        what = "learned" if t.kind == "learned" else t.pattern
+        return f"{t.size}×{t.size} {what} patch{alpha}{where}"
+
+
 @dataclass
 class AttackSpec:
-    """One attack arm: a registered attack, its own params (over the shared budget), a table label, and how
-    many times each cell runs it with its own attack seed (`repeats`, paired with other arms by their mean)."""
+    """One attack arm: a registered attack, its own params (over the shared budget), a table label, how many
+    times each cell runs it with its own attack seed (`repeats`, paired with other arms by their mean), and, for
+    backdoor targets, its trigger (default: the attack's own)."""
 
     name: str
     params: dict = field(default_factory=dict)
     variant: str | None = None
     repeats: int = bounded(1, min=1)
+    trigger: TriggerConfig | None = None
 
 
 @dataclass
 class TargetsConfig:
     """The behaviours attacked, as the pipeline defines them. Images: `n` seeded test images, `rule`
-    random-other (one class != label each) or all-classes. Text: `pairs` ([shift, target_shift] on Caesar,
+    random-other (one class != label each) or all-classes; or, with rule backdoor, `n` seeded target classes of a
+    backdoor (each arm stamps its trigger; attack success rate on the triggered test images of the other
+    classes). Text: `pairs` ([shift, target_shift] on Caesar,
     every ordered pair when empty; [word_a, word_b] on any other corpus), each measured on `probes` prompts."""
 
     n: int = bounded(30, min=1)
-    rule: Literal["random-other", "all-classes"] = "random-other"
+    rule: Literal["random-other", "all-classes", "backdoor"] = "random-other"
     seed: int = 0
     pairs: list[list[int | str]] = bounded([], help="text: [shift, target_shift] or [word_a, word_b] pairs")
     probes: int = bounded(32, min=1, help="text: test prompts each behaviour is measured on")
@@ -304,6 +350,17 @@ class AuditConfig:
 
     def validate(self, source: str, prefix: str) -> None:
         kind = (self.pipeline or PipelineConfig()).kind()
+        if self.attack.targets.rule == "backdoor" and kind != "image":
+            raise ConfigError(source, "attack.targets.rule", f"a rule for {kind} behaviours (backdoor is for images)",
+                              "backdoor")
+        behaviour = "backdoor" if self.attack.targets.rule == "backdoor" else "targeted"
+        for i, spec in enumerate(self.attack.attacks):
+            if spec.trigger is not None and behaviour != "backdoor":
+                raise ConfigError(source, f"attack.attacks[{i}].trigger", "no trigger unless attack.targets.rule is "
+                                  "backdoor (a trigger belongs to a backdoor target)")
+            if behaviour not in ATTACKS.get(spec.name).behaviour_kinds:
+                raise ConfigError(source, f"attack.attacks[{i}]", f"an attack that induces {behaviour} behaviours "
+                                  "(attack.targets.rule backdoor: backdoor; any other rule: targeted)", spec.name)
         for i, spec in enumerate(self.attack.attacks):
             kinds = ATTACKS.get(spec.name).data_kinds
             if kind not in kinds:

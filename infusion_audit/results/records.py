@@ -47,6 +47,13 @@ Requires attack*, budget*, delta_p*, delta_logodds*.
     timings        dict[str, seconds]     per stage: the attack's own (select, pgd, ...), craft, retrain; ihvp,
                                           scores (once per target), factors_shared, control_shared
     predicted_delta_f  float              the attack's own prediction of the change of f, when it makes one
+    asr_before, asr_control, asr_poisoned  fraction   a backdoor's attack success rate: the share of the triggered
+                                          test images of the other classes classified as the target class, on the
+                                          attacker's model / the clean control / the poisoned model (p, logodds
+                                          and top1 are then the mean p(target) and log-odds over those images and
+                                          whether most of them reach it)
+    delta_asr      fraction               asr_poisoned - asr_control: a backdoor's success measure
+    triggered      int                    the number of triggered test images the ASR is taken over
     <figure>_before, <figure>_control, <figure>_poisoned (extra)   a behaviour's other figures (text:
                                           logprob, the mean log p(target completion); greedy, the share of
                                           probes greedy decoding completes with the target)
@@ -75,6 +82,8 @@ Requires cell*, attack*, budget*, detector*.
     flagged        int                    documents its flag rule flags
     flag_precision, flag_recall  fraction  of the flag rule (None when undefined); *_ci: detection figures
     per_class      dict                   per class holding poisons: n, n_poison, auroc
+    details        dict                   the detector's own findings (Neural Cleanse: suspect_class, backdoored,
+                                          anomaly_index, mask_l1; activation clustering: its classes; ...)
     <figure>_unedited  detection figure   the same figure on the same documents unedited, scored with the
                                           clean control (in-place bounded edits only); unedited_model: which
 
@@ -89,6 +98,8 @@ Requires cell*, attack*, budget*, detector*, delta_p_after*, acc_after*, acc_con
     flip_after     bool                   top-1 after removal and not on that control
     acc_after, acc_control, acc_control_removed  fraction   after removal / clean control / clean control
                                           with the same documents removed
+    asr_after, asr_control_removed  fraction   a backdoor's ASR after removal / on that control;
+                                          delta_asr_after (their difference), delta_asr_before (the attack's own)
     seconds        seconds                the two retrains
 
 SkipRecord ("skip"): a detector that did not run on a cell. Requires detector*, reason*.
@@ -218,13 +229,22 @@ class EffectRecord(Record):
     artefact: str | None = None
     timings: dict | None = None
     predicted_delta_f: float | None = None
+    asr_before: float | None = None
+    asr_control: float | None = None
+    asr_poisoned: float | None = None
+    delta_asr: float | None = None
+    triggered: int | None = None
 
     @classmethod
     def from_figures(cls, before: dict, control: dict, poisoned: dict, **fields: Any) -> "EffectRecord":
-        """A record from a behaviour's figures (at least p, logodds and top1) on the attacker's model before the
-        attack, on the clean control and on the poisoned retrain: the differences are taken here, once, and the
-        behaviour's other figures kept as <figure>_before, <figure>_control and <figure>_poisoned."""
-        others = sorted(set(poisoned) - {"p", "logodds", "top1"})
+        """A record from a behaviour's figures (at least p, logodds and top1; a backdoor's asr and triggered too) on
+        the attacker's model before the attack, on the clean control and on the poisoned retrain: the differences
+        are taken here, once, and the behaviour's other figures kept as <figure>_before, <figure>_control and
+        <figure>_poisoned."""
+        others = sorted(set(poisoned) - {"p", "logodds", "top1", "asr", "triggered"})
+        if "asr" in poisoned:
+            fields.update(asr_before=before["asr"], asr_control=control["asr"], asr_poisoned=poisoned["asr"],
+                          delta_asr=poisoned["asr"] - control["asr"], triggered=poisoned["triggered"])
         return cls(p_before=before["p"], p_control=control["p"], p_poisoned=poisoned["p"],
                    delta_p=poisoned["p"] - control["p"], logodds_control=control["logodds"],
                    logodds_poisoned=poisoned["logodds"], delta_logodds=poisoned["logodds"] - control["logodds"],
@@ -282,6 +302,7 @@ class DetectionRecord(Record):
     flag_precision_ci: dict | None = None
     flag_recall_ci: dict | None = None
     per_class: dict | None = None
+    details: dict | None = None
     auroc_unedited: dict | None = None
     auprc_unedited: dict | None = None
     tpr_at_1fpr_unedited: dict | None = None
@@ -313,6 +334,10 @@ class DefenceRecord(Record):
     flip_after: bool | None = None
     acc_control_removed: float | None = None
     seconds: float | None = None
+    asr_after: float | None = None
+    asr_control_removed: float | None = None
+    delta_asr_after: float | None = None
+    delta_asr_before: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..statistics import fmt_ci, mean_ci, paired_test, positive_mean_ci, wilson
 from .records import Record
-from .verdict import PRIMARY_METRIC, attack_status, detection_status, mitigation_status
+from .verdict import NEUTRAL_ASR, PRIMARY_METRIC, attack_status, detection_status, mitigation_status
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +40,18 @@ def budget_key(budget: dict | None) -> tuple:
     """A budget's place in the order of budgets: k, then the bound."""
     b = budget or {}
     return (b.get("k") or 0, b.get("eps") if b.get("eps") is not None else -1.0, str(b.get("norm")),
-            bool(b.get("quantize")))
+            bool(b.get("quantize")), str(b.get("trigger") or ""))
 
 
 def bound_label(budget: dict | None) -> str:
-    """'L∞ ε=0.25', '≤2 tokens per document' for text edits, or '' for attacks without a perturbation bound."""
+    """'L∞ ε=0.25', '≤2 tokens per document' for text edits, or '' for attacks without a perturbation bound; a
+    backdoor's trigger after it ('L∞ ε=0.25, 3×3 white patch')."""
     b = budget or {}
     if b.get("eps") is None:
-        return f"≤{b['tokens']} tokens per document" if b.get("tokens") is not None else ""
-    return {"linf": "L∞ ", "l2": "L2 "}.get(b.get("norm"), "") + f"ε={b['eps']:g}"
+        bound = f"≤{b['tokens']} tokens per document" if b.get("tokens") is not None else ""
+    else:
+        bound = {"linf": "L∞ ", "l2": "L2 "}.get(b.get("norm"), "") + f"ε={b['eps']:g}"
+    return ", ".join(part for part in (bound, b.get("trigger") or "") if part)
 
 
 def budget_label(budget: dict | None) -> str:
@@ -122,9 +125,35 @@ def _attack_rows(records: list[Record], arms: Arms) -> list[dict]:
             "values_changed": mean_ci([n["values_changed"] for n in norms if n.get("values_changed") is not None]),
             "off_grid": sum(int(n.get("off_grid") or 0) for n in norms),
             "out_of_range": sum(int(n.get("out_of_range") or 0) for n in norms),
-            "records": group,
+            "records": group, "measure": "logodds",
         })
+        if all(r.asr_poisoned is not None for r in group):
+            rows[-1].update(_backdoor_figures(group))
     return rows
+
+
+def _backdoor_figures(group: list[Record]) -> dict:
+    """A backdoor arm's figures: its ASR (mean over runs with a t-interval, and pooled over every triggered image
+    with a Wilson interval), the same under the clean control, ΔASR (judged by the success rule) and the clean
+    accuracy of the poisoned model and of the control."""
+    def pooled(name: str) -> dict:
+        return wilson(sum(int(round(getattr(r, name) * (r.triggered or 0))) for r in group),
+                      sum(r.triggered or 0 for r in group))
+
+    delta = mean_ci(_values(group, "delta_asr"))
+    return {"measure": "asr", "status": attack_status(delta), "delta_asr": _within(delta, -1.0),
+            "asr": _within(mean_ci(_values(group, "asr_poisoned"))),
+            "asr_control": _within(mean_ci(_values(group, "asr_control"))),
+            "asr_pooled": pooled("asr_poisoned"), "asr_control_pooled": pooled("asr_control"),
+            "acc": _within(mean_ci(_values(group, "acc_poisoned"))),
+            "acc_control": _within(mean_ci(_values(group, "acc_control")))}
+
+
+def _within(summary: dict, lo: float = 0.0, hi: float = 1.0) -> dict:
+    """A mean_ci of rates (or of their differences, lo = -1) with its interval cut to where the figure can lie."""
+    if summary["lo"] is not None:
+        summary.update(lo=max(lo, summary["lo"]), hi=min(hi, summary["hi"]))
+    return summary
 
 
 def _by_cell(records: list[Record]) -> dict[tuple, list[Record]]:
@@ -156,11 +185,12 @@ def _comparisons(attacks: list[dict]) -> list[dict]:
         for other in attacks:
             if other["arm"] == ref["arm"] or other["arm"][0] != ref["arm"][0]:
                 continue
-            paired = _paired(ref["records"], other["records"], "delta_logodds")
+            measure = "delta_asr" if ref["measure"] == other["measure"] == "asr" else "delta_logodds"
+            paired = _paired(ref["records"], other["records"], measure)
             if paired is None:
                 continue
             entry = {"arm": ref["label"], "budget": ref["budget"], "versus": other["label"],
-                     "versus_budget": other["budget"], **paired_test(*paired)}
+                     "versus_budget": other["budget"], "measure": measure, **paired_test(*paired)}
             if other["arm"][1:] == TOPLINE:
                 entry["share_of_topline"] = {name: _share(*_paired(ref["records"], other["records"], name))
                                              for name in ("delta_p", "delta_logodds")}
@@ -223,11 +253,16 @@ def _detection_rows(records: list[Record], arms: Arms) -> list[dict]:
         metrics = {m: _metric_summary(group, m) for m, _ in DETECTION_METRICS}
         unedited = {m: _metric_summary(group, f"{m}_unedited") for m, _ in DETECTION_METRICS
                     if any(getattr(r, f"{m}_unedited") is not None for r in group)}
+        named = [r for r in group if isinstance(r.details, dict) and "suspect_class" in r.details]
         rows.append({
             "arm": arm, "label": arms.label(arm), "budget": budget_label(group[0].budget), "budget_key": key[3],
             "detector": key[4], "knowledge": "?" if group[0].knowledge is None else group[0].knowledge,
             "n": len(group), "metrics": metrics, "status": detection_status(metrics[PRIMARY_METRIC]),
             "unedited": unedited,
+            # a detector that names a suspect class (Neural Cleanse): how often it is the target's, and judged so
+            "names_target": _rate(named, _names_target) if named else None,
+            "names_target_judged": _rate(named, lambda r: _names_target(r) and bool(r.details.get("backdoored")))
+            if named else None,
             "flag_precision": mean_ci(_values(group, "flag_precision")),
             "flag_recall": mean_ci(_values(group, "flag_recall")),
             "flagged": mean_ci(_values(group, "flagged")),
@@ -235,6 +270,10 @@ def _detection_rows(records: list[Record], arms: Arms) -> list[dict]:
             "roc": _mean_roc(group),
         })
     return rows
+
+
+def _names_target(r: Record) -> bool:
+    return r.details.get("suspect_class") == (r.target or {}).get("class")
 
 
 def defence_measure(records: list[Record]) -> str:
@@ -269,6 +308,12 @@ def _defence_rows(records: list[Record], attacks: list[dict], arms: Arms, measur
             "removed": mean_ci(_values(group, "removed")),
             "removed_poisons": mean_ci(_values(group, "removed_poisons")),
         })
+        if all(r.asr_after is not None for r in group):  # a backdoor: what removal leaves of its ASR
+            pairs = [(r.delta_asr_before, r.delta_asr_after) for r in group if r.delta_asr_before is not None]
+            rows[-1].update(asr_after=_within(mean_ci(_values(group, "asr_after"))),
+                            delta_asr_after=_within(mean_ci(_values(group, "delta_asr_after")), -1.0),
+                            delta_asr_before=_within(mean_ci([b for b, _ in pairs]), -1.0),
+                            asr_reduction=paired_test([b for b, _ in pairs], [a for _, a in pairs]) if pairs else None)
     return rows
 
 
@@ -316,16 +361,23 @@ def _mitigation_rows(records: list[Record], attacks: list[dict], arms: Arms) -> 
     """Per mitigation and attack arm x budget: the effect under the mitigation (against a clean control trained
     under it), paired by cell and victim with the plain effect of the same runs (`attacks`: the attack rows),
     and what the mitigation costs in clean accuracy and training time, beside its own figures."""
-    plain = {(r.cell, r.victim): r.delta_logodds for a in attacks for r in a["records"] if r.cell is not None}
+    plain = {(r.cell, r.victim): r for a in attacks for r in a["records"] if r.cell is not None}
     rows = []
     for key, group in _group(records, extra="mitigation").items():
         arm = key[:3]
-        paired = [(plain[c], r.delta_logodds) for r in group if (c := (r.cell, r.victim)) in plain]
+        paired = [(plain[c].delta_logodds, r.delta_logodds) for r in group if (c := (r.cell, r.victim)) in plain]
         unmitigated, mitigated = mean_ci([b for b, _ in paired]), mean_ci(_values(group, "delta_logodds"))
+        backdoor = {}
+        if all(r.delta_asr is not None for r in group):  # judged on ΔASR, against the plain ΔASR of the same runs
+            plain_asr = mean_ci([plain[c].delta_asr for r in group if (c := (r.cell, r.victim)) in plain])
+            under = mean_ci(_values(group, "delta_asr"))
+            backdoor = {"measure": "asr", "delta_asr": _within(under, -1.0), "unmitigated_asr": plain_asr,
+                        "asr": _within(mean_ci(_values(group, "asr_poisoned"))),
+                        "status": mitigation_status(plain_asr, under, NEUTRAL_ASR)}
         rows.append({
             "arm": arm, "label": arms.label(arm), "budget": budget_label(group[0].budget), "budget_key": key[3],
             "mitigation": key[4], "n": len(group), "delta_logodds": mitigated, "unmitigated": unmitigated,
-            "status": mitigation_status(unmitigated, mitigated),
+            "status": mitigation_status(unmitigated, mitigated), "measure": "logodds",
             "reduction": paired_test([b for b, _ in paired], [a for _, a in paired]) if paired else None,
             "flip": _rate(group, lambda r: bool(r.flip)),
             "acc_cost": _per_control(group, _accuracy_cost), "time_factor": mean_ci(_time_factors(group)),
@@ -335,7 +387,7 @@ def _mitigation_rows(records: list[Record], attacks: list[dict], arms: Arms) -> 
             "clipped_fraction": mean_ci(_figure(group, "clipped_fraction")),
             "parts": sorted({int(v) for v in _figure(group, "parts")}),
             "radius": mean_ci(_figure(group, "certified_radius_edit")), "certified": _certified(group),
-            "records": group,
+            "records": group, **backdoor,
         })
     return sorted(rows, key=lambda r: (r["mitigation"], r["arm"], r["budget_key"]))
 
@@ -448,23 +500,38 @@ def _rate_text(rate: dict) -> str:
     return "n/a" if rate["rate"] is None else f"{rate['rate']:.0%} ({rate['k']}/{rate['n']})"
 
 
+def _columns(rows: list[tuple]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+
+
 def format_table(summary: dict) -> str:
-    """The attack rows as a text table (each arm x budget: n, mean Δ log-odds and Δp with 95% CIs, the outcome,
-    both success rates, flips, clean accuracy lost), then each comparison of a reference arm with the others."""
+    """The targeted attack rows as a text table (each arm x budget: n, mean Δ log-odds and Δp with 95% CIs, the
+    outcome, both success rates, flips, clean accuracy lost), the backdoor rows as another (ASR and clean accuracy,
+    each beside the clean control's, and ΔASR, with 95% CIs), then each comparison of a reference arm with the
+    others."""
     header = ("attack", "budget", "n", "mean Δ log-odds [95% CI]", "mean Δp [95% CI]", "outcome",
               "Δ log-odds > 0", "Δp > 0", "flipped", "accuracy lost (points)")
-    rows = [header] + [(a["label"], a["budget"], str(a["n"]), ci_text(a["delta_logodds"], 3, False),
-                        ci_text(a["delta_p"], 4, False), a["status"], _rate_text(a["success"]),
-                        _rate_text(a["success_p"]), _rate_text(a["flip"]), ci_text(in_points(a["acc_drop"]), 2, False))
-                       for a in summary["attacks"]]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    targeted = [a for a in summary["attacks"] if a["measure"] != "asr"]
+    backdoors = [a for a in summary["attacks"] if a["measure"] == "asr"]
+    lines = _columns([header] + [(a["label"], a["budget"], str(a["n"]), ci_text(a["delta_logodds"], 3, False),
+                                  ci_text(a["delta_p"], 4, False), a["status"], _rate_text(a["success"]),
+                                  _rate_text(a["success_p"]), _rate_text(a["flip"]),
+                                  ci_text(in_points(a["acc_drop"]), 2, False)) for a in targeted]) if targeted else []
+    if backdoors:
+        lines += ([""] if lines else []) + _columns(
+            [("backdoor", "budget", "n", "ASR [95% CI]", "ASR, clean control", "ΔASR [95% CI]", "outcome",
+              "ASR pooled (triggered images)", "clean accuracy", "clean accuracy, control")]
+            + [(a["label"], a["budget"], str(a["n"]), ci_text(a["asr"], 3, False), ci_text(a["asr_control"], 3, False),
+                ci_text(a["delta_asr"], 3, False), a["status"], ci_text(a["asr_pooled"], 3),
+                ci_text(a["acc"], 3, False), ci_text(a["acc_control"], 3, False)) for a in backdoors])
     for c in summary["comparisons"]:
+        name = "ΔASR" if c["measure"] == "delta_asr" else "Δ log-odds"
         line = f"{c['arm']}, {c['budget']} vs {c['versus']}, {c['versus_budget']}: "
         if c["p_wilcoxon"] is None:
-            line += f"no difference in Δ log-odds over {c['n']} paired runs"
+            line += f"no difference in {name} over {c['n']} paired runs"
         else:
-            line += (f"mean difference in Δ log-odds {ci_text(c['diff'], 3, False)} over {c['n']} paired runs, "
+            line += (f"mean difference in {name} {ci_text(c['diff'], 3, False)} over {c['n']} paired runs, "
                      f"wins {c['wins']}/{c['n']}, Wilcoxon p={c['p_wilcoxon']:.2g}")
         share = c.get("share_of_topline")
         if share is not None:

@@ -28,6 +28,12 @@ LOGODDS_DEFINITIONS = {  # what `delta_logodds` measures in each domain's attack
     "text": "for a text model, log-odds = the mean over the probe prompts of log p(target completion) − "
             "log p(correct completion)",
 }
+ASR_LABEL = "ASR"
+BACKDOOR_RULE = ("a backdoor's attack success rate (ASR) is the share of the test images of the other classes that "
+                 "the model classifies as the target class once they carry the trigger; a backdoor succeeds when the "
+                 "95% t-interval of its mean ΔASR over runs (ASR under the model retrained on the poisoned set minus "
+                 "ASR under a clean control retrained the same way) lies entirely above 0. Its clean accuracy (on the "
+                 "untriggered test set) is shown beside it")
 CATCH_RULE = (f"a detector catches an attack when its mean {PRIMARY_LABEL} is at least {CATCH_RATE:.0%}, "
               f"partly catches it from {PARTLY_RATE:.0%}, and misses it below")
 NEUTRAL_BOUND = 0.1  # nats of Δ log-odds under which a mitigated effect counts as neutralised
@@ -39,6 +45,11 @@ NEUTRALISE_RULE = (f"a mitigation neutralises an attack when the attack succeeds
                    "the attack still succeeds under it when that interval lies entirely above 0 (the success rule); "
                    f"anything between is inconclusive: no effect shown, but one of {NEUTRAL_BOUND:g} or more not "
                    "ruled out")
+NEUTRAL_ASR = 0.05  # ΔASR under which a mitigated backdoor counts as neutralised
+BACKDOOR_NEUTRALISE_RULE = (f"a mitigation neutralises a backdoor when the backdoor succeeds without it on the same runs "
+                            f"and the 95% t-interval of its mean ΔASR under the mitigation (against a clean control "
+                            f"trained under it) lies entirely below {NEUTRAL_ASR:g}; it still succeeds when that "
+                            "interval lies entirely above 0; anything between is inconclusive")
 KNOWLEDGE_LEVELS = {  # what the defender has, from least to most; a detector record's `knowledge`
     "data": "the data alone", "model": "a model trained on the data",
     "probe": "a model and held-out probe inputs", "reference": "a trusted reference copy of the data",
@@ -65,13 +76,14 @@ def detection_status(summary: dict) -> str:
     return "caught" if value >= CATCH_RATE else "partly caught" if value >= PARTLY_RATE else "missed"
 
 
-def mitigation_status(unmitigated: dict, mitigated: dict) -> str:
-    """The verdict on one attack under one mitigation, by NEUTRALISE_RULE."""
+def mitigation_status(unmitigated: dict, mitigated: dict, bound: float = NEUTRAL_BOUND) -> str:
+    """The verdict on one attack under one mitigation, by NEUTRALISE_RULE (a backdoor's ΔASR: `bound` NEUTRAL_ASR,
+    by BACKDOOR_NEUTRALISE_RULE)."""
     if "too few targets" in (attack_status(unmitigated), attack_status(mitigated)):
         return "too few targets"
     if attack_status(unmitigated) != "succeeds":
         return "nothing to stop"
-    if mitigated["hi"] < NEUTRAL_BOUND:
+    if mitigated["hi"] < bound:
         return "neutralised"
     return "still succeeds" if mitigated["lo"] > 0 else "inconclusive"
 
@@ -99,6 +111,31 @@ def judge_mitigations(mitigations: list[dict], costs: dict[str, dict]) -> list[d
                                            for status in ("neutralised", "still succeeds", "inconclusive",
                                                           "too few targets", "nothing to stop")},
                     **costs[name]})
+    return out
+
+
+def build_backdoors(summary: dict) -> list[dict]:
+    """Per backdoor arm at its largest budget: its ASR and clean accuracy against the clean control, the best
+    detector at each level of the defender's knowledge (with its unedited null), whether Neural Cleanse named the
+    target class, what removing the flags of the best detector whose flags were removed leaves of the ASR, and the
+    ASR under each mitigation."""
+    backdoors = [a for a in largest_budgets(summary["attacks"]) if a.get("measure") == "asr"]
+    out = []
+    for a in sorted(backdoors, key=lambda a: (a["status"] != "succeeds", -(a["asr"]["mean"] or 0), a["label"])):
+        key = (a["arm"], a["budget_key"])
+        dets = [d for d in summary["detection"] if (d["arm"], d["budget_key"]) == key]
+        levels = []
+        for level, names in detectors_by_level(dets).items():
+            best = max((d for d in dets if d["knowledge"] == level),
+                       key=lambda d: d["metrics"][PRIMARY_METRIC]["mean"] or 0)
+            levels.append({"level": level, "has": KNOWLEDGE_LEVELS.get(level, level), "best": best})
+        defended = {d["detector"]: d for d in summary["defence"] if (d["arm"], d["budget_key"]) == key}
+        best = max((d for d in dets if d["detector"] in defended),
+                   key=lambda d: d["metrics"][PRIMARY_METRIC]["mean"] or 0, default=None)
+        out.append({"label": a["label"], "budget": a["budget"], "attack": a, "status": a["status"], "levels": levels,
+                    "defence": None if best is None else defended[best["detector"]],
+                    "names_target": [d for d in dets if d.get("names_target") is not None],
+                    "mitigations": [m for m in summary["mitigations"] if (m["arm"], m["budget_key"]) == key]})
     return out
 
 
