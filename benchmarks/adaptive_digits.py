@@ -30,7 +30,7 @@ from infusion_audit.detectors import AuditContext, build_detector, run_detector
 from infusion_audit.evaluation import AttackEvaluation, AttackRunConfig, AttackSpec, TargetsConfig
 from infusion_audit.io import append_jsonl, read_jsonl, write_json
 from infusion_audit.metrics import auroc, tpr_at_fpr
-from infusion_audit.runtime import set_threads
+from infusion_audit.runtime import configure
 from infusion_audit.scan import detector_label, scan
 from infusion_audit.stats import fmt_ci, mean_ci
 
@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/adaptive_digits.jsonl"))
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    set_threads(1)
+    configure(1)
     cfg = load_config(AttackRunConfig, "digits")  # k = 0.01, eps = 1/16, L-inf, quantized; continue 1 epoch
     cfg.attack.attacks = ARMS if args.arms is None else [ARMS[int(i)] for i in args.arms.split(",")]
     cfg.attack.targets = TargetsConfig(n=args.targets, seed=0)

@@ -24,7 +24,7 @@ from pathlib import Path
 from infusion_audit.bench import bench, load_bench_config
 from infusion_audit.evaluation import AttackSpec, summarize
 from infusion_audit.io import write_json
-from infusion_audit.runtime import set_threads
+from infusion_audit.runtime import configure
 from infusion_audit.stats import mean_ci
 
 
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--screen", type=int, default=16, help="most-improvable: swaps per document screened")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    set_threads(args.threads)
+    configure(args.threads)
     params = {"candidates": args.candidates, "top_k": args.top_k, "steps": args.steps, "selection": args.selection,
               "objective": args.objective, "screen": args.screen}
     results = [run(args.out, name, args.random_seeds, args.targets, params) for name in args.optimizers]

@@ -43,11 +43,11 @@ def scenario_config(config: str, overrides: list[str]):
 
 def train_once(config: str, overrides: list[str], seed: int, threads: int) -> dict:
     """One training run in this process: decryption accuracy after every epoch, and the time."""
-    from infusion_audit.runtime import set_threads
+    from infusion_audit.runtime import configure
     from infusion_audit.pipeline import train_pipeline
     from infusion_audit.text.scenario import TextPipeline, decryption_accuracy
 
-    set_threads(threads)
+    configure(threads)
     cfg = scenario_config(config, overrides + [f"train.seed={seed}"])
     scenario = TextPipeline(cfg)
     with tempfile.TemporaryDirectory() as tmp:

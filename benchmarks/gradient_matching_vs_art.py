@@ -20,7 +20,7 @@ from pathlib import Path
 from infusion_audit.config import load_config
 from infusion_audit.evaluation import AttackEvaluation, AttackRunConfig, AttackSpec, TargetsConfig
 from infusion_audit.io import write_json
-from infusion_audit.runtime import set_threads
+from infusion_audit.runtime import configure
 from infusion_audit.stats import fmt_ci, mean_ci, paired_test
 
 OURS, ART, INFUSION = "gradient-matching", "gradient-matching-art", "infusion"
@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/gradient_matching_vs_art.jsonl"))
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    set_threads(1)
+    configure(1)
     cfg = load_config(AttackRunConfig, "digits")  # k = 0.01, eps = 1/16, L-inf, quantized; continue 1 epoch
     budget = {"steps": args.steps, "restarts": args.restarts}
     cfg.attack.attacks = [AttackSpec(OURS, budget), AttackSpec(ART, budget), AttackSpec(INFUSION)]

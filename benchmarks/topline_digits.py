@@ -20,7 +20,7 @@ from pathlib import Path
 from infusion_audit.config import load_config
 from infusion_audit.evaluation import AttackEvaluation, AttackRunConfig, AttackSpec, summarize
 from infusion_audit.io import write_json
-from infusion_audit.runtime import set_threads
+from infusion_audit.runtime import configure
 
 
 def run(out: Path, backend: str, damping: float, targets: int | None) -> dict:
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--exact-targets", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    set_threads(args.threads)
+    configure(args.threads)
     settings = [("ekfac", 1e-3, None), ("ekfac", 1e-2, None), ("ekfac", 1e-1, None),
                 ("exact", 1e-2, args.exact_targets)]
     results = [run(args.out, *setting) for setting in settings]

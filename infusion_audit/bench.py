@@ -34,7 +34,7 @@ from .io import append_jsonl_many, atomic_write_text, read_jsonl, repair_jsonl, 
 from .mitigations import build_mitigation
 from .pipeline import Pipeline
 from .registry import PIPELINES, load_callable
-from .runtime import device_info, threads_info
+from .runtime import runtime_info
 
 log = logging.getLogger(__name__)
 
@@ -395,8 +395,8 @@ def bench(config=None, out: str | Path = "runs/bench", jobs: int | None = 1, pro
     with run_lock(out):  # one writer per run directory: a second bench here is refused, not interleaved
         atomic_write_text(out / "config.yaml", dump_yaml(config))
         repair_jsonl(out / "results.jsonl")
-        run_grid(config, out, make_executor(executor, jobs, threads_info()["torch_threads"], address,
-                                            gpus_per_worker), progress)
+        threads = runtime_info(config.scenario.train.device)["torch_threads"]
+        run_grid(config, out, make_executor(executor, jobs, threads, address, gpus_per_worker), progress)
         result = BenchResult(out)
         if report:
             result.report = result.write_report()
@@ -451,7 +451,7 @@ def provenance(config: BenchConfig, runner: BenchRunner, seconds: float, cells_r
     data = runner.evaluation.scenario.data
     return {
         "domain": runner.evaluation.scenario.kind,
-        "packages": package_versions(), "compute": threads_info(), **device_info(config.scenario.train.device),
+        "packages": package_versions(), "compute": runtime_info(config.scenario.train.device),
         "config_hash": stable_hash(to_dict(config)),
         "seeds": {"train": config.scenario.train.seed, "targets": config.attack.targets.seed,
                   "attack": config.attack.seeds},

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from .version import __version__
-from .errors import ConfigError, UserError
-from .runtime import DEFAULT_THREADS, DEVICES, resolve_device, set_threads
+from .errors import UserError
+from .runtime import DEFAULT_THREADS, DEVICES, configure
 
 log = logging.getLogger("infusion_audit")
 
@@ -73,11 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        if args.threads < 1:
-            raise ConfigError("--threads", "", "an integer >= 1", args.threads)
-        set_threads(args.threads)
-        if args.device is not None:
-            resolve_device(args.device)  # cuda without a CUDA device: one line before any work
+        configure(args.threads, args.device)  # before any work: cuda without a CUDA device is one line here
         return int(args.handler(args) or 0)
     except UserError as exc:
         print(f"infusion-audit: error: {exc}", file=sys.stderr)

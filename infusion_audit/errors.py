@@ -22,3 +22,10 @@ class DataError(UserError):
 
 class PluginError(UserError):
     """A plugin that is unknown, duplicated or fails to import."""
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """An exception's message as one line of an error or a report (its type's name where the message is empty):
+    third-party messages can run to pages."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DataError, UserError
+from ..errors import DataError, UserError, first_line
 from ..models import build_model
 from ..registry import MODELS
 
@@ -44,7 +44,7 @@ def hf_local(vocab_size: int, max_length: int, path: str) -> nn.Module:
         model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
     except Exception as exc:
         raise DataError(f"{folder}: cannot load a safetensors causal LM ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:120]})") from None
+                        f"{first_line(exc)})") from None
     embeddings = model.get_input_embeddings().weight.shape[0]
     if embeddings < vocab_size:
         raise DataError(f"{folder}: the model has {embeddings} token embeddings, the tokenizer {vocab_size}")
