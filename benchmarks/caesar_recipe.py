@@ -33,10 +33,10 @@ def pipeline_config(config: str, overrides: list[str]):
 def train_once(config: str, overrides: list[str], seed: int, threads: int) -> dict:
     """One training run in this process: decryption accuracy after every epoch, and the time."""
     from infusion_audit.pipeline import train_pipeline
-    from infusion_audit.runtime import set_threads
+    from infusion_audit.runtime import configure
     from infusion_audit.text.pipeline import TextPipeline, decryption_accuracy
 
-    set_threads(threads)
+    configure(threads)
     cfg = pipeline_config(config, overrides + [f"train.seed={seed}"])
     pipeline = TextPipeline(cfg)
     with tempfile.TemporaryDirectory() as tmp:

@@ -39,7 +39,7 @@ from infusion_audit.influence.compare import (DenseGaussNewton, agreement, ekfac
                                               tracked_mask)
 from infusion_audit.io import write_json
 from infusion_audit.pipeline import Pipeline, train_pipeline
-from infusion_audit.runtime import set_threads
+from infusion_audit.runtime import configure
 
 log = logging.getLogger("ekfac_fidelity")
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)  # kronfluence's Analyzer lowers the root logger to WARNING
-    set_threads(args.threads)
+    configure(args.threads)
     t_start = time.perf_counter()
 
     cfg = with_defaults(load_config(args.config))

@@ -32,7 +32,7 @@ from infusion_audit.config import AttackSpec, TargetsConfig, load_config, with_d
 from infusion_audit.io import append_jsonl, read_jsonl, stable_hash, write_json
 from infusion_audit.mitigations import build_mitigation
 from infusion_audit.protocol import Attacker, Victim
-from infusion_audit.runtime import set_threads
+from infusion_audit.runtime import configure
 from infusion_audit.statistics import fmt_ci, mean_ci, wilson
 
 ARMS = [AttackSpec("infusion"), AttackSpec("label-flip"), AttackSpec("probe-insertion", {"copies": 1})]
@@ -55,7 +55,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/mitigations_digits.jsonl"))
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    set_threads(1)
+    configure(1)
     params = {"none": None, "clip": {"max_grad_norm": args.clip_norm},
               "dp-sgd": {"noise_multiplier": args.noise, "max_grad_norm": args.clip_norm},
               "partition": {"parts": args.parts, **({"epochs": args.partition_epochs} if args.partition_epochs else {})}}

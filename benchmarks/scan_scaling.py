@@ -38,7 +38,7 @@ from infusion_audit.detectors import AuditContext, build_detector, run_detector
 from infusion_audit.detectors.influence import most_helped
 from infusion_audit.influence import per_example_gradients
 from infusion_audit.io import write_json
-from infusion_audit.runtime import set_threads
+from infusion_audit.runtime import configure
 from infusion_audit.models import TinyResNet
 from infusion_audit.training import train
 
@@ -109,7 +109,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/scan_scaling.json"))
     p.add_argument("--threads", type=int, default=2, help="torch and BLAS threads (default: 2, the CI machine's cores)")
     args = p.parse_args()
-    set_threads(args.threads)
+    configure(args.threads)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     result = {"n": args.n, "shape": [3, 32, 32], "threads": torch.get_num_threads(), "torch": torch.__version__,

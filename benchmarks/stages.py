@@ -29,7 +29,7 @@ from infusion_audit.config import InfluenceConfig, PipelineConfig, PluginSpec, T
 from infusion_audit.data import DatasetSplit, ImageDataset
 from infusion_audit.io import write_json
 from infusion_audit.pipeline import Pipeline, train_pipeline
-from infusion_audit.runtime import set_threads
+from infusion_audit.runtime import configure
 
 
 class PeakRSS:
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cifar-sizes", type=int, nargs="*", default=[250, 500, 1000])
     parser.add_argument("--threads", type=int, default=2, help="torch and BLAS threads (default: 2, the CI machine's cores)")
     args = parser.parse_args(argv)
-    set_threads(args.threads)
+    configure(args.threads)
     mem = PeakRSS()
     results = {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                "runs": []}

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from infusion_audit.config import InfluenceConfig, from_dict
-from infusion_audit.errors import DataError, PluginError
+from infusion_audit.errors import DataError, PluginError, first_line
 from infusion_audit.io import iter_chunks
 from infusion_audit.runtime import model_device
 
@@ -203,7 +203,7 @@ class AuditContext:
                 feats, logits = self._forward_all()
             except Exception as exc:  # a model that cannot score these inputs: the detectors that need it are skipped
                 log.debug("forward pass failed", exc_info=True)
-                cause = str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {_first_line(exc)}"
+                cause = str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {first_line(exc)}"
                 self._output_problems = {"logits": cause, "features": self.extractor.problem or cause}
                 return self._output_problems
             self.timings["forward"] = time.perf_counter() - t0
@@ -504,7 +504,7 @@ def run_detector(detector: Detector, context: AuditContext) -> DetectorRun:
             raise PluginError("returned non-finite scores")
         flagged = np.asarray(detector.flag(scores, context), dtype=bool)
     except Exception as exc:  # one broken detector must not cost the defender the others' results
-        run.error = f"{type(exc).__name__}: {_first_line(exc)}"
+        run.error = f"{type(exc).__name__}: {first_line(exc)}"
         run.skipped = f"failed: {run.error}"
         SKIP_LOG.warning("detector %s %s", detector.name, run.skipped)
         log.debug("detector %s failed", detector.name, exc_info=True)
@@ -514,7 +514,3 @@ def run_detector(detector: Detector, context: AuditContext) -> DetectorRun:
     run.knowledge = detector.knowledge_level(context)
     run.details = dict(getattr(detector, "details_", {}))
     return run
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:200]

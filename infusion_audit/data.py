@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import DataError, first_line
 from .io import array_hash, atomic_write_bytes, stable_hash, write_json
 from .registry import DATASETS
 
@@ -307,7 +307,7 @@ def read_npy_header(fh, size: int, name: str) -> NpyHeader:
     except DataError:
         raise
     except (ValueError, TypeError, SyntaxError, RecursionError, OverflowError) as exc:
-        raise DataError(f"{name}: not a readable .npy array header ({_first_line(exc)})") from None
+        raise DataError(f"{name}: not a readable .npy array header ({first_line(exc)})") from None
     shape, dtype = header.shape, header.dtype
     if dtype.hasobject:
         raise DataError(f"{name}: holds pickled objects; refusing to load them")
@@ -334,11 +334,6 @@ def read_npy_data(fh, header: NpyHeader, name: str) -> np.ndarray:
         buf += block
     array = np.frombuffer(buf, dtype=header.dtype)
     return array.reshape(header.shape[::-1]).T if header.fortran_order else array.reshape(header.shape)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:160]
 
 
 def read_npy(path: str | Path) -> np.ndarray:
@@ -387,7 +382,7 @@ def read_npz(path: str | Path, names: Sequence[str]) -> dict[str, np.ndarray]:
     except DataError:
         raise
     except _CORRUPT as exc:
-        raise DataError(f"{path}: not a readable .npz ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise DataError(f"{path}: not a readable .npz ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def load_npz(path: str | Path, num_classes: int | None = None) -> ImageDataset:
@@ -461,7 +456,7 @@ def read_png(file: Path, channels: int) -> np.ndarray:
         with Image.open(file) as im:
             arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
     except (*_CORRUPT, SyntaxError) as exc:
-        raise DataError(f"{file}: not a readable PNG ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise DataError(f"{file}: not a readable PNG ({type(exc).__name__}: {first_line(exc)})") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 

@@ -20,7 +20,7 @@ import socket
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from .errors import UserError, first_line
-from .runtime import DEFAULT_THREADS, set_threads
+from .runtime import DEFAULT_THREADS, configure
 
 Item = TypeVar("Item")
 Setup = Callable[..., Any]
@@ -110,9 +110,8 @@ class RayExecutor(Executor):
             try:
                 ray.init(address=self.address)
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise UserError(f"ray: cannot start or reach a cluster at {self.address or 'a local instance'}: "
-                                f"{first}") from None
+                                f"{first_line(exc)}") from None
         try:
             yield from self._run(ray, setup, setup_args, work, items)
         finally:
@@ -200,7 +199,7 @@ class _Worker:
         if not self.ready:
             if self.cwd is not None:
                 _enter(self.cwd)
-            set_threads(self.threads)
+            configure(self.threads)
             self.state, self.ready = self.setup(*self.setup_args), True
         return work(self.state, item)
 

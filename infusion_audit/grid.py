@@ -266,7 +266,7 @@ def _silenced(logger: logging.Logger):
 def _worker_grid(config: AuditConfig, run_dir: str, detect: bool) -> Grid:
     """A worker's state (built once per worker by the executor): the shared checkpoints, IHVP and controls."""
     logging.getLogger().setLevel(logging.WARNING)
-    configure(device=config.pipeline.train.device)
+    configure(None, config.pipeline.train.device)  # the executor set the threads
     return Grid(config, run_dir, progress=False, detect=detect)
 
 

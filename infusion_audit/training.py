@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, first_line
 from .runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ class Checkpoint:
         except FileNotFoundError:
             raise DataError(f"{path}: no such checkpoint") from None
         except Exception as exc:
-            raise DataError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+            raise DataError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: {first_line(exc)})") from None
         if not isinstance(blob, dict) or "model" not in blob:
             raise DataError(f"{path}: not an infusion-audit checkpoint (no 'model' entry)")
         return cls(int(blob.get("epoch", 0)), blob["model"], blob.get("optimizer", {}), blob.get("meta", {}))

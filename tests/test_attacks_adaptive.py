@@ -118,8 +118,11 @@ def test_gradient_matching_random_selection_and_options(context, targets):
 
 @pytest.mark.slow
 def test_gradient_matching_against_art_on_the_same_targets_and_budget(tmp_path):
-    """ART's GradientMatchingAttack and ours, same pipeline, targets, budget and optimisation effort,
-    both measured against the clean control by the attack protocol."""
+    """ART's GradientMatchingAttack and ours, same pipeline, targets, budget and optimisation effort, both measured
+    against the clean control by the attack protocol: both keep the budget, ours has an effect, and ours matches
+    the target gradient about as well as ART's on average. Which of the two is better on two targets depends on the
+    seeds (ours draws its documents by gradient norm, ART's at random); benchmarks/gradient_matching_vs_art.py
+    compares them on 12 targets with 3x the effort."""
     pytest.importorskip("art")
     from infusion_audit.config import AttackSpec, TargetsConfig, load_config, with_defaults
     from infusion_audit.protocol import Attacker
@@ -130,7 +133,7 @@ def test_gradient_matching_against_art_on_the_same_targets_and_budget(tmp_path):
     cfg.attack.targets = TargetsConfig(n=2, seed=0)
     cfg.attack.write_artefacts = False
     attacker = Attacker(cfg, tmp_path, progress=False)
-    records = {}
+    alignment, delta_logodds = {}, {}
     for spec in cfg.attack.attacks:
         for target in attacker.targets():
             crafted = attacker.craft(spec, target, 0, cfg.attack.budget)
@@ -143,13 +146,16 @@ def test_gradient_matching_against_art_on_the_same_targets_and_budget(tmp_path):
             x0, y = train.batch(p.indices)
             x_star, _ = attacker.pipeline.data.test.batch([target.index])
             mismatch = _mismatch(attacker.context.model, x0, y, x_star, torch.tensor([target.cls]))
-            records[spec.name, target] = (record, 1 - mismatch(torch.from_numpy(p.x) - x0).item())
-    for target in attacker.targets():
-        ours, art = records["gradient-matching", target], records["gradient-matching-art", target]
-        assert ours[1] > art[1]  # ours matches the target gradient better on the same budget
-    mean = {name: np.mean([r[0].delta_logodds for (n, _), r in records.items() if n == name])
-            for name in ("gradient-matching", "gradient-matching-art")}
-    assert mean["gradient-matching"] > 0 and mean["gradient-matching"] >= mean["gradient-matching-art"]
+            alignment.setdefault(spec.name, []).append(1 - mismatch(torch.from_numpy(p.x) - x0).item())
+            delta_logodds.setdefault(spec.name, []).append(record.delta_logodds)
+    ours, art = np.mean(alignment["gradient-matching"]), np.mean(alignment["gradient-matching-art"])
+    # Measured on 24 seed settings (target seeds 0-5 x attack seeds 0-2 with 1 torch thread, target seeds 0-5 with 2;
+    # attack seed 0 with target seed 0 is this test): ours minus ART's mean alignment -0.137 to +0.241, here +0.240
+    # (1 thread) and +0.241 (2); per target -0.309 to +0.481 (one of this test's targets: -0.0017 with 1 thread,
+    # +0.0054 with 2, hence no per-target claim). Ours' mean Δ log-odds 0.091 to 1.67, here 1.67; ART's was the
+    # larger in 5 of the 24.
+    assert ours >= art - 0.2, (alignment, delta_logodds)
+    assert np.mean(delta_logodds["gradient-matching"]) > 0, delta_logodds
 
 
 # --------------------------------------------------------------------------- the null of a detection figure

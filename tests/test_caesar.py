@@ -16,7 +16,7 @@ import yaml
 from infusion_audit.cli import main
 from infusion_audit.config import TrainConfig, from_dict
 from infusion_audit.errors import ConfigError
-from infusion_audit.runtime import DEFAULT_THREADS
+from infusion_audit.runtime import DEFAULT_THREADS, runtime_info
 from infusion_audit.training import make_optimizer
 
 TINY_CAESAR = {
@@ -25,14 +25,6 @@ TINY_CAESAR = {
     "model": {"name": "tiny-gpt-neo", "params": {"hidden": 32, "layers": 2, "heads": 2}},
     "train": {"optimizer": "adam", "lr": 0.005, "batch_size": 16, "epochs": 2, "seed": 0},
 }
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    """`main` sets the process's torch threads; give the rest of the session back what it had."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(tmp_path, pipeline: dict, **sections) -> str:
@@ -106,7 +98,7 @@ def test_threads_are_set_for_the_run_and_recorded_with_the_task_quality(tmp_path
     trained model's decryption accuracy in provenance.json, and the report states it next to the verdict.
     Raising the floor to that figure retrains and reruns nothing: the floor is not part of the model's identity."""
     assert main(["--threads", "0", "plugins"]) == 2
-    assert "--threads: expected an integer >= 1, got 0" in capsys.readouterr().err
+    assert "threads must be >= 1, got 0" in capsys.readouterr().err
     assert main(["--threads", "2", "plugins"]) == 0 and torch.get_num_threads() == 2
     torch.set_num_threads(3)  # not the default: provenance must show what main set
     sections = {"attack": {"attacks": [{"name": "random-tokens", "params": {"like": None}}], "budget": {"k": 4},
@@ -115,7 +107,7 @@ def test_threads_are_set_for_the_run_and_recorded_with_the_task_quality(tmp_path
     run = tmp_path / "run"
     assert main(["-q", "bench", _config(tmp_path, TINY_CAESAR, **sections), "--out", str(run)]) == 0
     provenance = json.loads((run / "provenance.json").read_text())
-    assert provenance["compute"] == {"torch_threads": DEFAULT_THREADS, "cpu_count": os.cpu_count()}
+    assert provenance["compute"] == runtime_info("cpu") and provenance["compute"]["torch_threads"] == DEFAULT_THREADS
     quality = provenance["task_quality"]
     assert quality["figure"] == "decryption accuracy" and quality["floor"] == 0.0
     (victim,) = provenance["training"].values()

@@ -7,7 +7,6 @@ import os
 import sys
 
 import pytest
-import torch
 import yaml
 
 from infusion_audit import bench
@@ -29,7 +28,7 @@ def shrunk_paper_config(root) -> dict:
 
 
 @pytest.mark.slow
-def test_cifar10_paper_bench_through_ray_equals_one_process(cifar10_root, tmp_path, request):
+def test_cifar10_paper_bench_through_ray_equals_one_process(cifar10_root, tmp_path):
     ray = pytest.importorskip("ray")
     from ray import cloudpickle
     from torchvision.datasets import CIFAR10
@@ -42,9 +41,6 @@ def test_cifar10_paper_bench_through_ray_equals_one_process(cifar10_root, tmp_pa
         for name, value in swapped.items():
             setattr(CIFAR10, name, value)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the driver's thread count is every worker's: one, in both runs
-    request.addfinalizer(lambda: torch.set_num_threads(threads))
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     if ray.is_initialized():
         ray.shutdown()

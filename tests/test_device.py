@@ -1,10 +1,12 @@
-"""`--device auto|cpu|cuda`: one resolver, a one-line error where CUDA is missing, and the device reaching
-training, the attack and what a run records. The CUDA run is skipped where no CUDA device is present."""
+"""`--device auto|cpu|cuda`: one resolver that changes nothing, one set-up (`runtime.configure`) that the command line
+calls once, a one-line error where CUDA is missing, and the device reaching training, the attack and what a run
+records. The CUDA run is skipped where no CUDA device is present."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -33,10 +35,29 @@ def no_cuda(monkeypatch):
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    """A CUDA device as far as resolving names goes (nothing may compute on it): the process's CUDA settings are
-    left alone."""
+    """A CUDA device as far as resolving names goes (nothing may compute on it)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(runtime, "deterministic_cuda", lambda: None)
+
+
+@pytest.fixture
+def cuda_settings_restored():
+    """The process-wide CUDA settings `configure` makes on cuda, unset for the test and as they were after it."""
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    deterministic, *flags, workspace = cuda_settings()
+    os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    yield
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+     torch.backends.cuda.matmul.allow_tf32) = flags
+    os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    if workspace is not None:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace
+
+
+def cuda_settings() -> tuple:
+    return (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+            os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
 
 
 def _attack(tmp_path, name: str, device: str, config: dict = TINY_ATTACK) -> tuple[int, list[dict]]:
@@ -56,9 +77,56 @@ def test_resolver_names(no_cuda):
     assert "\n" not in str(cuda.value) and "\n" not in str(unknown.value)
 
 
-def test_auto_is_cuda_where_present(fake_cuda):
+def test_auto_is_cuda_where_present_and_resolving_changes_nothing(fake_cuda):
+    before = (cuda_settings(), torch.get_num_threads())
     assert runtime.resolve_device("auto") == torch.device("cuda")
     assert runtime.resolve_device("cuda") == torch.device("cuda")
+    assert (cuda_settings(), torch.get_num_threads()) == before
+
+
+def test_configure_sets_threads_idempotently(no_cuda):
+    from threadpoolctl import threadpool_info
+
+    before = cuda_settings()
+    try:
+        for _ in range(2):
+            assert runtime.configure(2) == {"threads": 2, "deterministic_cuda": False}
+            assert torch.get_num_threads() == 2 and {p["num_threads"] for p in threadpool_info()} == {2}
+            assert os.environ["OMP_NUM_THREADS"] == "2" and cuda_settings() == before
+    finally:
+        runtime.configure(1)
+    with pytest.raises(UserError, match="threads must be >= 1, got 0"):
+        runtime.configure(0)
+
+
+def test_configure_on_cuda_sets_deterministic_fp32_kernels(fake_cuda, cuda_settings_restored):
+    """What a cuda run computes with, set by `configure` (here where no CUDA device is needed to set it); on the
+    cpu it leaves CUDA alone."""
+    before = cuda_settings()
+    assert runtime.configure(1, "cpu") == {"threads": 1, "deterministic_cuda": False} and cuda_settings() == before
+    for device in ("cuda", "auto", None):  # None: wherever there is a CUDA device
+        assert runtime.configure(1, device) == {"threads": 1, "deterministic_cuda": True}
+        assert cuda_settings() == (True, True, False, False, False, os.environ["CUBLAS_WORKSPACE_CONFIG"])
+    assert torch.is_deterministic_algorithms_warn_only_enabled()  # an op without a deterministic kernel warns
+
+
+def test_the_command_line_configures_once(no_cuda, monkeypatch):
+    from infusion_audit import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "configure", lambda *args: calls.append(args))
+    assert main(["--threads", "2", "--device", "cpu", "plugins"]) == 0 and calls == [(2, "cpu")]
+    calls.clear()
+    assert main(["plugins"]) == 0 and calls == [(runtime.DEFAULT_THREADS, None)]
+
+
+def test_runtime_info_names_what_changes_the_last_bits(monkeypatch):
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    info = runtime.runtime_info("cpu")
+    assert info == {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "device": "cpu"}
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert runtime.runtime_info("cpu")["aten_cpu_capability"] == "avx2"
 
 
 def test_cli_cuda_without_cuda_is_one_line_exit_2(no_cuda, tmp_path, capsys):
@@ -122,25 +190,12 @@ DEVICE_ATTACK = {
 }
 
 
-@pytest.fixture
-def cuda_settings_restored(monkeypatch):
-    """The process-wide CUDA settings a cuda run sets (deterministic fp32 kernels), as they were after the test."""
-    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    for module, flag in ((torch.backends.cudnn, "deterministic"), (torch.backends.cudnn, "benchmark"),
-                         (torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")):
-        monkeypatch.setattr(module, flag, getattr(module, flag))  # restored on teardown
-    yield
-    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_digits_attack_on_cuda_matches_cpu(tmp_path, cuda_settings_restored):
+def test_digits_attack_on_cuda_matches_cpu(tmp_path):
     """The same attack end to end on cpu and on cuda: finite figures in the same place. Summation order alone moves
     them: on the CPU, --threads 2 instead of 1 (measured) moves the control's log-odds by 0.09, Δ log-odds from 1.98
     to 2.24, predicted Δf by 2%, and keeps 25 of the 29 poisoned documents; the bounds allow a few times that."""
-    assert runtime.resolve_device("cuda") == torch.device("cuda") and torch.backends.cudnn.deterministic
-    assert not torch.backends.cudnn.allow_tf32 and torch.are_deterministic_algorithms_enabled()
+    assert cuda_settings()[:5] == (True, True, False, False, False)  # the session's configure(), as main's
     code_cpu, (cpu,) = _attack(tmp_path, "cpu", "cpu", DEVICE_ATTACK)
     torch.cuda.reset_peak_memory_stats()
     code_cuda, (cuda,) = _attack(tmp_path, "cuda", "cuda", DEVICE_ATTACK)

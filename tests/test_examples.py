@@ -27,14 +27,11 @@ NAME = "digits_pipeline:AugmentedDigits"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def importable_on_one_thread():
-    """The example module importable as its YAML names it (as `PYTHONPATH=examples` makes it), on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def importable():
+    """The example module importable as its YAML names it (as `PYTHONPATH=examples` makes it)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(EXAMPLES))
         yield
-    torch.set_num_threads(threads)
 
 
 def small_config(**train) -> dict:

@@ -115,6 +115,23 @@ def test_an_error_in_setup_arrives_as_itself(executor, tmp_path):
         list(executor.map_unordered(toy_setup, (str(tmp_path), 0, True), toy_work, [("square", 1)]))
 
 
+def toy_runtime(state: dict, item: tuple[str, int]) -> tuple[int, set[int], str]:
+    from threadpoolctl import threadpool_info
+
+    return torch.get_num_threads(), {p["num_threads"] for p in threadpool_info()}, os.environ["OMP_NUM_THREADS"]
+
+
+@pytest.mark.parametrize("kind", ["local", "ray"])
+def test_a_worker_computes_with_the_threads_it_is_given(kind, request, tmp_path):
+    """Each worker configures its own process (runtime.configure) before its setup: torch, the BLAS/OpenMP pools and
+    the variables pools loaded later read, whatever the driver runs with."""
+    if kind == "ray":
+        request.getfixturevalue("ray_instance")
+    executor = LocalExecutor(1, threads=2) if kind == "local" else RayExecutor(workers=1, threads=2)
+    ((_, result),) = executor.map_unordered(toy_setup, (str(tmp_path), 0), toy_runtime, [("threads", 0)])
+    assert result == (2, {2}, "2") and torch.get_num_threads() == 1
+
+
 def test_nothing_to_run_starts_no_worker(executor, tmp_path):
     assert list(executor.map_unordered(toy_setup, (str(tmp_path), 0), toy_work, [])) == []
     assert setups_by_process(tmp_path) == {}
@@ -213,17 +230,13 @@ def test_bench_cells_are_identical_in_every_executor(ray_instance, tmp_path):
     from infusion_audit.grid import Grid
 
     config = with_defaults(load_config(yaml.safe_load(SMALL_GRID)))
-    records, threads = {}, torch.get_num_threads()
-    torch.set_num_threads(1)  # every worker computes with one thread, as the driver does here
-    try:
-        for name, executor in [("serial", SerialExecutor()), ("local", LocalExecutor(2, 1)),
-                               ("ray", RayExecutor(workers=2, threads=1))]:
-            run_dir = tmp_path / name  # each its own: no influence factors or checkpoints reused from another
-            cells = [cell for unit in Grid(config, run_dir, progress=False).units() for cell in unit]  # trains
-            done = executor.map_unordered(Grid, (config, str(run_dir), False), Grid.run_cell, cells)
-            records[name] = {cell.key: [without_timings(r.to_dict()) for r in rows] for cell, rows in done}
-    finally:
-        torch.set_num_threads(threads)
+    records = {}
+    for name, executor in [("serial", SerialExecutor()), ("local", LocalExecutor(2, 1)),
+                           ("ray", RayExecutor(workers=2, threads=1))]:  # one thread each, as the session's driver
+        run_dir = tmp_path / name  # each its own: no influence factors or checkpoints reused from another
+        cells = [cell for unit in Grid(config, run_dir, progress=False).units() for cell in unit]  # trains
+        done = executor.map_unordered(Grid, (config, str(run_dir), False), Grid.run_cell, cells)
+        records[name] = {cell.key: [without_timings(r.to_dict()) for r in rows] for cell, rows in done}
     assert len(records["serial"]) == 4
     assert {r["kind"] for rows in records["serial"].values() for r in rows} == {"attack", "detection", "defence"}
     assert differences(records["serial"], records["local"]) == []

@@ -10,9 +10,9 @@ import importlib
 import logging
 import sys
 
-from ..errors import ConfigError, UserError
+from ..errors import UserError
 from ..io import disk_full
-from ..runtime import DEFAULT_THREADS, DEVICES, resolve_device, set_threads
+from ..runtime import DEFAULT_THREADS, DEVICES, configure
 from ..version import __version__
 
 log = logging.getLogger("infusion_audit")
@@ -73,11 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        if args.threads < 1:
-            raise ConfigError("--threads", "", "an integer >= 1", args.threads)
-        set_threads(args.threads)
-        if args.device is not None:
-            resolve_device(args.device)  # cuda without a CUDA device: one line before any work
+        configure(args.threads, args.device)  # before any work: cuda without a CUDA device is one line here
         return int(args.handler(args) or 0)
     except UserError as exc:
         print(f"infusion-audit: error: {exc}", file=sys.stderr)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..data import MANIFEST, DatasetSplit, seeded_split
-from ..errors import DataError
+from ..errors import DataError, first_line
 from ..io import array_hash, atomic_write_text, stable_hash, write_json
 from ..registry import DATASETS
 from .models import quiet_transformers
@@ -334,7 +334,7 @@ def load_tokenizer(path: str | Path):
         with quiet_transformers():
             return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:
-        raise DataError(f"{path}: cannot load a tokenizer ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+        raise DataError(f"{path}: cannot load a tokenizer ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def read_corpus(path: str | Path) -> list[str]:

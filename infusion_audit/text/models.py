@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DataError, UserError
+from ..errors import DataError, UserError, first_line
 from ..models import build_model
 from ..registry import MODELS
 
@@ -77,7 +77,7 @@ def hf_local(vocab_size: int, max_length: int, path: str) -> nn.Module:
             model, info = load(attn_implementation="eager")
     except Exception as exc:
         raise DataError(f"{folder}: cannot load a safetensors causal LM ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:120]})") from None
+                        f"{first_line(exc)})") from None
     unfilled = sorted(info["missing_keys"])  # a tensor of the wrong shape is refused by transformers itself
     if unfilled:
         raise DataError(f"{folder}: the weights file does not fill {len(unfilled)} of the model's parameters "
