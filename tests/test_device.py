@@ -156,7 +156,7 @@ def test_device_is_resolved_into_the_fingerprint(fake_cuda, monkeypatch):
     assert Pipeline(PipelineConfig(train=TrainConfig(device="auto"))).fingerprint() == on["cpu"].fingerprint()
 
 
-def test_ray_on_cuda_needs_gpus_per_worker(fake_cuda, tmp_path):
+def test_ray_on_cuda_needs_gpus_per_worker(fake_cuda, cuda_settings_restored, tmp_path):
     from infusion_audit import bench
 
     with pytest.raises(UserError, match="--gpus-per-worker"):

@@ -43,7 +43,7 @@ def test_verdict_is_computed_from_the_records(full_run):
         assert ci_text(summary, 2, False) in row  # the figure judged is the mean and CI of the records' delta log-odds
         expected = "succeeds" if summary["lo"] > 0 else "no effect shown"
         assert f">{expected}</span>" in row
-        assert f"{sum(r['flip'] for r in top)} of {len(top)}" in row  # the strength a defender cares about
+        assert f"{sum(r['flip'] for r in top)}/{len(top)}" in row  # the strength a defender cares about
         succeeding += expected == "succeeds" and attack != "random-noise"
     assert "random-noise" in glance and ">control</span>" in glance  # Infusion's random-edit control, not an attack
     assert f"{succeeding} of 2 attacks succeed" in glance
