@@ -91,7 +91,7 @@ def test_report_renders_offline_in_chromium(report, tmp_path):
     assert dom.tags.get("img", 0) >= 9 and all(s.startswith("data:image/png;base64,") for s in dom.img_sources)
     assert "script" not in dom.tags
     verdict = loaded["dom"][loaded["dom"].index('id="verdict"'):loaded["dom"].index('id="detection"')]
-    assert "attacks succeed" in verdict and ">caught</span>" in verdict and ">succeeds</span>" in verdict
+    assert "attacks succeed" in verdict and 'class="badge caught"' in verdict and ">succeeds</span>" in verdict
 
     shot = Image.open(loaded["screenshot"])
     assert shot.size == (1280, 2400)

@@ -17,9 +17,9 @@ from infusion_audit.io import read_jsonl
 def shrunk_paper_config(root) -> dict:
     """cifar10-paper on the fixture: seconds on a CPU, every arm and the defence kept."""
     config = yaml.safe_load((BUILTIN_CONFIGS / "cifar10-paper.yaml").read_text())
-    config["scenario"]["dataset"]["params"].update(root=str(root), validation=12)
-    config["scenario"]["train"].update(device="cpu", epochs=2)
-    config["scenario"]["quality_floor"] = 0.0  # random fixture images: there is nothing to learn
+    config["pipeline"]["dataset"]["params"].update(root=str(root), validation=12)
+    config["pipeline"]["train"].update(device="cpu", epochs=2)
+    config["pipeline"]["quality_floor"] = 0.0  # random fixture images: there is nothing to learn
     config["attack"].update(targets={"n": 2, "seed": 0}, budget={**config["attack"]["budget"], "k": 4})
     config["attack"]["attacks"][0]["params"]["steps"] = 3
     config["scan"] = {"bootstrap": 0}
