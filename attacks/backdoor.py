@@ -21,9 +21,8 @@ from ..backdoor import BackdoorTarget
 from ..config import TriggerConfig
 from ..errors import UserError
 from ..registry import ATTACKS
-from .base import Attack, AttackContext, Poisoning
+from .base import Attack, AttackContext, Poisoning, project, store
 from .gradient_matching import GradientMatching
-from .infusion import project, store
 
 
 def _behaviour(context: AttackContext, target: BackdoorTarget):

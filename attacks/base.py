@@ -1,11 +1,13 @@
 """What every attack plugin shares: the `Attack` base (params in __init__, one verb `craft`), the
-`Poisoning` it returns, and the `AttackContext` that computes expensive things once per pipeline
-(the attacked model, the IHVP solver, each target's IHVP and influence scores) so several attacks
-and budgets on the same targets reuse them.
+`Poisoning` it returns, the budget's projection and storage grid (`project`, `store`), and the
+`AttackContext` that computes expensive things once per pipeline (the attacked model, the IHVP solver
+at each damping asked for, each target's IHVP and influence scores) so several attacks and budgets on
+the same targets reuse them.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import time
@@ -61,6 +63,27 @@ class Poisoning:
                 "off_grid": off_grid, "out_of_range": out_of_range}
 
 
+def project(x: torch.Tensor, x0: torch.Tensor, eps: float, norm: str, value_range: tuple[float, float]) -> torch.Tensor:
+    """Back into the eps-ball around x0 (L-inf or L2 per document) and the dataset's value range."""
+    delta = x - x0
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        size = delta.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *[1] * (x.dim() - 1))
+        delta = delta * torch.clamp(eps / size, max=1.0)
+    return (x0 + delta).clamp(*value_range)
+
+
+def store(dataset, x: np.ndarray, x0: np.ndarray, eps: float, norm: str) -> np.ndarray:
+    """Round edits to the dataset's storage grid (so they survive being saved in its own format),
+    pulling any value that rounding pushed past an L-inf budget back one grid step."""
+    q = dataset.quantize(x)
+    if norm == "linf" and dataset.grid:
+        limit = np.floor(eps / dataset.grid + 1e-6) * dataset.grid
+        q = dataset.quantize(x0 + np.clip(q - x0, -limit, limit))
+    return q
+
+
 def target_key(target) -> str:
     """A target as text, for timing names and seeds (image or text targets alike)."""
     return json.dumps(target.as_dict(), sort_keys=True)
@@ -80,10 +103,10 @@ class AttackContext:
         self.ihvp_kwargs = dict(ihvp_kwargs or {})
         self.model: nn.Module = trained.model(self.epoch)
         self.timings: dict[str, float] = {}
-        self._ihvp: IHVP | None = None
+        self._ihvps: dict[float, IHVP] = {}
         self._behaviours: dict = {}
-        self._queries: dict[Target, torch.Tensor] = {}
-        self._scores: dict[Target, np.ndarray] = {}
+        self._queries: dict[tuple, torch.Tensor] = {}
+        self._scores: dict[tuple, np.ndarray] = {}
         self._shared: dict[str, object] = {}
 
     @property
@@ -102,14 +125,24 @@ class AttackContext:
             raise UserError(f"budget k={k} gives {count} documents; need 1..{n}")
         return count
 
-    def ihvp(self) -> IHVP:
-        if self._ihvp is None:
+    def ihvp(self, damping: float | None = None) -> IHVP:
+        """The solver at the influence section's damping, or at an attack's own `damping` (a recipe tuned to
+        another one): the curvature is fitted once, and each damping is a copy of that solver."""
+        base, damping = self._damping(None), self._damping(damping)
+        if base not in self._ihvps:
             t0 = time.perf_counter()
-            self._ihvp = fit_ihvp(self.influence, self.model, self.train, loss_fn=self.pipeline.loss,
-                                  cache_dir=None if self.cache_dir is None else self.cache_dir / "factors",
-                                  **self.ihvp_kwargs)
+            self._ihvps[base] = fit_ihvp(self.influence, self.model, self.train, loss_fn=self.pipeline.loss,
+                                         cache_dir=None if self.cache_dir is None else self.cache_dir / "factors",
+                                         **self.ihvp_kwargs)
             self.timings["factors"] = time.perf_counter() - t0
-        return self._ihvp
+        if damping not in self._ihvps:
+            self._ihvps[damping] = copy.copy(self._ihvps[base])
+            self._ihvps[damping].damping = damping
+        return self._ihvps[damping]
+
+    def _damping(self, damping: float | None) -> float:
+        """An attack's own damping, else the influence section's: what the IHVP caches are keyed by."""
+        return float(self.influence.damping if damping is None else damping)
 
     def behaviour(self, target: Target):
         """The pipeline's behaviour for this target (its measurement f and the figures records report)."""
@@ -119,35 +152,39 @@ class AttackContext:
             self._behaviours[target] = behaviour if resolve is None else resolve(self.model)
         return self._behaviours[target]
 
-    def query(self, target: Target) -> torch.Tensor:
-        """v = (G + damping I)^-1 grad f for this target, normalised to unit length (as the paper)."""
-        if target not in self._queries:
-            solver = self.ihvp()
+    def query(self, target: Target, damping: float | None = None) -> torch.Tensor:
+        """v = (G + damping I)^-1 grad f for this target, normalised to unit length (as the paper); `damping`: an
+        attack's own (default the influence section's)."""
+        key = (target, self._damping(damping))
+        if key not in self._queries:
+            solver = self.ihvp(damping)
             t0 = time.perf_counter()
             v = solver.solve(measurement_gradient(self.model, self.behaviour(target)))
-            self._queries[target] = v / v.norm().clamp_min(1e-30)
+            self._queries[key] = v / v.norm().clamp_min(1e-30)
             self.timings[f"ihvp:{target_key(target)}"] = time.perf_counter() - t0
-        return self._queries[target]
+        return self._queries[key]
 
-    def scores(self, target: Target) -> np.ndarray:
-        """Influence scores s_i of every training document on this target's measurement."""
-        if target not in self._scores:
+    def scores(self, target: Target, damping: float | None = None) -> np.ndarray:
+        """Influence scores s_i of every training document on this target's measurement (at `damping`, as `query`)."""
+        key = (target, self._damping(damping))
+        if key not in self._scores:
             t0 = time.perf_counter()
-            self._scores[target] = influence_scores(self.model, self.train, self.query(target),
-                                                    loss_fn=self.pipeline.loss)
+            self._scores[key] = influence_scores(self.model, self.train, self.query(target, damping),
+                                                 loss_fn=self.pipeline.loss)
             self.timings[f"scores:{target_key(target)}"] = time.perf_counter() - t0
-        return self._scores[target]
+        return self._scores[key]
 
     def select(self, target: Target, k: int, rule: Selection, seed: int,
-               eligible: np.ndarray | None = None) -> np.ndarray:
-        """The k documents an attack edits: by influence score, or at random, among `eligible` (a mask)."""
+               eligible: np.ndarray | None = None, damping: float | None = None) -> np.ndarray:
+        """The k documents an attack edits: by influence score (at `damping`, as `query`), or at random, among
+        `eligible` (a mask)."""
         pool = np.flatnonzero(np.ones(len(self.train), bool) if eligible is None else eligible)
         if k > len(pool):
             raise UserError(f"budget k={k} exceeds the {len(pool)} documents this attack can edit")
         if rule == "random":
             where = [target.index, target.cls] if isinstance(target, Target) else [int(stable_hash(target.as_dict()), 16)]
             return np.sort(np.random.default_rng([seed, *where]).choice(pool, k, replace=False))
-        s = self.scores(target)[pool]
+        s = self.scores(target, damping)[pool]
         key = {"most-negative": s, "most-positive": -s, "most-absolute": -np.abs(s)}.get(rule)
         if key is None:
             raise UserError(f"unknown selection {rule!r}; use most-negative, most-absolute, random or most-positive")

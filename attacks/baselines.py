@@ -10,8 +10,7 @@ import numpy as np
 
 from ..behaviour import Target
 from ..registry import ATTACKS
-from .base import Attack, AttackContext, Poisoning, Selection
-from .infusion import project, store
+from .base import Attack, AttackContext, Poisoning, Selection, project, store
 
 
 @ATTACKS.register("random-noise")

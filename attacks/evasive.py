@@ -42,7 +42,8 @@ class EvasiveInfusion(Infusion):
                  step: float | None = None, steps: int = 20, selection: Selection = "most-negative",
                  quantize: bool = True, batch_size: int = 256, seed: int = 0, evade: list[str] | tuple = (),
                  evade_quantile: float = 0.9, stealth: float = 0.0):
-        super().__init__(k, eps, norm, step, steps, selection, quantize, batch_size, seed)
+        # its evasive selection and stealth penalty act on the influence objective, whatever Infusion's default
+        super().__init__(k, eps, norm, step, steps, selection, quantize, batch_size, seed, preset="influence")
         if isinstance(evade, str):
             evade = [evade]
         if not 0 < evade_quantile <= 1:

@@ -24,8 +24,7 @@ from ..errors import UserError
 from ..influence import flatten, per_example_gradients, trainable_parameters
 from ..io import iter_chunks
 from ..registry import ATTACKS
-from .base import Attack, AttackContext, Poisoning
-from .infusion import project, store
+from .base import Attack, AttackContext, Poisoning, project, store
 
 
 @ATTACKS.register("gradient-matching")

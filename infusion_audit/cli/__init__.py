@@ -37,7 +37,7 @@ examples:
   infusion-audit bench bench-wordpref         word preference on a tiny GPT-Neo (stories)
   infusion-audit bench bench-digits-hardening clip, DP-SGD and partition training against three attacks
 Built-in config names (digits, bench-digits, bench-digits-thorough, bench-digits-adaptive,
-bench-digits-hardening, bench-caesar, bench-wordpref, caesar, cifar10-paper) can stand in for a CONFIG path."""
+bench-digits-hardening, bench-caesar, bench-wordpref, caesar, cifar10-paper, mnist) can stand in for a CONFIG path."""
 
 
 def build_parser() -> argparse.ArgumentParser:
