@@ -224,3 +224,19 @@ def test_a_bench_on_animal_stories_under_the_segment_protocol(tmp_path):
         assert record["p_control"] == pytest.approx(record["p_before"], abs=1e-12)  # the clean replay is the model
     assert attacks["infusion-text"]["norms"]["tokens_changed_max"] <= round(0.05 * pipeline.data.train.max_length)
     assert [r["detector"] for r in records if r["kind"] == "defence"] == ["token-diff"]
+
+
+def test_the_segment_restores_the_random_state_so_dropout_replays_exactly(tmp_path):
+    class WithDropout(Pipeline):
+        def new_model(self):
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(),
+                                       torch.nn.Dropout(0.5), torch.nn.Linear(32, 10))
+
+    config = from_dict(PipelineConfig, {"train": {"optimizer": "adam", "lr": 0.01, "epochs": 2, "batch_size": 64}},
+                       "<test>", "pipeline")
+    pipeline = WithDropout(config)
+    segment = Segment(pipeline, train_pipeline(pipeline, tmp_path, progress=False), steps=5)
+    assert segment.check() == 0.0
+    segment.start().meta.pop("rng")  # the same replay from the epoch's first random state drifts
+    assert segment.check() > 0.0
