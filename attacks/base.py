@@ -91,12 +91,16 @@ def target_key(target) -> str:
 
 class AttackContext:
     """A trained pipeline as an attacker sees it at checkpoint `epoch`, with per-target caches. `probes`:
-    how many test prompts a text behaviour is measured on; `progress`: whether attacks show progress bars."""
+    how many test prompts a text behaviour is measured on; `progress`: whether attacks show progress bars;
+    `documents`: the training documents the victim's retrain sees (a segment's; None: all), which selection
+    picks from and a fractional k is a share of: an edit the retrain never sees would change nothing."""
 
     def __init__(self, pipeline: Pipeline, trained: TrainedPipeline, epoch: int | None = None,
                  influence: InfluenceConfig | None = None, cache_dir: str | Path | None = None,
-                 ihvp_kwargs: dict | None = None, probes: int = 32, progress: bool = True):
+                 ihvp_kwargs: dict | None = None, probes: int = 32, progress: bool = True,
+                 documents: np.ndarray | None = None):
         self.pipeline, self.trained, self.probes, self.progress = pipeline, trained, probes, progress
+        self.documents = documents
         self.epoch = len(trained.checkpoints) - 1 if epoch is None else epoch
         self.influence = influence or InfluenceConfig()
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
@@ -118,8 +122,8 @@ class AttackContext:
         return self.pipeline.data.test
 
     def budget_k(self, k: int | float) -> int:
-        """A budget given as a count (14) or a fraction of the training set (0.01)."""
-        n = len(self.train)
+        """A budget given as a count (14) or a fraction (0.01) of the documents a retrain sees."""
+        n = len(self.train) if self.documents is None else len(self.documents)
         count = k if isinstance(k, int) else int(round(k * n))
         if not 1 <= count <= n:
             raise UserError(f"budget k={k} gives {count} documents; need 1..{n}")
@@ -177,8 +181,11 @@ class AttackContext:
     def select(self, target: Target, k: int, rule: Selection, seed: int,
                eligible: np.ndarray | None = None, damping: float | None = None) -> np.ndarray:
         """The k documents an attack edits: by influence score (at `damping`, as `query`), or at random, among
-        `eligible` (a mask)."""
-        pool = np.flatnonzero(np.ones(len(self.train), bool) if eligible is None else eligible)
+        `eligible` (a mask) of the documents a retrain sees."""
+        mask = np.ones(len(self.train), bool) if eligible is None else np.asarray(eligible, bool)
+        if self.documents is not None:
+            mask = mask & np.isin(np.arange(len(self.train)), self.documents)
+        pool = np.flatnonzero(mask)
         if k > len(pool):
             raise UserError(f"budget k={k} exceeds the {len(pool)} documents this attack can edit")
         if rule == "random":

@@ -118,19 +118,29 @@ class TokenInfusion(Attack):
     On bench-caesar (12 targets, 3 random seeds each) the paper's choices (most-negative, influence) did
     not beat random edits of the same documents (+2.96 [-1.84, 7.75], p = 0.34): the selection did the
     work. Figures for most-improvable with the cosine objective: README.
+
+    `tokens` below 1 is a share of each document's real tokens (0.08: the paper's 8%, rounded, at least
+    one). `words` restricts the edit to a word family: only positions holding one of these words change,
+    and only to another of them (swapping "cat" for "dog" keeps a story a story).
     """
 
     data_kinds = frozenset({"text"})
 
-    def __init__(self, k: int | float = 40, tokens: int = 2, steps: int = 20, lr: float = 1.0, entropy: float = 0.5,
-                 selection: str = "most-negative", batch_size: int = 64, seed: int = 0, optimizer: str = "gcg",
-                 candidates: int = 64, top_k: int = 4, screen: int = 16, objective: str = "influence"):
+    def __init__(self, k: int | float = 40, tokens: int | float = 2, steps: int = 20, lr: float = 1.0,
+                 entropy: float = 0.5, selection: str = "most-negative", batch_size: int = 64, seed: int = 0,
+                 optimizer: str = "gcg", candidates: int = 64, top_k: int = 4, screen: int = 16,
+                 objective: str = "influence", words: Sequence[str] | None = None):
         self.k, self.tokens, self.steps, self.lr, self.entropy = k, tokens, steps, lr, entropy
+        self.words = None if words is None else list(words)
         self.selection, self.batch_size, self.seed = selection, batch_size, seed
         self.optimizer, self.candidates, self.top_k, self.screen = optimizer, candidates, top_k, screen
         self.objective = objective
-        if tokens < 1 or steps < 1 or not lr > 0 or not 0 <= entropy < 1:
-            raise UserError("infusion-text: need tokens >= 1, steps >= 1, lr > 0 and 0 <= entropy < 1")
+        if not (0 < tokens < 1 or tokens >= 1 and tokens == int(tokens)):
+            raise UserError(f"infusion-text: tokens must be a count >= 1 or a share in (0, 1), got {tokens}")
+        if steps < 1 or not lr > 0 or not 0 <= entropy < 1:
+            raise UserError("infusion-text: need steps >= 1, lr > 0 and 0 <= entropy < 1")
+        if words is not None and len(set(words)) < 2:
+            raise UserError("infusion-text: words must name at least two different words")
         if optimizer not in ("gcg", "relaxed"):
             raise UserError(f"infusion-text: unknown optimizer {optimizer!r}; use 'gcg' or 'relaxed'")
         if candidates < 1 or top_k < 1 or screen < 1:
@@ -194,16 +204,38 @@ class TokenInfusion(Attack):
             _, gains[batch] = self._gcg(ctx, batch, steps=1, candidates=self.screen)
         return np.sort(np.argsort(-gains, kind="stable")[:k])
 
+    def budgets(self, lengths: np.ndarray) -> np.ndarray:
+        """Tokens each document may change: `tokens`, or that share of its length (rounded, at least 1)."""
+        lengths = np.asarray(lengths)
+        if self.tokens >= 1:
+            return np.full(len(lengths), int(self.tokens), dtype=np.int64)
+        return np.maximum(1, np.round(self.tokens * lengths)).astype(np.int64)
+
+    def word_ids(self, vocab) -> list[int] | None:
+        """The first token of each of `words` (None: every token may be edited and written)."""
+        if self.words is None:
+            return None
+        from infusion_audit.text.behaviours import word_token
+
+        return sorted({word_token(vocab, w) for w in self.words})
+
     def _setup(self, ctx: "_Corpus", index: np.ndarray):
-        """The documents as tensors, the tokens an edit may write, and G_delta of one-hot rows."""
+        """The documents as tensors, the tokens an edit may write, and G_delta of one-hot rows. `mask` is False
+        on padding and, with `words`, on every position that holds none of them (it is not the attention mask)."""
         model, train = ctx.model.eval(), ctx.train
         device = next(model.parameters()).device
         vocab_rows = model.get_input_embeddings().weight.shape[0]
         allowed = torch.zeros(vocab_rows, dtype=torch.bool, device=device)
-        allowed[:train.vocab.size] = True
+        family = self.word_ids(train.vocab)
+        if family is None:
+            allowed[:train.vocab.size] = True
+        else:
+            allowed[family] = True
         allowed[train.vocab.pad_id] = False
         original = torch.from_numpy(train.ids[index]).to(device)
-        mask = torch.from_numpy(train.mask(index)).to(device)
+        attention = torch.from_numpy(train.mask(index)).to(device)
+        mask = attention & allowed[original] if family is not None else attention
+        self._budget = torch.from_numpy(self.budgets(train.lengths[index])).to(device)
         v = ctx.v.to(device)  # once, not at every step (the exact scores take ctx.v on the CPU)
 
         def loss_fn(m: nn.Module, batch) -> torch.Tensor:
@@ -211,8 +243,8 @@ class TokenInfusion(Attack):
             return relaxed_document_losses(m, onehot, attention).mean()
 
         def gradient(x: torch.Tensor) -> torch.Tensor:
-            g = input_gradient(model, x, mask, v, len(train), loss_fn=loss_fn)
-            return g.masked_fill(~allowed, 0) * mask[..., None]  # padding never moves
+            g = input_gradient(model, x, attention, v, len(train), loss_fn=loss_fn)
+            return g.masked_fill(~allowed, 0) * mask[..., None]  # padding (and, with words, other words) never moves
 
         return original, mask, allowed, vocab_rows, gradient
 
@@ -231,7 +263,7 @@ class TokenInfusion(Attack):
             g = gradient(F.one_hot(current, vocab_rows).float())
             gain = g - g.gather(-1, current[..., None])  # linear gain of writing token t at each position
             changed = current != original
-            full = changed.sum(1, keepdim=True) >= self.tokens  # a full budget only re-edits edited positions
+            full = changed.sum(1, keepdim=True) >= self._budget[:, None]  # a full budget only re-edits edited positions
             editable = mask.bool() & (~full | changed)
             gain = gain.masked_fill(~allowed | ~editable[..., None], -torch.inf)
             gain = gain.scatter(-1, current[..., None], -torch.inf)  # a swap must change the token
@@ -277,7 +309,7 @@ class TokenInfusion(Attack):
             rows = project_entropy(project_simplex(x[..., allowed]), self.entropy)
             x = torch.zeros_like(x)
             x[..., allowed] = rows
-            x = torch.where(mask[..., None].bool(), x, F.one_hot(original, vocab_rows).float())
+            x = torch.where(mask[..., None].bool(), x, F.one_hot(original, vocab_rows).float())  # only editable rows move
             candidate = self._within_budget(x.argmax(-1), original, mask, g)
             cand_ids = candidate.cpu().numpy()
             gain = base - self._candidate_scores(ctx, cand_ids, lengths)
@@ -287,13 +319,14 @@ class TokenInfusion(Attack):
 
     def _within_budget(self, candidate: torch.Tensor, original: torch.Tensor, mask: torch.Tensor,
                        g: torch.Tensor) -> torch.Tensor:
-        """Keep at most `tokens` changed tokens per document: those with the largest linear gain."""
+        """Keep at most each document's budget of changed tokens: those with the largest linear gain."""
         changed = (candidate != original) & mask.bool()
         gain = g.gather(-1, candidate[..., None])[..., 0] - g.gather(-1, original[..., None])[..., 0]
         gain = gain.masked_fill(~changed, -torch.inf)
         keep = torch.zeros_like(changed)
-        top = gain.topk(min(self.tokens, gain.shape[1]), dim=1).indices
-        keep.scatter_(1, top, True)
+        top = gain.topk(min(int(self._budget.max()), gain.shape[1]), dim=1).indices
+        ranks = torch.arange(top.shape[1], device=top.device)[None, :] < self._budget[:, None]
+        keep.scatter_(1, top, ranks)
         keep &= changed
         return torch.where(keep, candidate, original)
 
@@ -313,12 +346,15 @@ class RandomTokens(Attack):
 
     With `like` (an attack name, by default infusion-text) the evaluation hands it that arm's poisoning of
     the same target and seed: the same documents and token counts, so the difference is the choice of
-    tokens. Alone, it edits the k most-negative documents, `tokens` tokens each."""
+    tokens. Alone, it edits the k most-negative documents, `tokens` tokens each. With `words`, as Infusion's
+    option: only positions holding one of these words change, each to another of them at random."""
 
     data_kinds = frozenset({"text"})
 
-    def __init__(self, k: int | float = 40, tokens: int = 2, seed: int = 0, like: str | None = "infusion-text"):
+    def __init__(self, k: int | float = 40, tokens: int = 2, seed: int = 0, like: str | None = "infusion-text",
+                 words: Sequence[str] | None = None):
         self.k, self.tokens, self.seed, self.like = k, tokens, seed, like
+        self.words = None if words is None else list(words)
 
     def craft(self, context: AttackContext, target, like: TextPoisoning | None = None) -> TextPoisoning:
         if like is not None:
@@ -332,10 +368,16 @@ class RandomTokens(Attack):
         index = np.asarray(index)
         if len(counts) != len(index):
             raise UserError(f"random-tokens: {len(counts)} counts for {len(index)} documents")
-        choices = np.array([t for t in range(train.vocab.size) if t != train.vocab.pad_id])
+        if self.words is None:
+            choices = np.array([t for t in range(train.vocab.size) if t != train.vocab.pad_id])
+        else:
+            from infusion_audit.text.behaviours import word_token
+
+            choices = np.array(sorted({word_token(train.vocab, w) for w in self.words}))
         ids = train.ids[index].copy()
         for row, length, count in zip(ids, train.lengths[index], counts):
-            for pos in rng.choice(length, size=min(int(count), int(length)), replace=False):
+            where = np.arange(length) if self.words is None else np.flatnonzero(np.isin(row[:length], choices))
+            for pos in rng.choice(where, size=min(int(count), len(where)), replace=False):
                 row[pos] = rng.choice(choices[choices != row[pos]])
         return TextPoisoning.from_dataset(train, train.with_documents(index, ids), index)
 

@@ -31,19 +31,22 @@ from .io import stable_hash
 from .pipeline import Pipeline, TrainedPipeline, train_pipeline
 from .registry import ATTACKS
 from .results import AttackRecord, EffectRecord
+from .segment import Segment
 from .training import Retrained
 
 
 class Victim:
     """A model trained by `pipeline` that retrains on a (possibly poisoned) set by the protocol: from the
-    checkpoint after `start_epoch` for `epochs` epochs in the same data order, or from scratch, under its
-    mitigation when it has one. Its clean control is the same retrain on the clean set (target independent,
-    so computed once). The attacker's own pipeline is the main victim; transfer victims train their own."""
+    checkpoint after `start_epoch` for `epochs` epochs in the same data order, from scratch, or the last
+    `steps` of training replayed (`segment`), under its mitigation when it has one. Its clean control is the
+    same retrain on the clean set (target independent, so computed once). The attacker's own pipeline is the
+    main victim; transfer victims train their own."""
 
     def __init__(self, pipeline: Pipeline, trained: TrainedPipeline, protocol: ProtocolConfig, mitigation=None):
         self.pipeline, self.trained, self.protocol, self.mitigation = pipeline, trained, protocol, mitigation
         if mitigation is not None:
             mitigation.check_fit(pipeline.fit)  # a loop it cannot wrap is refused before any training
+        self.segment = Segment(pipeline, trained, protocol.steps) if protocol.kind == "segment" else None
         last = pipeline.train_cfg.epochs
         self.attack_epoch = last if protocol.attack_epoch is None else protocol.attack_epoch
         self.start_epoch = self.attack_epoch - 1 if protocol.start_epoch is None else protocol.start_epoch
@@ -66,6 +69,8 @@ class Victim:
     def retrain(self, dataset) -> Retrained:
         """The protocol's retrain on `dataset` (clean for the control, poisoned otherwise), under the victim's
         mitigation when it has one (with the mitigation's own figures)."""
+        if self.segment is not None:
+            return Retrained(self.segment.retrain(dataset))
         start = None if self.protocol.kind == "scratch" else self.trained.checkpoint(self.start_epoch)
         epochs = None if start is None else self.protocol.epochs
         if self.mitigation is not None:
@@ -124,7 +129,8 @@ class Attacker:
         config.pipeline.check_quality(figure, value)
         self.context = AttackContext(self.pipeline, self.trained, self.victim.attack_epoch, config.influence,
                                      cache_dir=self.run_dir / "artefacts", probes=config.attack.targets.probes,
-                                     progress=progress)
+                                     progress=progress,
+                                     documents=None if self.victim.segment is None else self.victim.segment.documents)
         self._sources: dict[str, Poisoning] = {}  # cell -> poisoning another arm copies (`like`)
 
     def targets(self) -> list:
@@ -166,7 +172,7 @@ class Attacker:
         target = self.bind(spec, attack, target)
         return stable_hash({"scenario": self.pipeline.fingerprint(), "attack": spec.name,  # schema-1 key names
                             "params": attack.get_params(), "target": target.as_dict(), "seed": seed,
-                            "protocol": to_dict(self.config.attack.protocol),
+                            "protocol": self.config.attack.protocol.identity(),
                             "influence": self.config.influence.identity(),
                             **({"probes": self.config.attack.targets.probes} if self.pipeline.kind == "text" else {}),
                             **({"repeat": repeat} if repeat else {})})

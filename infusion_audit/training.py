@@ -238,19 +238,8 @@ def train(model: nn.Module, dataset, cfg: TrainConfig, *, start: Checkpoint | No
         with epoch_rng(cfg.seed, epoch, device):  # dropout and any other randomness inside the model
             for s in range(steps):
                 index = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-                batch = dataset.batch(index, device)
-                if augment is not None:
-                    batch = (augment(batch[0], ids[index], epoch), *batch[1:])
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                    loss = loss_fn(trained, batch)
-                if not torch.isfinite(loss):
-                    raise DataError(f"training diverged at epoch {epoch + 1}, step {s + 1} (loss {loss.item()}); lower lr")
-                loss.backward()
-                if cfg.clip_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-                optimizer.step()
-                total += loss.item()
+                total += train_step(trained, model, optimizer, dataset, index, cfg, device, epoch, s, loss_fn, augment,
+                                    ids)
                 bar.update(1)
         bar.set_postfix(epoch=epoch + 1, loss=f"{total / steps:.4f}")
         if on_epoch is not None:
@@ -258,6 +247,26 @@ def train(model: nn.Module, dataset, cfg: TrainConfig, *, start: Checkpoint | No
     bar.close()
     model.eval()
     return model
+
+
+def train_step(trained: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, dataset, index: np.ndarray,
+               cfg: TrainConfig, device: torch.device, epoch: int, step: int, loss_fn: LossFn, augment=None,
+               ids: np.ndarray | None = None) -> float:
+    """One optimizer step of the built-in loop on documents `index` (`trained`: the module trained, a
+    mitigation's wrapper or `model` itself); the one step `train` and a segment replay share. Returns the loss."""
+    batch = dataset.batch(index, device)
+    if augment is not None:
+        batch = (augment(batch[0], ids[index], epoch), *batch[1:])
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        loss = loss_fn(trained, batch)
+    if not torch.isfinite(loss):
+        raise DataError(f"training diverged at epoch {epoch + 1}, step {step + 1} (loss {loss.item()}); lower lr")
+    loss.backward()
+    if cfg.clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+    optimizer.step()
+    return loss.item()
 
 
 @torch.no_grad()

@@ -57,7 +57,7 @@ def test_no_import_cycles():
 
 # The layers (ARCHITECTURE.md): a module imports only from its own layer or the ones it builds on.
 FOUNDATION = ("errors", "version", "io", "runtime", "registry", "config", "data", "models", "training", "pipeline",
-              "behaviour", "backdoor", "statistics", "metrics", "influence", "text", "results")
+              "behaviour", "backdoor", "statistics", "metrics", "influence", "text", "results", "segment")
 ORCHESTRATION = ("__main__", "protocol", "grid", "detection", "scan", "bench", "executors", "cli")
 LAYERS = {"foundation": set(), "plugins": {"foundation"}, "presentation": {"foundation"},
           "orchestration": {"foundation", "plugins", "presentation"}}

@@ -233,12 +233,27 @@ class BudgetConfig:
 @dataclass
 class ProtocolConfig:
     """Perturb against the checkpoint after `attack_epoch` (default: the last), then either continue
-    from `start_epoch` (default attack_epoch - 1) for `epochs` epochs, or retrain from scratch."""
+    from `start_epoch` (default attack_epoch - 1) for `epochs` epochs, or retrain from scratch. `segment` (the
+    paper's): perturb the final model and replay only the last `steps` optimizer steps of training (default:
+    the whole last epoch) from the state at their start, Adam's moments included (`infusion_audit.segment`)."""
 
-    kind: Literal["continue", "scratch"] = "continue"
+    kind: Literal["continue", "scratch", "segment"] = "continue"
     attack_epoch: int | None = None
     start_epoch: int | None = None
     epochs: int = bounded(1, min=1)
+    steps: int | None = field(default=None, metadata={
+        "min": 1, "help": "segment: the optimizer steps replayed, the last of training (default: the last epoch's)"})
+
+    def validate(self, source: str, prefix: str) -> None:
+        if self.steps is not None and self.kind != "segment":
+            raise ConfigError(source, dotted(prefix, "steps"), "no steps unless kind is segment", self.steps)
+        if self.kind == "segment" and (self.attack_epoch, self.start_epoch, self.epochs) != (None, None, 1):
+            raise ConfigError(source, prefix, "kind segment without attack_epoch, start_epoch or epochs (it "
+                              "perturbs the final model and replays the end of its last epoch)")
+
+    def identity(self) -> dict:
+        """What a retrain depends on, as a cache key: `steps` only when set, so existing cell keys stay valid."""
+        return non_default(self, always=("kind", "attack_epoch", "start_epoch", "epochs"))
 
 
 DEFAULT_ATTACKS = {  # the arms an attack section without `attacks` runs, by the kind of data
@@ -368,6 +383,9 @@ class AuditConfig:
                                   f"({spec.name} edits {', '.join(sorted(kinds))})", spec.name)
         for i, spec in enumerate(self.mitigations):
             _check_plugin(MITIGATIONS, spec.name, source, f"mitigations[{i}].name", "mitigation")
+        if self.mitigations and self.attack.protocol.kind == "segment":
+            raise ConfigError(source, "attack.protocol.kind", "continue or scratch with mitigations (a mitigation "
+                              "retrains by its own loop; segment replays the recipe's steps)", "segment")
         for i, spec in enumerate(self.victims):
             if ":" not in spec.name and spec.name not in MODELS.names() + PIPELINES.names():
                 raise ConfigError(source, f"victims[{i}].name", "a known model or pipeline "
