@@ -107,7 +107,7 @@ class PipelineConfig:
     def check_quality(self, figure: str, value: float) -> None:
         """Refuse to attack a model that has not learned its task: an audit of it would measure nothing."""
         if not value >= self.quality_floor:
-            raise UserError(f"the trained model's {figure} is {value:.3f}, below the pipeline's quality floor "
+            raise UserError(f"the trained model's {figure} is {value:.4g}, below the pipeline's quality floor "
                             f"{self.quality_floor:g}; fix the training recipe (or lower pipeline.quality_floor)")
 
 
