@@ -93,11 +93,11 @@ def summarise_run(run_dir: Path) -> dict:
 
 
 def collect(out: Path) -> dict:
-    """Every experiment and seed run under `out`, summarised."""
+    """Every experiment and seed run under `out` to its end (a run writes provenance.json last), summarised."""
     figures = {}
     for name in EXPERIMENTS:
         seeds = {int(p.name.split("-")[1]): summarise_run(p) for p in sorted((out / name).glob("seed-*"))
-                 if (p / "results.jsonl").exists()}
+                 if (p / "provenance.json").exists()}
         if seeds:
             figures[name] = {"command": "infusion-audit " + " ".join(EXPERIMENTS[name]), "seeds": seeds}
     return figures
