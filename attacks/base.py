@@ -178,14 +178,19 @@ class AttackContext:
             self.timings[f"scores:{target_key(target)}"] = time.perf_counter() - t0
         return self._scores[key]
 
-    def select(self, target: Target, k: int, rule: Selection, seed: int,
-               eligible: np.ndarray | None = None, damping: float | None = None) -> np.ndarray:
-        """The k documents an attack edits: by influence score (at `damping`, as `query`), or at random, among
-        `eligible` (a mask) of the documents a retrain sees."""
+    def pool(self, eligible: np.ndarray | None = None) -> np.ndarray:
+        """The indices an attack may edit: `eligible` (a mask; None: all) among the documents a retrain sees (a
+        segment's, under `protocol: {kind: segment}`). Every selection draws from here."""
         mask = np.ones(len(self.train), bool) if eligible is None else np.asarray(eligible, bool)
         if self.documents is not None:
             mask = mask & np.isin(np.arange(len(self.train)), self.documents)
-        pool = np.flatnonzero(mask)
+        return np.flatnonzero(mask)
+
+    def select(self, target: Target, k: int, rule: Selection, seed: int,
+               eligible: np.ndarray | None = None, damping: float | None = None) -> np.ndarray:
+        """The k documents an attack edits: by influence score (at `damping`, as `query`), or at random, from
+        `pool(eligible)`."""
+        pool = self.pool(eligible)
         if k > len(pool):
             raise UserError(f"budget k={k} exceeds the {len(pool)} documents this attack can edit")
         if rule == "random":

@@ -62,10 +62,10 @@ class GradientMatching(Attack):
         of_class = context.train.y == target.cls
         if self.selection == "random":
             return context.select(target, k, "random", self.seed, eligible=of_class)
-        if k > of_class.sum():
-            raise UserError(f"gradient-matching: budget k={k} exceeds the {int(of_class.sum())} documents of class "
-                            f"{target.cls}")
-        pool = np.flatnonzero(of_class)
+        pool = context.pool(of_class)
+        if k > len(pool):
+            raise UserError(f"gradient-matching: budget k={k} exceeds the {len(pool)} documents of class "
+                            f"{target.cls} it may edit")
         norms = context.cached(f"gradient-norms:{target.cls}", lambda: np.concatenate(
             [per_example_gradients(context.model, context.train, pool[chunk]).double().norm(dim=1).numpy()
              for chunk in iter_chunks(len(pool), 256)]))

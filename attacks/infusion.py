@@ -173,8 +173,7 @@ class Infusion(Attack):
         """The k documents whose edit can buy most to first order: the feasible L-inf gain of each document's
         ascent direction at its clean point (sum over values of |G| times the room the ball and range leave)."""
         train = context.train
-        eligible = self._eligible(context)
-        pool = np.flatnonzero(np.ones(len(train), bool) if eligible is None else eligible)
+        pool = context.pool(self._eligible(context))
         device = next(context.model.parameters()).device
         grads = []
         for s in range(0, len(pool), self.batch_size):

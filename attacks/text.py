@@ -160,7 +160,7 @@ class TokenInfusion(Attack):
         ctx = _Corpus(context.model, context.train, context.query(target), context.progress)
         k, t0 = context.budget_k(self.k), time.perf_counter()
         if self.selection == "most-improvable":
-            index = self._most_improvable(ctx, k)
+            index = self._most_improvable(ctx, context.pool(), k)
         else:
             index = context.select(target, k, self.selection, self.seed)
         t_select, t0 = time.perf_counter() - t0, time.perf_counter()
@@ -187,7 +187,7 @@ class TokenInfusion(Attack):
             return influence_scores(ctx.model, docs, ctx.v, loss_fn=lm_loss, cosine=True)
         return directional_scores(ctx.model, docs, ctx.v, document_losses)
 
-    def _most_improvable(self, ctx: "_Corpus", k: int) -> np.ndarray:
+    def _most_improvable(self, ctx: "_Corpus", pool: np.ndarray, k: int) -> np.ndarray:
         """The k documents whose best single swap gains the most, exactly scored: one GCG step over the corpus.
 
         The most-negative documents are the ones that already help f; with a budget of a few tokens the
@@ -196,13 +196,12 @@ class TokenInfusion(Attack):
         candidate swaps drawn as GCG draws them, scored exactly; the first-order gain of the linear
         ranking alone misses such swaps (top_k must then cover the vocabulary).
         """
-        gains = np.zeros(len(ctx.train))
-        everything = np.arange(len(ctx.train))
-        for start in tqdm(range(0, len(everything), self.batch_size), desc="infusion-text (screen)", leave=False,
+        gains = np.zeros(len(pool))
+        for start in tqdm(range(0, len(pool), self.batch_size), desc="infusion-text (screen)", leave=False,
                           disable=not ctx.progress):
-            batch = everything[start:start + self.batch_size]
-            _, gains[batch] = self._gcg(ctx, batch, steps=1, candidates=self.screen)
-        return np.sort(np.argsort(-gains, kind="stable")[:k])
+            _, gains[start:start + self.batch_size] = self._gcg(ctx, pool[start:start + self.batch_size], steps=1,
+                                                                candidates=self.screen)
+        return np.sort(pool[np.argsort(-gains, kind="stable")[:k]])
 
     def budgets(self, lengths: np.ndarray) -> np.ndarray:
         """Tokens each document may change: `tokens`, or that share of its length (rounded, at least 1)."""

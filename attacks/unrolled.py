@@ -313,7 +313,7 @@ def craft_unrolled(attack, context, target):
 
     t0 = time.perf_counter()
     eligible = attack._eligible(context)
-    pool = np.flatnonzero(np.ones(len(train), bool) if eligible is None else eligible)
+    pool = context.pool(eligible)
     if attack.selection == "random":
         index = context.select(target, k, "random", attack.seed, eligible=eligible)
     else:

@@ -30,7 +30,7 @@ from infusion_audit.results.summary import DETECTION_METRICS, bound_label, ci_te
 from infusion_audit.results.gate import CONTROL_RULE, evaluate_policy, glance, run_policy
 from infusion_audit.results.verdict import (ASR_LABEL, BACKDOOR_NEUTRALISE_RULE, BACKDOOR_RULE, CATCH_RULE, EFFECT_LABEL,
                                             KNOWLEDGE_LEVELS, LOGODDS_DEFINITIONS, NEUTRAL_BOUND, NEUTRALISE_RULE,
-                                            PRIMARY_LABEL, PRIMARY_METRIC, SUCCESS_RULE, SURVIVAL_RULE, build_backdoors,
+                                            PRIMARY_LABEL, PRIMARY_METRIC, SUCCESS_RULE, SURVIVAL_RULE, build_backdoors, effect,
                                             build_defender_levels, build_frontier, detectors_by_level, headline_level,
                                             judge_mitigations, largest_budgets)
 from infusion_audit.version import __version__
@@ -123,7 +123,7 @@ def _knowledge_panels(attacks: list[dict], detection: list[dict]) -> list[dict]:
     """The detection chart's panels: per knowledge level, each attack at its largest budget (succeeding
     ones first, by effect) against every detector of that level, with the unedited null where measured."""
     arms = sorted(largest_budgets(attacks),
-                  key=lambda a: (a["status"] != "succeeds", -(a["delta_logodds"]["mean"] or 0), a["label"]))
+                  key=lambda a: (a["status"] != "succeeds", a["measure"] == "asr", -(effect(a)[1]["mean"] or 0), a["label"]))
     by_key = {(d["arm"], d["budget_key"], d["detector"]): d for d in detection}
     labels = [f"{a['label']} · {ASR_LABEL} {number_text(a['asr']['mean'], 2)}" if a["measure"] == "asr"
               else f"{a['label']} · {EFFECT_LABEL} {number_text(a['delta_logodds']['mean'], 2)}" for a in arms]

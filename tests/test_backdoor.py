@@ -296,6 +296,34 @@ def test_records_summary_and_verdict_speak_asr_for_backdoors():
     assert weak["mitigations"][0]["status"] == "nothing to stop"
 
 
+def test_the_policy_and_verdict_json_judge_a_backdoor_on_asr(tmp_path):
+    """A backdoor is judged on ΔASR everywhere a CI reads it: verdict.json carries the measure and the ASR figures
+    (and follows its schema), and the mitigation rule for backdoors is max_mitigated_asr, not the log-odds bound
+    (here DP-SGD leaves ΔASR 0.01 while the triggered images' log-odds still move by 5 nats)."""
+    import jsonschema
+
+    from infusion_audit.config import PolicyConfig
+    from infusion_audit.results.gate import SCHEMA_PATH, evaluate_policy, verdict_document
+
+    summary = summarise(by_kind(_records([0.95, 0.9, 0.97, 0.92])))
+    passes = evaluate_policy(PolicyConfig(max_mitigated_asr=0.05), summary)
+    assert passes["passed"] and passes["checked"] == ["errors", "max_mitigated_asr=0.05"]
+    (failure,) = evaluate_policy(PolicyConfig(max_mitigated_asr=0.005), summary)["failures"]
+    assert failure["rule"] == "max_mitigated_asr=0.005" and "a mean ΔASR above 0.005" in failure["reason"]
+    (failure,) = evaluate_policy(PolicyConfig(max_mitigated_effect=0.5), summary)["failures"]
+    assert "no attack was retrained under a mitigation" in failure["reason"]  # no targeted arm: nothing to check
+    verdict = verdict_document(summary, PolicyConfig(undetected_at="data"), {
+        "directory": "run", "infusion_audit": "test", "generated": "2026-12-05T00:00:00+00:00", "records": {},
+        "cells": 4, "targets": 4})
+    jsonschema.validate(verdict, json.loads(SCHEMA_PATH.read_text()), format_checker=jsonschema.FormatChecker())
+    (attack,) = verdict["attacks"]
+    assert attack["measure"] == "asr" and attack["succeeds"] and attack["asr"]["value"] == pytest.approx(0.935)
+    assert attack["delta_asr"]["value"] == pytest.approx(0.915) and "backdoor" in verdict["rules"]
+    assert verdict["mitigations"][0]["attacks"][0]["delta_asr"]["value"] == pytest.approx(0.01)
+    (failure,) = verdict["policy"]["failures"]
+    assert "(ΔASR 0.91 [" in failure["reason"]  # the figure it was judged on, not Δ log-odds
+
+
 def test_the_report_has_a_backdoor_section_and_escapes_the_dataset(tmp_path):
     from infusion_audit.io import write_json
     from infusion_audit.reports import render_report

@@ -164,8 +164,8 @@ def test_verdict_json_follows_its_schema_and_junit_reads_back(tmp_path):
 
 
 @pytest.mark.parametrize("item, message", [
-    ("nope=1", "--fail-on: nope=1: expected KEY=VALUE with KEY one of undetected_at, max_mitigated_effect, attacks, "
-               "allow_errors, e.g. undetected_at=model"),
+    ("nope=1", "--fail-on: nope=1: expected KEY=VALUE with KEY one of undetected_at, max_mitigated_effect, "
+               "max_mitigated_asr, attacks, allow_errors, e.g. undetected_at=model"),
     ("undetected_at", "--fail-on: undetected_at: expected KEY=VALUE"),
     ("undetected_at=everything", "--fail-on: policy.undetected_at: expected one of 'data', 'model', 'probe', "
                                  "'reference', 'forensic', got 'everything'"),

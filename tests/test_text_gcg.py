@@ -29,6 +29,9 @@ class FixedDirection:
     def query(self, target) -> torch.Tensor:
         return self.v
 
+    def pool(self) -> np.ndarray:
+        return np.arange(len(self.train))
+
     def select(self, target, k: int, rule: str, seed: int) -> np.ndarray:
         return np.sort(np.argsort(self.scores, kind="stable")[:k])
 

@@ -139,6 +139,10 @@ def test_the_segment_is_a_protocol_option_and_the_attacker_edits_only_what_it_se
     assert context.budget_k(0.5) == 8  # a share of the 16 documents the segment sees
     picked = context.select(WordPairTarget("cat", "dog"), 3, "random", 0, eligible=np.arange(48) % 2 == 0)
     assert set(picked) <= set(victim.segment.documents) and all(i % 2 == 0 for i in picked)
+    # a selection of an attack's own (the screen of most-improvable) draws from the same pool
+    screened = TokenInfusion(k=3, selection="most-improvable", screen=2, steps=1, candidates=4).craft(
+        context, WordPairTarget("cat", "dog"))
+    assert set(screened.indices) <= set(victim.segment.documents)
 
 
 # --------------------------------------------------------------------------- family edits and shares

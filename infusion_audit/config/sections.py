@@ -323,6 +323,9 @@ class PolicyConfig:
     max_mitigated_effect: float | None = field(default=None, metadata={
         "help": "fail when an attack's mean Δ log-odds under a mitigation is above this (nats); a run without a "
                 "mitigation fails it"})
+    max_mitigated_asr: float | None = field(default=None, metadata={
+        "help": "fail when a backdoor's mean ΔASR under a mitigation is above this (a fraction of the triggered "
+                "images); a run without a backdoor under a mitigation fails it", "min": 0, "max": 1})
     attacks: list[str] = field(default_factory=list, metadata={
         "help": "the attacks the rules judge, by name (default: every attack of the run)"})
     allow_errors: bool = field(default=False, metadata={

@@ -20,8 +20,8 @@ from ..io import write_json
 from ..version import __version__
 from .records import load_records
 from .summary import RANDOM_CONTROLS, ci_text, summarise
-from .verdict import (CATCH_RULE, EFFECT_LABEL, NEUTRALISE_RULE, PRIMARY_LABEL, PRIMARY_METRIC, SUCCESS_RULE,
-                      knowledge_order, largest_budgets)
+from .verdict import (BACKDOOR_NEUTRALISE_RULE, BACKDOOR_RULE, CATCH_RULE, NEUTRALISE_RULE, PRIMARY_LABEL,
+                      PRIMARY_METRIC, SUCCESS_RULE, effect, knowledge_order, largest_budgets)
 
 VERDICT_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("verdict.schema.json")
@@ -85,7 +85,7 @@ def glance(summary: dict) -> dict:
     for d in summary["defence"]:
         defences[(d["arm"], d["budget_key"])][d["detector"]] = d
     attacks = sorted(largest_budgets(summary["attacks"]), key=lambda a: (
-        a["is_control"], a["status"] != "succeeds", -(a["delta_logodds"]["mean"] or 0), a["label"]))
+        a["is_control"], a["status"] != "succeeds", a["measure"] == "asr", -(effect(a)[1]["mean"] or 0), a["label"]))
     rows = []
     for a in attacks:
         key = (a["arm"], a["budget_key"])
@@ -153,7 +153,8 @@ def evaluate_policy(policy: PolicyConfig, summary: dict, table: dict | None = No
               and (not policy.attacks or r["arm"][1] in policy.attacks)]
     checked = ([] if policy.allow_errors else ["errors"]) + (
         [f"undetected_at={policy.undetected_at}"] if policy.undetected_at is not None else []) + (
-        [f"max_mitigated_effect={policy.max_mitigated_effect:g}"] if policy.max_mitigated_effect is not None else [])
+        [f"max_mitigated_effect={policy.max_mitigated_effect:g}"] if policy.max_mitigated_effect is not None else []) + (
+        [f"max_mitigated_asr={policy.max_mitigated_asr:g}"] if policy.max_mitigated_asr is not None else [])
     failures = []
     errors = summary["errors"]
     if errors and not policy.allow_errors:
@@ -171,7 +172,8 @@ def evaluate_policy(policy: PolicyConfig, summary: dict, table: dict | None = No
             cell = level_cell(r["detections"], level)
             if cell["outcome"] != "caught":
                 best = cell["best"]
-                evading.append(f"{r['label']}, {r['budget']} ({EFFECT_LABEL} {ci_text(r['attack']['delta_logodds'], 2, False)}; "
+                name, value = effect(r["attack"])
+                evading.append(f"{r['label']}, {r['budget']} ({name} {ci_text(value, 2, False)}; "
                                + (f"best {best['detector']}, {PRIMARY_LABEL} {ci_text(best[PRIMARY_METRIC], 2, False)}"
                                   if best else "no detector available ran on it") + ")")
         if evading:
@@ -179,25 +181,33 @@ def evaluate_policy(policy: PolicyConfig, summary: dict, table: dict | None = No
                 f"{_plural(len(evading), 'attack')} {'succeeds' if len(evading) == 1 else 'succeed'} and no detector "
                 f"available with {DEFENDER_LABELS[level]} catches {'it' if len(evading) == 1 else 'them'}: "
                 + "; ".join(evading))})
-    if policy.max_mitigated_effect is not None:
-        bound = policy.max_mitigated_effect
-        by_mitigation: dict[str, list[dict]] = defaultdict(list)
-        for m in summary["mitigations"]:
-            if m["arm"][1] not in RANDOM_CONTROLS and (not policy.attacks or m["arm"][1] in policy.attacks):
-                by_mitigation[m["mitigation"]].append(m)
-        rule = f"max_mitigated_effect={bound:g}"
-        if not by_mitigation:
-            failures.append({"rule": rule, "reason": "no attack was retrained under a mitigation in this run, so the "
-                                                     "effect under one cannot be checked (add a mitigations: section)"})
-        above = [m for rows in by_mitigation.values() for m in largest_budgets(rows)
-                 if m["delta_logodds"]["mean"] is not None and m["delta_logodds"]["mean"] > bound]
-        if above:
-            failures.append({"rule": rule, "reason": (
-                f"{_plural(len(above), 'attack')} keep{'s' if len(above) == 1 else ''} a mean {EFFECT_LABEL} above "
-                f"{bound:g} under a mitigation: " + "; ".join(
-                    f"{m['label']}, {m['budget']} under {m['mitigation']}: {ci_text(m['delta_logodds'], 2, False)}"
-                    for m in above))})
+    for measure, bound, key in (("logodds", policy.max_mitigated_effect, "max_mitigated_effect"),
+                                ("asr", policy.max_mitigated_asr, "max_mitigated_asr")):
+        if bound is not None:
+            failures += _mitigated_above(summary, policy, measure, bound, f"{key}={bound:g}")
     return {"rules": policy.rules(), "checked": checked, "passed": not failures, "failures": failures}
+
+
+def _mitigated_above(summary: dict, policy: PolicyConfig, measure: str, bound: float, rule: str) -> list[dict]:
+    """The rule that no attack judged on `measure` (logodds: targeted arms, asr: backdoors) keeps a mean effect above
+    `bound` under a mitigation, each at its largest budget; a run with no such attack under a mitigation fails it."""
+    by_mitigation: dict[str, list[dict]] = defaultdict(list)
+    for m in summary["mitigations"]:
+        if (m["measure"] == measure and m["arm"][1] not in RANDOM_CONTROLS
+                and (not policy.attacks or m["arm"][1] in policy.attacks)):
+            by_mitigation[m["mitigation"]].append(m)
+    what = "backdoor" if measure == "asr" else "attack"
+    if not by_mitigation:
+        return [{"rule": rule, "reason": f"no {what} was retrained under a mitigation in this run, so the effect "
+                                         "under one cannot be checked (add a mitigations: section)"}]
+    above = [m for rows in by_mitigation.values() for m in largest_budgets(rows)
+             if effect(m)[1]["mean"] is not None and effect(m)[1]["mean"] > bound]
+    if not above:
+        return []
+    return [{"rule": rule, "reason": (
+        f"{_plural(len(above), what)} keep{'s' if len(above) == 1 else ''} a mean {effect(above[0])[0]} above "
+        f"{bound:g} under a mitigation: " + "; ".join(
+            f"{m['label']}, {m['budget']} under {m['mitigation']}: {ci_text(effect(m)[1], 2, False)}" for m in above))}]
 
 
 # --------------------------------------------------------------------------- verdict.json
@@ -215,7 +225,9 @@ def _attack_entry(a: dict) -> dict:
         "budget": record.budget or {}, "budget_label": a["budget"], "n": a["n"], "control": a["is_control"],
         "status": a["status"], "succeeds": a["status"] == "succeeds" if a["status"] != "too few targets" else None,
         "delta_logodds": _interval(a["delta_logodds"]), "delta_p": _interval(a["delta_p"]),
-        "flips": {"k": a["flip"]["k"], **_interval(a["flip"])},
+        "flips": {"k": a["flip"]["k"], **_interval(a["flip"])}, "measure": a["measure"],
+        **({"delta_asr": _interval(a["delta_asr"]), "asr": _interval(a["asr"]), "asr_control": _interval(a["asr_control"])}
+           if a["measure"] == "asr" else {}),
         "versus_control": None if control is None else {
             "control": control["label"], "difference": _interval(control["diff"]), "wins": control["wins"],
             "n": control["n"], "p_wilcoxon": control["p_wilcoxon"]},
@@ -245,7 +257,9 @@ def _mitigation_entries(summary: dict) -> list[dict]:
     return [{"mitigation": name, "accuracy_cost": _interval(summary["mitigation_costs"][name]["acc_cost"]),
              "attacks": [{"label": m["label"], "budget_label": m["budget"], "status": m["status"],
                           "neutralised": m["status"] == "neutralised", "delta_logodds": _interval(m["delta_logodds"]),
-                          "unmitigated": _interval(m["unmitigated"])} for m in rows]}
+                          "unmitigated": _interval(m["unmitigated"]), "measure": m["measure"],
+                          **({"delta_asr": _interval(m["delta_asr"]), "unmitigated_asr": _interval(m["unmitigated_asr"])}
+                             if m["measure"] == "asr" else {})} for m in rows]}
             for name, rows in sorted(by_mitigation.items())]
 
 
@@ -257,7 +271,9 @@ def verdict_document(summary: dict, policy: PolicyConfig, run: dict) -> dict:
     table = glance(summary)
     return {
         "schema": "infusion-audit/verdict", "version": VERDICT_VERSION, "run": run,
-        "rules": {"success": SUCCESS_RULE, "catch": CATCH_RULE, "neutralise": NEUTRALISE_RULE, "control": CONTROL_RULE},
+        "rules": {"success": SUCCESS_RULE, "catch": CATCH_RULE, "neutralise": NEUTRALISE_RULE, "control": CONTROL_RULE,
+                  **({"backdoor": BACKDOOR_RULE, "backdoor_neutralise": BACKDOOR_NEUTRALISE_RULE}
+                     if any(a["measure"] == "asr" for a in summary["attacks"]) else {})},
         "attacks": [_attack_entry(a) for a in summary["attacks"]],
         "levels": [_level_entry(level, table) for level in table["levels"]],
         "mitigations": _mitigation_entries(summary),

@@ -61,6 +61,11 @@ SURVIVAL_RULE = (f"a detector's catch survives the adaptive attacker when its me
 
 
 # --------------------------------------------------------------------------- one row
+def effect(row: dict) -> tuple[str, dict]:
+    """An attack or mitigation row's success measure, named: ΔASR for a backdoor arm, else Δ log-odds."""
+    return ("ΔASR", row["delta_asr"]) if row.get("measure") == "asr" else (EFFECT_LABEL, row["delta_logodds"])
+
+
 def attack_status(delta_logodds: dict) -> str:
     """The verdict on an attack from the mean_ci of its Δ log-odds, by SUCCESS_RULE."""
     if delta_logodds["n"] < 2 or delta_logodds["lo"] is None:

@@ -30,7 +30,7 @@ from ..errors import DataError, UserError
 from ..io import _jsonable, atomic_write_text, record_hash, stable_hash, verified
 from ..models import build_model
 from ..pipeline import Pipeline
-from ..runtime import resolve_device
+from ..runtime import configure, model_device, resolve_device
 from ..text.data import tokens_changed
 from ..text.models import build_text_model
 from ..training import Checkpoint, accuracy
@@ -347,6 +347,7 @@ def scan(data: Any, y: Any = None, *, model: Any = None, detectors: str | Sequen
     behaviour = as_behaviour(behaviour, data)
     if model is not None:
         check_model(model, data)
+    configure(None, "cpu" if model is None else model_device(model).type)  # the caller's threads; cuda: deterministic
     specs = detector_specs(detectors, data)
     if not isinstance(influence, InfluenceConfig):
         influence = from_dict(InfluenceConfig, influence or {}, "influence")
