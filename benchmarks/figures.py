@@ -1,25 +1,30 @@
 """README's measured figures, from the runs README's own commands make: run them, render the tables, check them.
 
-    python benchmarks/figures.py run [--only NAME ...] [--seeds 0 1 2]   every experiment, once per training seed
+    python benchmarks/figures.py run [--only NAME ...] [--seeds 0 2 3]   every experiment, once per training seed
     python benchmarks/figures.py render                                 summaries -> benchmarks/results/figures.json
                                                                         and README's tables
     python benchmarks/figures.py check                                  README's tables == figures.json's (a test)
-    python benchmarks/figures.py compare DIR                            another machine's runs against README's ranges
+    python benchmarks/figures.py compare DIR                            another machine's runs against README's
+                                                                        prediction intervals
 
 A training run's numbers move with the order floats are summed in (torch's thread count, the CPU's vector
 width: `ATEN_CPU_CAPABILITY=avx2` on an AVX-512 machine gives other last bits, which training amplifies).
 So every experiment runs with training seeds 0, 2 and 3 (`--set pipeline.train.seed=S`; seed 0 is the
-built-in config as it is; seed 1's digits model falls below the pipeline's quality floor and is refused), and README gives each figure as the mean over seeds with their range, and each
-conclusion with the number of seeds it holds on. Every table between ``<!-- figures:EXPERIMENT:TABLE -->``
-and ``<!-- /figures -->`` in README.md is written by `render`; none is typed by hand.
+built-in config as it is; seed 1's digits model falls below the pipeline's quality floor and is refused), and README
+gives each figure as the mean over seeds with the 95% prediction interval of one more run (another seed or another
+machine) and the seeds' range, and each conclusion with the number of seeds it holds on. Every table between
+``<!-- figures:EXPERIMENT:TABLE -->`` and ``<!-- /figures -->`` in README.md is written by `render`; none is typed
+by hand.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -104,15 +109,30 @@ def collect(out: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- tables
+def prediction_interval(values: list[float]) -> tuple[float, float] | None:
+    """The 95% prediction interval of one more run (another seed, or another machine) from these runs:
+    mean ± t(0.975, n-1) · sd · sqrt(1 + 1/n); None with fewer than 2 runs."""
+    from scipy import stats
+
+    n = len(values)
+    if n < 2:
+        return None
+    mean, sd = sum(values) / n, statistics.stdev(values)
+    half = float(stats.t.ppf(0.975, n - 1)) * sd * math.sqrt(1 + 1 / n)
+    return mean - half, mean + half
+
+
 def spread(values: list[float], digits: int = 2) -> str:
-    """Mean over seeds, with the seeds' range when there are several."""
+    """Mean over seeds, the 95% prediction interval of another run, and the seeds' range."""
     values = [v for v in values if v is not None]
     if not values:
         return "n/a"
     mean = sum(values) / len(values)
-    if len(values) == 1:
+    interval = prediction_interval(values)
+    if interval is None:
         return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ({min(values):.{digits}f} to {max(values):.{digits}f})"
+    return (f"{mean:.{digits}f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}] "
+            f"(seeds {min(values):.{digits}f} to {max(values):.{digits}f})")
 
 
 def _rows(seeds: dict, kind: str, key, only: str = "") -> list[tuple[tuple, list[dict]]]:
@@ -125,7 +145,7 @@ def _rows(seeds: dict, kind: str, key, only: str = "") -> list[tuple[tuple, list
 
 
 def attacks_table(seeds: dict, only: str = "") -> str:
-    lines = ["| attack (budget) | mean Δ log-odds: mean over seeds (range) | its 95% CI above 0 | Δ log-odds > 0 | "
+    lines = ["| attack (budget) | mean Δ log-odds: mean over seeds [95% PI] (seeds) | its 95% CI above 0 | Δ log-odds > 0 | "
              "top-1 flips | accuracy lost (points) |", "|---|---|---|---|---|---|"]
     for (label, budget), rows in _rows(seeds, "attacks", lambda r: (r["label"], r["budget"]), only):
         succeeds = sum(r["status"] == "succeeds" for r in rows)
@@ -139,7 +159,7 @@ def attacks_table(seeds: dict, only: str = "") -> str:
 
 def comparisons_table(seeds: dict, only: str = "") -> str:
     """Each reference arm against the arms of its own k, and against one probe insertion (whose k is 1)."""
-    lines = ["| paired on the same targets | mean difference in Δ log-odds (range over seeds) | CI above 0 | "
+    lines = ["| paired on the same targets | mean difference in Δ log-odds [95% PI] (seeds) | CI above 0 | "
              "CI below 0 | wins | largest Wilcoxon p | share of the topline (Δ log-odds) |",
              "|---|---|---|---|---|---|---|"]
     for _, rows in _rows(seeds, "comparisons",
@@ -173,7 +193,7 @@ def detection_table(seeds: dict, only: str = "") -> str:
 
 
 def mitigations_table(seeds: dict, only: str = "") -> str:
-    lines = ["| mitigation | attack (budget) | Δ log-odds under it (range over seeds) | neutralised | "
+    lines = ["| mitigation | attack (budget) | Δ log-odds under it [95% PI] (seeds) | neutralised | "
              "clean accuracy lost (points) | retrain time |", "|---|---|---|---|---|---|"]
     for (mitigation, label, budget), rows in _rows(seeds, "mitigations",
                                                    lambda r: (r["mitigation"], r["label"], r["budget"]), only):
@@ -213,7 +233,7 @@ def render_readme(text: str, figures: dict) -> str:
 
 # --------------------------------------------------------------------------- compare
 def compare(figures: dict, other: dict) -> list[str]:
-    """Each attack's mean Δ log-odds of another machine's runs against README's range over seeds."""
+    """Each attack's mean Δ log-odds of another machine's runs against README's 95% prediction interval."""
     out = []
     for name, experiment in other.items():
         if name not in figures:
@@ -223,13 +243,13 @@ def compare(figures: dict, other: dict) -> list[str]:
         for seed, s in experiment["seeds"].items():
             for r in s["attacks"]:
                 key = (r["label"], r["budget"])
-                values = [o[key] for o in ours if key in o]
-                if not values:
+                interval = prediction_interval([o[key] for o in ours if key in o])
+                if interval is None:
                     continue
-                lo, hi = min(values), max(values)
-                inside = lo - 1e-9 <= r["delta_logodds"]["mean"] <= hi + 1e-9
+                inside = interval[0] <= r["delta_logodds"]["mean"] <= interval[1]
                 out.append(f"{name} seed {seed} {key[0]} ({key[1]}): {r['delta_logodds']['mean']:.2f} "
-                           f"{'within' if inside else 'OUTSIDE'} README's {lo:.2f} to {hi:.2f}")
+                           f"{'within' if inside else 'OUTSIDE'} README's [{interval[0]:.2f}, {interval[1]:.2f}]; "
+                           f"{r['status']}")
     return out
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import lzma
 import math
+import tokenize
 import zipfile
 import zlib
 from dataclasses import dataclass, field, replace
@@ -306,7 +307,8 @@ def read_npy_header(fh, size: int, name: str) -> NpyHeader:
         header = NpyHeader(*read_header(fh))
     except DataError:
         raise
-    except (ValueError, TypeError, SyntaxError, RecursionError, OverflowError) as exc:
+    except (ValueError, TypeError, SyntaxError, RecursionError, OverflowError, tokenize.TokenError) as exc:
+        # numpy tokenizes a header it cannot parse at once (to upgrade old ones): a torn one raises TokenError
         raise DataError(f"{name}: not a readable .npy array header ({first_line(exc)})") from None
     shape, dtype = header.shape, header.dtype
     if dtype.hasobject:

@@ -270,6 +270,22 @@ def write_entry(folder: Path, i: int, entry: tuple) -> None:
 FOLDERS = st.lists(st.lists(ENTRY, max_size=4), max_size=4)  # classes, each a list of entries
 
 
+def test_a_header_numpy_cannot_tokenize_is_refused_in_one_line(tmp_path):
+    """Found by the fuzzer: a one-byte header ")" makes numpy's header parser raise tokenize.TokenError."""
+    path = tmp_path / "torn.npz"
+    y = io.BytesIO()
+    np.save(y, np.zeros(4, np.int64))
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", b"\x93NUMPY\x01\x00" + struct.pack("<H", 1) + b")")
+        archive.writestr("y.npy", y.getvalue())
+    try:
+        load_npz(path)
+    except DataError as exc:
+        assert str(exc).startswith(f"{path}[x]: not a readable .npy array header") and "\n" not in str(exc)
+    else:
+        raise AssertionError("a torn header was loaded")
+
+
 def test_fuzzed_png_folders_load_or_are_refused_in_one_line(tmp_path):
     seen: dict[str, str] = {}
 

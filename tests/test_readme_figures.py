@@ -36,12 +36,13 @@ def _attack(mean: float, status: str = "succeeds") -> dict:
             "success": [10, 10], "flip": [0, 10], "acc_drop": 0.001}
 
 
-def test_a_table_gives_the_mean_over_seeds_with_their_range_and_counts_the_seeds_a_conclusion_holds_on():
+def test_a_table_gives_the_mean_over_seeds_with_a_prediction_interval_and_counts_the_seeds_a_conclusion_holds_on():
     figures = _figures_module()
     seeds = {0: {"attacks": [_attack(1.0)]}, 1: {"attacks": [_attack(2.0)]},
              2: {"attacks": [_attack(0.3, "no effect shown")]}}
     row = figures.attacks_table(seeds).splitlines()[2]
-    assert "| 1.10 (0.30 to 2.00) |" in row and "| 2/3 seeds |" in row and "| 30/30 |" in row
+    # mean, the 95% prediction interval of one more run (1.10 ± 4.303 · 0.8544 · sqrt(4/3)), the seeds' range
+    assert "| 1.10 [-3.14, 5.34] (seeds 0.30 to 2.00) |" in row and "| 2/3 seeds |" in row and "| 30/30 |" in row
     text = "before\n<!-- figures:x:attacks -->\nstale\n<!-- /figures -->\nafter\n"
     rendered = figures.render_readme(text, {"x": {"seeds": {str(k): v for k, v in seeds.items()}}})
-    assert "stale" not in rendered and "1.10 (0.30 to 2.00)" in rendered and rendered.endswith("after\n")
+    assert "stale" not in rendered and "(seeds 0.30 to 2.00)" in rendered and rendered.endswith("after\n")
