@@ -139,10 +139,11 @@ class Attacker:
 
     def shown_targets(self) -> list[str]:
         """For each target the trained model already shows before any attack, a line saying so (a config check
-        cannot know it for a model trained from scratch)."""
+        cannot know it for a model trained from scratch). A backdoor target has no trigger until an arm binds
+        one: its control's ASR is measured in every record instead."""
         model = self.victim.before
-        return [f"the trained model: {line}" for target in self.targets()
-                if (line := already_shown(self.context.behaviour(target), model)) is not None]
+        return [f"the trained model: {line}" for target in self.targets() if not is_backdoor(target)
+                and (line := already_shown(self.context.behaviour(target), model)) is not None]
 
     def build_attack(self, spec: AttackSpec, seed: int, budget: BudgetConfig, repeat: int = 0) -> Attack:
         """The arm's attack for a cell: the shared budget's keys it takes, the cell's attack seed (a repeat's
