@@ -144,64 +144,75 @@ def _rows(seeds: dict, kind: str, key, only: str = "") -> list[tuple[tuple, list
     return [(key(r), [b[key(r)] for b in by_seed if key(r) in b]) for r in first]
 
 
+def _table(header: str, seeds: dict, kind: str, key, only: str, row) -> str:
+    """A markdown table of `kind`'s rows matched across seeds by `key` (see _rows): `row(key, rows)` writes
+    each line (None leaves the row out)."""
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    lines += [line for k, rows in _rows(seeds, kind, key, only) if (line := row(k, rows)) is not None]
+    return "\n".join(lines)
+
+
 def attacks_table(seeds: dict, only: str = "") -> str:
-    lines = ["| attack (budget) | mean Δ log-odds: mean over seeds [95% PI] (seeds) | its 95% CI above 0 | Δ log-odds > 0 | "
-             "top-1 flips | accuracy lost (points) |", "|---|---|---|---|---|---|"]
-    for (label, budget), rows in _rows(seeds, "attacks", lambda r: (r["label"], r["budget"]), only):
+    def row(key, rows):
+        label, budget = key
         succeeds = sum(r["status"] == "succeeds" for r in rows)
         positive = [sum(r["success"][0] for r in rows), sum(r["success"][1] for r in rows)]
         flips = [sum(r["flip"][0] for r in rows), sum(r["flip"][1] for r in rows)]
-        lines.append(f"| {label} ({budget}) | {spread([r['delta_logodds']['mean'] for r in rows])} | "
-                     f"{succeeds}/{len(rows)} seeds | {positive[0]}/{positive[1]} | {flips[0]}/{flips[1]} | "
-                     f"{spread([None if r['acc_drop'] is None else 100 * r['acc_drop'] for r in rows])} |")
-    return "\n".join(lines)
+        return (f"| {label} ({budget}) | {spread([r['delta_logodds']['mean'] for r in rows])} | "
+                f"{succeeds}/{len(rows)} seeds | {positive[0]}/{positive[1]} | {flips[0]}/{flips[1]} | "
+                f"{spread([None if r['acc_drop'] is None else 100 * r['acc_drop'] for r in rows])} |")
+
+    return _table("| attack (budget) | mean Δ log-odds: mean over seeds [95% PI] (seeds) | its 95% CI above 0 | "
+                  "Δ log-odds > 0 | top-1 flips | accuracy lost (points) |", seeds, "attacks",
+                  lambda r: (r["label"], r["budget"]), only, row)
 
 
 def comparisons_table(seeds: dict, only: str = "") -> str:
     """Each reference arm against the arms of its own k, and against one probe insertion (whose k is 1)."""
-    lines = ["| paired on the same targets | mean difference in Δ log-odds [95% PI] (seeds) | CI above 0 | "
-             "CI below 0 | wins | largest Wilcoxon p | share of the topline (Δ log-odds) |",
-             "|---|---|---|---|---|---|---|"]
-    for _, rows in _rows(seeds, "comparisons",
-                         lambda r: (r["arm"], r["budget"], r["versus"], r["versus_budget"]), only):
+    def row(_, rows):
         r0 = rows[0]
         same_k = r0["versus_budget"].split(",")[0] == r0["budget"].split(",")[0]
         if not same_k and not r0["versus"].startswith("probe-insertion (x1)"):
-            continue
+            return None
         shares = [(r["share_of_topline"] or {}).get("delta_logodds") for r in rows]
         ps = [r["p_wilcoxon"] for r in rows if r["p_wilcoxon"] is not None]
-        lines.append(f"| {r0['arm']} ({r0['budget']}) vs {r0['versus']} ({r0['versus_budget']}) | "
-                     f"{spread([r['diff']['mean'] for r in rows])} | "
-                     f"{sum(r['diff']['lo'] is not None and r['diff']['lo'] > 0 for r in rows)}/{len(rows)} | "
-                     f"{sum(r['diff']['hi'] is not None and r['diff']['hi'] < 0 for r in rows)}/{len(rows)} | "
-                     f"{sum(r['wins'] for r in rows)}/{sum(r['n'] for r in rows)} | "
-                     f"{f'{max(ps):.2g}' if ps else 'n/a'} | "
-                     f"{spread(shares, 3) if any(s is not None for s in shares) else ''} |")
-    return "\n".join(lines)
+        return (f"| {r0['arm']} ({r0['budget']}) vs {r0['versus']} ({r0['versus_budget']}) | "
+                f"{spread([r['diff']['mean'] for r in rows])} | "
+                f"{sum(r['diff']['lo'] is not None and r['diff']['lo'] > 0 for r in rows)}/{len(rows)} | "
+                f"{sum(r['diff']['hi'] is not None and r['diff']['hi'] < 0 for r in rows)}/{len(rows)} | "
+                f"{sum(r['wins'] for r in rows)}/{sum(r['n'] for r in rows)} | "
+                f"{f'{max(ps):.2g}' if ps else 'n/a'} | "
+                f"{spread(shares, 3) if any(s is not None for s in shares) else ''} |")
+
+    return _table("| paired on the same targets | mean difference in Δ log-odds [95% PI] (seeds) | CI above 0 | "
+                  "CI below 0 | wins | largest Wilcoxon p | share of the topline (Δ log-odds) |", seeds, "comparisons",
+                  lambda r: (r["arm"], r["budget"], r["versus"], r["versus_budget"]), only, row)
 
 
 def detection_table(seeds: dict, only: str = "") -> str:
-    lines = ["| detector (what the defender needs) | attack (budget) | AUROC | TPR at 1% FPR | the same documents "
-             "unedited: AUROC, TPR |", "|---|---|---|---|---|"]
-    for (detector, label, budget), rows in _rows(seeds, "detection",
-                                                 lambda r: (r["detector"], r["label"], r["budget"]), only):
+    def row(key, rows):
+        detector, label, budget = key
         null = (f"{spread([r['auroc_unedited'] for r in rows])}, {spread([r['tpr_unedited'] for r in rows])}"
                 if rows[0]["auroc_unedited"] is not None else "")
-        lines.append(f"| {detector} ({rows[0]['knowledge']}) | {label} ({budget}) | "
-                     f"{spread([r['auroc'] for r in rows])} | {spread([r['tpr'] for r in rows])} | {null} |")
-    return "\n".join(lines)
+        return (f"| {detector} ({rows[0]['knowledge']}) | {label} ({budget}) | "
+                f"{spread([r['auroc'] for r in rows])} | {spread([r['tpr'] for r in rows])} | {null} |")
+
+    return _table("| detector (what the defender needs) | attack (budget) | AUROC | TPR at 1% FPR | the same documents "
+                  "unedited: AUROC, TPR |", seeds, "detection", lambda r: (r["detector"], r["label"], r["budget"]),
+                  only, row)
 
 
 def mitigations_table(seeds: dict, only: str = "") -> str:
-    lines = ["| mitigation | attack (budget) | Δ log-odds under it [95% PI] (seeds) | neutralised | "
-             "clean accuracy lost (points) | retrain time |", "|---|---|---|---|---|---|"]
-    for (mitigation, label, budget), rows in _rows(seeds, "mitigations",
-                                                   lambda r: (r["mitigation"], r["label"], r["budget"]), only):
-        lines.append(f"| {mitigation} | {label} ({budget}) | {spread([r['delta_logodds']['mean'] for r in rows])} | "
-                     f"{sum(r['status'] == 'neutralised' for r in rows)}/{len(rows)} seeds | "
-                     f"{spread([None if r['acc_cost'] is None else 100 * r['acc_cost'] for r in rows])} | "
-                     f"{spread([r['time_factor'] for r in rows], 1)}x |")
-    return "\n".join(lines)
+    def row(key, rows):
+        mitigation, label, budget = key
+        return (f"| {mitigation} | {label} ({budget}) | {spread([r['delta_logodds']['mean'] for r in rows])} | "
+                f"{sum(r['status'] == 'neutralised' for r in rows)}/{len(rows)} seeds | "
+                f"{spread([None if r['acc_cost'] is None else 100 * r['acc_cost'] for r in rows])} | "
+                f"{spread([r['time_factor'] for r in rows], 1)}x |")
+
+    return _table("| mitigation | attack (budget) | Δ log-odds under it [95% PI] (seeds) | neutralised | "
+                  "clean accuracy lost (points) | retrain time |", seeds, "mitigations",
+                  lambda r: (r["mitigation"], r["label"], r["budget"]), only, row)
 
 
 def time_table(seeds: dict, only: str = "") -> str:
