@@ -190,7 +190,7 @@ def main() -> None:
         target = WordPairTarget(a, b)
         behaviour = make_behaviour(target)  # what is measured (the attack may ascend another probe set)
         with torch.no_grad():
-            ctrl_logp = behaviour._logp(control).double()
+            ctrl_logp = behaviour._next_logp(control).double()
             ctrl_probe = (ctrl_logp[:, behaviour.token_b] - ctrl_logp[:, behaviour.token_a]).numpy()
             ctrl_hits = ctrl_probe > 0
         first = behaviour.first
@@ -242,7 +242,7 @@ def main() -> None:
                 model = segment.retrain(poisoned)
                 t_retrain = time.perf_counter() - t
                 with torch.no_grad():
-                    logp = behaviour._logp(model).double()
+                    logp = behaviour._next_logp(model).double()
                     after = (logp[:, behaviour.token_b] - logp[:, behaviour.token_a]).numpy()
                     moved = (logp - ctrl_logp)[:, [behaviour.token_a, behaviour.token_b]].mean(0).tolist()
                     loss_change = 0.0  # an attack that improved no document edits none

@@ -17,6 +17,8 @@ from __future__ import annotations
 import concurrent.futures as futures
 import os
 import socket
+import threading
+import time
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from .errors import UserError, first_line
@@ -72,7 +74,7 @@ class LocalExecutor(Executor):
         context = multiprocessing.get_context("spawn")  # a forked child would inherit torch's thread pools
         with futures.ProcessPoolExecutor(min(self.workers, len(items)), mp_context=context,
                                          initializer=_start_local_worker,
-                                         initargs=(setup, setup_args, self.threads)) as pool:
+                                         initargs=(setup, setup_args, self.threads, os.getpid())) as pool:
             pending = {pool.submit(_run_local, work, item): item for item in items}
             try:
                 for future in futures.as_completed(pending):
@@ -216,9 +218,19 @@ def _enter(directory: str) -> None:
 _LOCAL: _Worker | None = None
 
 
-def _start_local_worker(setup: Setup, setup_args: tuple, threads: int) -> None:
+def _start_local_worker(setup: Setup, setup_args: tuple, threads: int, driver: int) -> None:
     global _LOCAL
     _LOCAL = _Worker(setup, setup_args, threads)
+    threading.Thread(target=_exit_without, args=(driver,), daemon=True, name="driver-watch").start()
+
+
+def _exit_without(driver: int, every: float = 0.5) -> None:
+    """Exit as soon as the driver is gone. A driver killed outright (SIGKILL, an OOM kill, a SIGTERM from a CI
+    runner) cannot stop its pool, and its workers would compute cells nobody records for minutes, holding
+    the cores a resumed run needs; a worker whose driver died is handed to another parent."""
+    while os.getppid() == driver:
+        time.sleep(every)
+    os._exit(1)
 
 
 def _run_local(work: Work, item: Any) -> Any:

@@ -229,12 +229,12 @@ def defence_effect(panels: dict[str, list[dict]], measure: str) -> Markup:
 
 
 # --------------------------------------------------------------------------- gallery images
-def hardening(panels: Sequence[dict], kinds: dict[str, tuple[str, str, str]], neutral_bound: float,
-              effect_label: str) -> Markup:
-    """One panel per attack: the mean Δ log-odds (95% CI) each defence leaves against the clean accuracy it costs
+def hardening(panels: Sequence[dict], kinds: dict[str, tuple[str, str, str]]) -> Markup:
+    """One panel per attack: the mean effect (95% CI) each defence leaves against the clean accuracy it costs
     (points, 95% CI), so the defence that buys most robustness per accuracy point sits lowest and leftmost.
-    Each panel: {"title", "points": [{"kind", "name", "cost": summary, "effect": summary}]}; `kinds` maps a
-    point's kind to (legend label, marker, colour); a dotted line marks `neutral_bound`."""
+    Each panel: {"title", "effect_label", "neutral_bound", "points": [{"kind", "name", "cost": summary, "effect":
+    summary}]}; `kinds` maps a point's kind to (legend label, marker, colour); a dotted line marks the panel's
+    `neutral_bound`."""
     cols = min(3, max(len(panels), 1))
     n_rows = -(-len(panels) // cols)
     with plt.rc_context({**STYLE, "text.parse_math": False}):  # a '$' in a name is text, not TeX
@@ -257,10 +257,10 @@ def hardening(panels: Sequence[dict], kinds: dict[str, tuple[str, str, str]], ne
                                 fontsize=7, color=colour)
                     named += 1
             ax.axhline(0, color="grey", lw=0.8)
-            ax.axhline(neutral_bound, color="grey", lw=0.7, ls=":")
+            ax.axhline(panel["neutral_bound"], color="grey", lw=0.7, ls=":")
             ax.set_title(textwrap.fill(panel["title"], 44), fontsize=9, fontweight="bold", loc="left")
             ax.set_xlabel("clean accuracy lost (points)")
-            ax.set_ylabel(f"mean {effect_label}, 95% CI")
+            ax.set_ylabel(f"mean {panel['effect_label']}, 95% CI")
         drawn = {p["kind"] for panel in panels for p in panel["points"]}
         handles = [plt.Line2D([], [], marker=m, color=c, ls="none", label=label)
                    for kind, (label, m, c) in kinds.items() if kind in drawn]

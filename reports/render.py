@@ -29,7 +29,7 @@ from infusion_audit.results import load_records, summarise
 from infusion_audit.results.summary import DETECTION_METRICS, bound_label, ci_text, in_points, number_text
 from infusion_audit.results.gate import CONTROL_RULE, evaluate_policy, glance, run_policy
 from infusion_audit.results.verdict import (ASR_LABEL, BACKDOOR_NEUTRALISE_RULE, BACKDOOR_RULE, CATCH_RULE, EFFECT_LABEL,
-                                            KNOWLEDGE_LEVELS, LOGODDS_DEFINITIONS, NEUTRAL_BOUND, NEUTRALISE_RULE,
+                                            KNOWLEDGE_LEVELS, LOGODDS_DEFINITIONS, NEUTRAL_ASR, NEUTRAL_BOUND, NEUTRALISE_RULE,
                                             PRIMARY_LABEL, PRIMARY_METRIC, SUCCESS_RULE, SURVIVAL_RULE, build_backdoors, effect,
                                             build_defender_levels, build_frontier, detectors_by_level, headline_level,
                                             judge_mitigations, largest_budgets)
@@ -60,7 +60,7 @@ def build_charts(attacks: list[dict], detection: list[dict], defence: list[dict]
     out: dict[str, Any] = dict.fromkeys(("budget", "scatter", "frontier", "roc", "defence", "hardening"))
     if mitigations:
         out["hardening"] = charts.hardening(_hardening_panels(attacks, list(mitigations), defence, defence_label),
-                                            HARDENING_KINDS, NEUTRAL_BOUND, EFFECT_LABEL)
+                                            HARDENING_KINDS)
     if attacks:
         out["budget"] = _budget_chart(attacks)
     if detection:
@@ -97,20 +97,25 @@ def removal_cost(defence: list[dict]) -> str:
 def _hardening_panels(attacks: list[dict], mitigations: list[dict], defence: list[dict],
                       defence_label: str) -> list[dict]:
     """Per attack, at the largest budget it was mitigated at: the plain effect, the effect under each mitigation
-    and the residual effect after each detector's removal, each at the clean accuracy it costs (in points)."""
+    and the residual effect after each detector's removal, each at the clean accuracy it costs (in points); a
+    backdoor's panel speaks ΔASR (with its own neutral bound), a targeted attack's Δ log-odds."""
     plain = {(a["arm"], a["budget_key"]): a for a in attacks}
-    removal = [d for d in defence if defence_label == EFFECT_LABEL]  # a residual Δp does not sit on a Δ log-odds axis
-    cost = removal_cost(removal)
+    # a residual Δp does not sit on a Δ log-odds axis; a backdoor's residual ΔASR sits on its own
+    removal = [d for d in defence if defence_label == EFFECT_LABEL or "delta_asr_after" in d]
+    cost = removal_cost(defence)  # as the section's note says
     panels = []
     for top in sorted(largest_budgets(mitigations), key=lambda m: m["label"]):
-        key = (top["arm"], top["budget_key"])
-        points = [{"kind": "none", "name": "no defence", "cost": {"mean": 0.0}, "effect": plain[key]["delta_logodds"]}
+        key, asr = (top["arm"], top["budget_key"]), top["measure"] == "asr"
+        effect, after = ("delta_asr", "delta_asr_after") if asr else ("delta_logodds", "after")
+        points = [{"kind": "none", "name": "no defence", "cost": {"mean": 0.0}, "effect": plain[key][effect]}
                   ] if key in plain else []
         points += [{"kind": "mitigation", "name": m["mitigation"], "cost": in_points(m["acc_cost"]),
-                    "effect": m["delta_logodds"]} for m in mitigations if (m["arm"], m["budget_key"]) == key]
+                    "effect": m[effect]} for m in mitigations if (m["arm"], m["budget_key"]) == key and effect in m]
         points += [{"kind": "removal", "name": f"remove {d['detector']}", "cost": in_points(d[cost]),
-                    "effect": d["after"]} for d in removal if (d["arm"], d["budget_key"]) == key]
-        panels.append({"title": f"{top['label']}, {top['budget']}", "points": points})
+                    "effect": d[after]} for d in removal if (d["arm"], d["budget_key"]) == key and after in d]
+        panels.append({"title": f"{top['label']}, {top['budget']}", "points": points,
+                       "effect_label": "ΔASR" if asr else EFFECT_LABEL,
+                       "neutral_bound": NEUTRAL_ASR if asr else NEUTRAL_BOUND})
     return panels
 
 
@@ -308,6 +313,7 @@ def render_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                   "logodds": [text for domain, text in LOGODDS_DEFINITIONS.items() if domain in summary["domains"]]},
         "level_headings": LEVEL_HEADINGS,
         "effect_label": EFFECT_LABEL, "defence_label": defence_label, "neutral_bound": NEUTRAL_BOUND,
+        "neutral_asr": NEUTRAL_ASR,
         "primary_label": PRIMARY_LABEL, "metric_names": DETECTION_METRICS,
     }
     html = _environment().get_template("report.html.j2").render(**context)

@@ -3,6 +3,7 @@ triggers, and how records, summary, verdict and report speak ASR for them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -324,19 +325,21 @@ def test_the_policy_and_verdict_json_judge_a_backdoor_on_asr(tmp_path):
     assert "(ΔASR 0.91 [" in failure["reason"]  # the figure it was judged on, not Δ log-odds
 
 
-def test_the_built_in_backdoor_bench_runs_end_to_end(tmp_path):
-    """bench-digits-backdoor, shrunk (two target classes, badnets alone, one detector, no mitigations): the
-    grid trains, plants and measures the backdoor against its clean control, and the report and verdict speak
-    ASR. (The trained model's check for targets it already shows must pass over backdoor targets.)"""
+@pytest.mark.parametrize("name, epochs", [("bench-digits-backdoor", 4), ("bench-mnist-backdoor", 3)])
+def test_the_built_in_backdoor_bench_runs_end_to_end(tmp_path, name, epochs):
+    """The built-in backdoor benches, shrunk (two target classes, their badnets arm alone, one detector, no
+    mitigations, fewer epochs): the grid trains, plants and measures the backdoor against its clean control, and
+    the report and verdict speak ASR. (The trained model's check for targets it already shows must pass over
+    backdoor targets.)"""
     import yaml
 
     import infusion_audit
     from infusion_audit.config import BUILTIN_CONFIGS
 
-    config = yaml.safe_load((BUILTIN_CONFIGS / "bench-digits-backdoor.yaml").read_text())
-    config["attack"].update(attacks=[{"name": "badnets"}], targets={"n": 2, "rule": "backdoor", "seed": 0,
-                                                                      "probes": 16})
-    config["pipeline"].update(train={**config["pipeline"]["train"], "epochs": 4}, quality_floor=0.8)
+    config = yaml.safe_load((BUILTIN_CONFIGS / f"{name}.yaml").read_text())
+    (badnets,) = [arm for arm in config["attack"]["attacks"] if arm["name"] == "badnets"]
+    config["attack"].update(attacks=[badnets], targets={"n": 2, "rule": "backdoor", "seed": 0, "probes": 16})
+    config["pipeline"].update(train={**config["pipeline"]["train"], "epochs": epochs}, quality_floor=0.5)
     config.update(mitigations=[], scan={"detectors": [{"name": "loss-outlier"}], "bootstrap": 0},
                   defence={"enabled": False})
     result = infusion_audit.bench(config, tmp_path / "run", progress=False)
@@ -351,8 +354,6 @@ def test_the_report_has_a_backdoor_section_and_escapes_the_dataset(tmp_path):
     from infusion_audit.io import write_json
     from infusion_audit.reports import render_report
 
-    import dataclasses
-
     records = [dataclasses.replace(r, artefact="artefacts/p0") if r.kind == "attack" else r
                for r in _records([0.95, 0.9, 0.97])]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records))
@@ -364,6 +365,45 @@ def test_the_report_has_a_backdoor_section_and_escapes_the_dataset(tmp_path):
     assert 'id="backdoors"' in html and "plants a backdoor" in html and "ΔASR" in html
     assert "neural-cleanse: 3 of 3 runs (2 judged backdoored)" in html
     assert "carrying the trigger go to class 0 “&lt;b&gt;zero&lt;/b&gt;”" in html and "<b>zero</b>" not in html
+    # hardening speaks ΔASR for a backdoor, beside the badge judged on it (DP-SGD leaves ΔASR 0.01 of 0.92)
+    hardening = html[html.index('id="hardening"'):html.index('id="figures"')]
+    assert "ΔASR 0.01 [" in hardening and "ΔASR 0.92 [" in hardening and "neutralised" in hardening
+    assert "5.00 [" not in hardening  # the triggered images' Δ log-odds is not the figure shown
+
+
+def _as_targeted(records: list) -> list:
+    """The same runs as a targeted arm's: no ASR anywhere, so they are judged on Δ log-odds."""
+    out = []
+    for r in records:
+        fields = {"attack": "probe-insertion", "cell": f"probe-{r.cell}"}
+        if hasattr(r, "asr_poisoned"):
+            fields.update(asr_before=None, asr_control=None, asr_poisoned=None, delta_asr=None, triggered=None)
+        if hasattr(r, "asr_after"):
+            fields.update(asr_after=None, asr_control_removed=None, delta_asr_after=None, delta_asr_before=None)
+        out.append(dataclasses.replace(r, **fields))
+    return out
+
+
+def test_the_hardening_chart_puts_a_backdoor_on_an_asr_axis():
+    """A backdoor's panel speaks ΔASR with its own neutral bound, a targeted arm's beside it Δ log-odds; a
+    residual measured as Δp leaves the targeted panel without removals but not the backdoor's."""
+    from reports.render import _hardening_panels
+
+    backdoor = _records([0.95, 0.9, 0.97])
+    summary = summarise(by_kind(backdoor + _as_targeted(backdoor)))
+    for defence_label in ("Δ log-odds", "Δp"):
+        panels = {p["title"].split(",")[0]: p for p in _hardening_panels(
+            summary["attacks"], summary["mitigations"], summary["defence"], defence_label)}
+        assert set(panels) == {"badnets", "probe-insertion"}
+        asr, logodds = panels["badnets"], panels["probe-insertion"]
+        assert (asr["effect_label"], asr["neutral_bound"]) == ("ΔASR", 0.05)
+        assert (logodds["effect_label"], logodds["neutral_bound"]) == ("Δ log-odds", 0.1)
+        effects = {p["name"]: p["effect"]["mean"] for p in asr["points"]}
+        assert effects["no defence"] == pytest.approx(0.92) and effects["dp-sgd"] == pytest.approx(0.01)
+        assert effects["remove neural-cleanse"] == pytest.approx(0.03)
+        effects = {p["name"]: p["effect"]["mean"] for p in logodds["points"]}
+        assert effects["no defence"] == pytest.approx(5.0) and effects["dp-sgd"] == pytest.approx(5.0)
+        assert ("remove neural-cleanse" in effects) == (defence_label == "Δ log-odds")
 
 
 # --------------------------------------------------------------------------- cross-checks with ART
@@ -383,12 +423,16 @@ def test_badnets_with_arts_pattern_gives_arts_poisoned_set(context):
     assert (ours.x != context.train.x[ours.indices]).sum() > 0
 
 
-def _at_fpr(scores: np.ndarray, truth: np.ndarray, fpr: float) -> float:
-    """Our TPR when at most `fpr` of the clean documents score above the threshold (ties count against us)."""
-    clean = np.sort(scores[~truth])[::-1]
-    allowed = int(np.floor(fpr * len(clean) + 1e-9))
-    threshold = clean[allowed] if allowed < len(clean) else -np.inf
-    return float((scores[truth] > threshold).mean())
+def _art_comparison():
+    """benchmarks/backdoor_vs_art.py, the one place ART's defences are run beside ours."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "backdoor_vs_art.py"
+    spec = importlib.util.spec_from_file_location("backdoor_vs_art", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_detectors_at_arts_operating_points_on_the_same_poisons(backdoored, capsys):
@@ -396,39 +440,16 @@ def test_detectors_at_arts_operating_points_on_the_same_poisons(backdoored, caps
     set (its operating point: the share of poisons and of clean documents it flags); ours, thresholded to flag no
     larger share of the clean documents, catches as many poisons, give or take one. ART has no PyTorch Neural Cleanse."""
     pytest.importorskip("art")
-    from art.defences.detector.poison import ActivationDefence, SpectralSignatureDefense
-    from art.defences.transformer.poisoning import STRIP as ArtSTRIP
-    from art.estimators.classification import PyTorchClassifier
-
     data, poisons, model = backdoored
     truth = np.zeros(len(data), bool)
     truth[poisons] = True
-    context = AuditContext(data, model=model, expected_fraction=0.05, progress=False)
-    feats, onehot = context.features(), np.eye(10)[data.y]
-    identity = PyTorchClassifier(model=nn.Sequential(nn.Identity()), loss=nn.CrossEntropyLoss(),
-                                 input_shape=(feats.shape[1],), nb_classes=10)
-    np.random.seed(0)  # ART's k-means and STRIP draw from numpy's global state
-    art_flags = {
-        "activation-clustering": ActivationDefence(identity, feats, onehot).detect_poison(
-            nb_clusters=2, nb_dims=10, reduce="PCA", cluster_analysis="smaller")[1],
-        "spectral-signature": SpectralSignatureDefense(identity, feats, onehot, expected_pp_poison=0.05,
-                                                       eps_multiplier=1.5).detect_poison()[1],
-    }
-    classifier = PyTorchClassifier(model=nn.Sequential(model, nn.Softmax(dim=1)), loss=nn.CrossEntropyLoss(),
-                                   input_shape=data.input_shape,  # ART's STRIP takes probabilities
-                                   nb_classes=10, clip_values=(0.0, 1.0))
-    strip = ArtSTRIP(classifier)(num_samples=8, false_acceptance_rate=0.01)
-    held_out = data.x[np.flatnonzero(~truth)[:300]]
-    strip.mitigate(held_out)
-    art_flags["strip"] = [0 if row.sum() == 0 else 1 for row in strip.predict(data.x)]  # abstains: zero rows
-    lines = []
-    for name, is_clean in art_flags.items():
-        flagged = np.asarray(is_clean) == 0
-        art_tpr, art_fpr = flagged[truth].mean(), flagged[~truth].mean()
-        params = {"overlays": 8} if name == "strip" else {}
-        ours = _at_fpr(run_detector(build_detector(name, params), context).scores, truth, art_fpr)
-        lines.append(f"{name}: ART TPR {art_tpr:.3f} at FPR {art_fpr:.4f}; ours {ours:.3f}")
+    held_out = data.x[np.flatnonzero(~truth)[:300]]  # clean images ART's STRIP sets its threshold on
+    rows = _art_comparison().compare(model, data, truth, held_out, {"strip": {"overlays": 8}})
+    lines = [f"{name}: ART TPR {r['art_tpr']:.3f} at FPR {r['art_fpr']:.4f}; ours {r['ours_tpr']:.3f}"
+             for name, r in rows.items()]
+    assert set(rows) == {"activation-clustering", "spectral-signature", "strip"}
+    for line, r in zip(lines, rows.values()):
         # measured here: spectral-signature catches 15 of the 72 poisons where ART's catches 16; the others tie or win
-        assert ours >= art_tpr - 1.5 / truth.sum(), lines[-1]
+        assert r["ours_tpr"] >= r["art_tpr"] - 1.5 / truth.sum(), line
     with capsys.disabled():
         print("\nat ART's operating points: " + "; ".join(lines))

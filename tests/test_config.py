@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from infusion_audit.config import (SECTIONS, AuditConfig, InfluenceConfig, load_config, resolve_config_path,
+from infusion_audit.config import (BUILTIN_CONFIGS, SECTIONS, AuditConfig, InfluenceConfig, load_config, resolve_config_path,
                                    with_defaults)
 from infusion_audit.errors import ConfigError
 
@@ -90,6 +90,24 @@ def test_builtin_config_names_resolve(tmp_path, monkeypatch):
     (tmp_path / "mine").mkdir()
     with pytest.raises(ConfigError, match="mine: expected a YAML file or a built-in config name \\(this is a folder\\)"):
         resolve_config_path("mine")
+
+
+def test_every_builtin_config_loads_and_fills_in():
+    """A built-in that README names is checked like a user's file and names plugins that exist, so a typo in one
+    fails here, not in a run."""
+    names = sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.yaml"))
+    assert {"bench-digits", "bench-digits-backdoor", "bench-mnist-backdoor", "mnist"} <= set(names)
+    from infusion_audit.registry import ATTACKS, DATASETS, DETECTORS, MODELS
+
+    for name in names:
+        config = with_defaults(load_config(name))
+        DATASETS.get(config.pipeline.dataset.name)  # each plugin it names exists (an unknown one raises)
+        if config.pipeline.model is not None:
+            MODELS.get(config.pipeline.model.name)
+        for spec in config.attack.attacks:
+            ATTACKS.get(spec.name)
+        for spec in config.scan.detectors:
+            DETECTORS.get(spec.name)
 
 
 def test_cli_bad_config_exits_2_with_one_line(tmp_path):

@@ -304,3 +304,75 @@ def test_a_sigkilled_bench_resumes_with_every_cell_once(tmp_path):
     assert detections == sorted((cell, "perturbation-norm") for cell in cells)
     assert (out / "provenance.json").exists() and result is not None
 
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The live child processes of `pid` (Linux /proc): pid -> command line."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+LONG_CELLS = """
+import os
+import time
+from pathlib import Path
+
+from infusion_audit.executors import LocalExecutor
+
+
+def setup():
+    return None
+
+
+def work(state, item):
+    Path(f"started-{os.getpid()}").touch()
+    time.sleep(120)  # a cell far longer than the test waits
+    return item
+
+
+if __name__ == "__main__":
+    for _ in LocalExecutor(workers=2).map_unordered(setup, (), work, [1, 2]):
+        pass
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from Linux's /proc")
+def test_workers_exit_when_their_driver_is_killed(tmp_path):
+    """A driver killed outright (SIGKILL: it cannot stop its pool) leaves no worker computing cells nobody will
+    record: each notices its driver is gone and exits within seconds, mid-cell."""
+    (tmp_path / "driver.py").write_text(LONG_CELLS)
+    run = subprocess.Popen([sys.executable, "driver.py"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           cwd=tmp_path)
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 240
+        while len(workers := {int(p.name.split("-")[1]) for p in tmp_path.glob("started-*")}) < 2:
+            assert run.poll() is None, run.stderr.read().decode()
+            assert time.monotonic() < deadline, "the workers did not start their cells within 240 s"
+            time.sleep(0.05)
+        assert workers <= set(_children(run.pid))  # the pool's own processes, in their cells
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in workers), "a worker outlived its killed driver by 10 s"
+    finally:
+        run.kill()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -369,11 +369,12 @@ def _mitigation_rows(records: list[Record], attacks: list[dict], arms: Arms) -> 
         unmitigated, mitigated = mean_ci([b for b, _ in paired]), mean_ci(_values(group, "delta_logodds"))
         backdoor = {}
         if all(r.delta_asr is not None for r in group):  # judged on ΔASR, against the plain ΔASR of the same runs
-            plain_asr = mean_ci([plain[c].delta_asr for r in group if (c := (r.cell, r.victim)) in plain])
-            under = mean_ci(_values(group, "delta_asr"))
+            pairs = [(plain[c].delta_asr, r.delta_asr) for r in group if (c := (r.cell, r.victim)) in plain]
+            plain_asr, under = mean_ci([b for b, _ in pairs]), mean_ci(_values(group, "delta_asr"))
             backdoor = {"measure": "asr", "delta_asr": _within(under, -1.0), "unmitigated_asr": plain_asr,
                         "asr": _within(mean_ci(_values(group, "asr_poisoned"))),
-                        "status": mitigation_status(plain_asr, under, NEUTRAL_ASR)}
+                        "status": mitigation_status(plain_asr, under, NEUTRAL_ASR),
+                        "asr_reduction": paired_test([b for b, _ in pairs], [a for _, a in pairs]) if pairs else None}
         rows.append({
             "arm": arm, "label": arms.label(arm), "budget": budget_label(group[0].budget), "budget_key": key[3],
             "mitigation": key[4], "n": len(group), "delta_logodds": mitigated, "unmitigated": unmitigated,

@@ -74,8 +74,36 @@ class CompletionBehaviour:
         return ((greedy == targets) | ~is_target).all(1).cpu().numpy()
 
 
+class NextTokenPreference:
+    """What a word preference computes from its `_next_logp(model)` ((probes, vocabulary) log-probabilities of the
+    next token at each probe, defined by the subclass) and its `token_a`, `token_b`: each probe's term
+    log p(B) - log p(A), f as their sum, and which probes rank B above A."""
+
+    token_a: int
+    token_b: int
+
+    def _next_logp(self, model: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+    def per_probe(self, model: nn.Module) -> torch.Tensor:
+        """log p(B) - log p(A) at each probe."""
+        logp = self._next_logp(model)
+        return logp[:, self.token_b] - logp[:, self.token_a]
+
+    def measure(self, model: nn.Module) -> torch.Tensor:
+        return self.per_probe(model).sum()
+
+    @torch.no_grad()
+    def greedy_hits(self, model: nn.Module) -> np.ndarray:
+        """Per probe, whether the model now ranks B above A (p(B) > p(A)): the top-1 between the two words.
+
+        Not "B is the argmax over the vocabulary": a small model spreads mass over every word of a slot, and
+        the behaviour is about A against B."""
+        return (self.per_probe(model) > 0).cpu().numpy()
+
+
 @dataclass
-class WordPreference:
+class WordPreference(NextTokenPreference):
     """f = sum over probe prefixes of log p(B | prefix) - log p(A | prefix) at the next position (the paper's GPT-Neo
     behaviour): predict word B where the model predicts word A. A word is its first token, as it follows a prefix.
 
@@ -102,22 +130,6 @@ class WordPreference:
         logits = model(input_ids=ids, attention_mask=mask).logits
         last = mask.sum(1) - 1
         return torch.log_softmax(logits[torch.arange(len(ids), device=device), last], -1)
-
-    def per_probe(self, model: nn.Module) -> torch.Tensor:
-        """log p(B | prefix) - log p(A | prefix) per probe."""
-        logp = self._next_logp(model)
-        return logp[:, self.token_b] - logp[:, self.token_a]
-
-    def measure(self, model: nn.Module) -> torch.Tensor:
-        return self.per_probe(model).sum()
-
-    @torch.no_grad()
-    def greedy_hits(self, model: nn.Module) -> np.ndarray:
-        """Per probe, whether the model now ranks B above A (p(B) > p(A)): the top-1 between the two words.
-
-        Not "B is the argmax over the vocabulary": a small model spreads mass over every word of a slot, and
-        the behaviour is about A against B."""
-        return (self.per_probe(model) > 0).cpu().numpy()
 
     @classmethod
     def from_words(cls, prefixes: Sequence[str], word_a: str, word_b: str, vocab) -> "WordPreference":

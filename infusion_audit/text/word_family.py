@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .behaviours import _padded, word_token
+from .behaviours import NextTokenPreference, _padded, word_token
 from .data import TextDataset
 
 
 @dataclass
-class DocumentWordPreference:
+class DocumentWordPreference(NextTokenPreference):
     """f = sum over the occurrences of A in `documents` (positions `positions[d]`) of log p(B) - log p(A) there."""
 
     documents: list[list[int]]
@@ -49,7 +49,7 @@ class DocumentWordPreference:
         """Per probe, whether it is A's first occurrence in its document."""
         return np.array([j == ps[0] for ps in self.positions for j in ps])
 
-    def _logp(self, model: nn.Module) -> torch.Tensor:
+    def _next_logp(self, model: nn.Module) -> torch.Tensor:
         """(probes, vocabulary) log-probabilities of the next token at every probe."""
         device = next(model.parameters()).device
         ids, mask = _padded(self.documents, self.pad_id, device)
@@ -58,22 +58,10 @@ class DocumentWordPreference:
         cols = torch.tensor([j - 1 for ps in self.positions for j in ps], device=device)
         return torch.log_softmax(logits[rows, cols], -1)
 
-    def per_probe(self, model: nn.Module) -> torch.Tensor:
-        logp = self._logp(model)
-        return logp[:, self.token_b] - logp[:, self.token_a]
-
-    def measure(self, model: nn.Module) -> torch.Tensor:
-        return self.per_probe(model).sum()
-
-    @torch.no_grad()
-    def greedy_hits(self, model: nn.Module) -> np.ndarray:
-        """Per probe, whether B now outranks A."""
-        return (self.per_probe(model) > 0).cpu().numpy()
-
     @torch.no_grad()
     def top1(self, model: nn.Module) -> np.ndarray:
         """Per probe, whether B is the model's most likely next token (over the whole vocabulary)."""
-        return (self._logp(model).argmax(-1) == self.token_b).cpu().numpy()
+        return (self._next_logp(model).argmax(-1) == self.token_b).cpu().numpy()
 
 
 def document_word_preference(test: TextDataset, word_a: str, word_b: str, min_count: int = 5,
