@@ -387,7 +387,7 @@ def _as_targeted(records: list) -> list:
 def test_the_hardening_chart_puts_a_backdoor_on_an_asr_axis():
     """A backdoor's panel speaks ΔASR with its own neutral bound, a targeted arm's beside it Δ log-odds; a
     residual measured as Δp leaves the targeted panel without removals but not the backdoor's."""
-    from reports.render import _hardening_panels
+    from infusion_audit.reports.render import _hardening_panels
 
     backdoor = _records([0.95, 0.9, 0.97])
     summary = summarise(by_kind(backdoor + _as_targeted(backdoor)))
