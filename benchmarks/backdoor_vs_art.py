@@ -29,6 +29,7 @@ from tqdm import tqdm
 from infusion_audit.config import load_config, with_defaults
 from infusion_audit.detectors import AuditContext, build_detector, run_detector
 from infusion_audit.io import write_json
+from infusion_audit.metrics import tpr_at_fpr
 from infusion_audit.protocol import Attacker
 from infusion_audit.results import load_records
 from infusion_audit.statistics import paired_test, wilson
@@ -64,15 +65,6 @@ def art_flags(model: nn.Module, data, held_out: np.ndarray, features: np.ndarray
     return {name: np.asarray(flags) == 0 for name, flags in clean.items()}
 
 
-def tpr_at_fpr(scores: np.ndarray, truth: np.ndarray, fpr: float) -> float:
-    """The share of the poisons scoring above a threshold that at most `fpr` of the clean documents exceed
-    (ties count against the detector)."""
-    clean = np.sort(scores[~truth])[::-1]
-    allowed = int(np.floor(fpr * len(clean) + 1e-9))
-    threshold = clean[allowed] if allowed < len(clean) else -np.inf
-    return float((scores[truth] > threshold).mean())
-
-
 def compare(model: nn.Module, data, truth: np.ndarray, held_out: np.ndarray, params: dict[str, dict],
             progress: bool = False) -> dict[str, dict]:
     """Per detector: ART's TPR and FPR at its operating point, and ours at ART's FPR on the same documents."""
@@ -81,7 +73,7 @@ def compare(model: nn.Module, data, truth: np.ndarray, held_out: np.ndarray, par
     rows = {}
     for name in DETECTORS:
         art_tpr, art_fpr = float(flags[name][truth].mean()), float(flags[name][~truth].mean())
-        ours = tpr_at_fpr(run_detector(build_detector(name, params.get(name, {})), context).scores, truth, art_fpr)
+        ours = tpr_at_fpr(truth, run_detector(build_detector(name, params.get(name, {})), context).scores, art_fpr)
         rows[name] = {"art_tpr": art_tpr, "art_fpr": art_fpr, "ours_tpr": ours,
                       "poisons": int(truth.sum()), "clean": int((~truth).sum())}
     return rows

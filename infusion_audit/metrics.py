@@ -39,13 +39,15 @@ def auprc(truth: np.ndarray, scores: np.ndarray) -> float:
 
 
 def tpr_at_fpr(truth: np.ndarray, scores: np.ndarray, fpr: float) -> float:
-    """Share of poisons scoring strictly above the threshold that lets through at most `fpr` of clean documents."""
+    """Share of poisons scoring strictly above the threshold that lets through at most `fpr` of clean documents.
+    An `fpr` that is itself a share of these clean documents (another detector's operating point) allows exactly
+    that many, float rounding of the product aside."""
     truth = np.asarray(truth, dtype=bool)
     scores = np.asarray(scores, dtype=np.float64)
     clean = np.sort(scores[~truth])[::-1]
     if truth.sum() == 0 or len(clean) == 0:
         return float("nan")
-    allowed = int(np.floor(fpr * len(clean)))
+    allowed = int(np.floor(fpr * len(clean) + 1e-9))
     threshold = clean[allowed] if allowed < len(clean) else -np.inf
     return float((scores[truth] > threshold).mean())
 
