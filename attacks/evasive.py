@@ -35,15 +35,16 @@ class EvasiveInfusion(Infusion):
     magnitude per document, so λ means the same on any data) minus λ times the gradient of
     Σ relu(z - z_q)², z being the robust z-score of the document's log-loss (over all documents) and
     of its feature distance to its class centre (within its class), z_q the clean documents'
-    `evade_quantile` of z. With no detectors and λ = 0 this is Infusion.
+    `evade_quantile` of z. With no detectors and λ = 0 this is Infusion's influence preset.
     """
+
+    default_preset = "influence"  # its evasive selection and stealth penalty act on the influence objective
 
     def __init__(self, k: int | float = 0.01, eps: float = 1 / 16, norm: Literal["linf", "l2"] = "linf",
                  step: float | None = None, steps: int = 20, selection: Selection = "most-negative",
                  quantize: bool = True, batch_size: int = 256, seed: int = 0, evade: list[str] | tuple = (),
                  evade_quantile: float = 0.9, stealth: float = 0.0):
-        # its evasive selection and stealth penalty act on the influence objective, whatever Infusion's default
-        super().__init__(k, eps, norm, step, steps, selection, quantize, batch_size, seed, preset="influence")
+        super().__init__(k, eps, norm, step, steps, selection, quantize, batch_size, seed)
         if isinstance(evade, str):
             evade = [evade]
         if not 0 < evade_quantile <= 1:

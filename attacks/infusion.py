@@ -34,7 +34,8 @@ PRESETS: dict[str, dict] = {
     # the paper's code: EK-FAC influence with damping 1e-8, 50 sign steps of 0.001, the most negative documents
     "paper": {"objective": "influence", "damping": 1e-8, "steps": 50, "step": 0.001, "selection": "most-negative",
               "rounds": 1, "screen": 0, "screen_steps": 0},
-    # today's default: the influence section's damping, 20 sign steps of 2.5 eps / 20
+    # the influence recipe (the default before the unrolled one): the influence section's damping, 20 sign steps
+    # of 2.5 eps / 20, the most negative documents
     "influence": {"objective": "influence", "damping": None, "steps": 20, "step": None,
                   "selection": "most-negative", "rounds": 1, "screen": 0, "screen_steps": 0},
     # replay the retrain and climb d f(theta_T) / d x (attacks/unrolled.py): the 400 documents of most first-order
@@ -52,27 +53,31 @@ class Infusion(Attack):
     target it raises the backdoor's f (the triggered images' log p(target)): the trigger is never stamped on a
     training document, only on test inputs.
 
-    `preset` names a recipe (PRESETS: paper, influence, unrolled) that sets `objective`, `damping`, `steps`,
+    `preset` names a recipe (PRESETS: paper, influence, unrolled; default `default_preset`) that sets `objective`, `damping`, `steps`,
     `step`, `selection`, `rounds`, `screen` and `screen_steps` unless they are given. `objective`: influence
     (ascend each document's EK-FAC influence, at `damping` if given, else the influence section's) or unrolled
     (replay the retrain from the checkpoint `unroll_epochs` before the attacked one and ascend each document's
     exact first-order effect on the retrained f; `rounds` > 1 re-linearises around the poisoned retrain;
     `orders` > 0: an attacker who does not know the data order sums over that many orders of its own).
-    `selection: gain` edits the documents whose edit buys most to first order within the budget; `screen` > 0
+    `keep_accuracy` (mu, unrolled only) ascends f less mu times the clean training loss's gradient at f's norm:
+    less collateral damage to accuracy, at a cost in effect (README). `selection: gain` edits the documents
+    whose edit buys most to first order within the budget; `screen` > 0
     gives that many candidates `screen_steps` PGD steps and keeps the k that gained most. `fallback`: where the
     retrain cannot be replayed (Adam, momentum, BatchNorm, a pipeline's own loop), the unrolled objective falls
     back to the influence preset (logged, and said in the poisoning's meta) instead of refusing.
     """
 
     behaviour_kinds = frozenset({"targeted", "backdoor"})
+    default_preset = "unrolled"  # the strongest measured (README); a subclass that needs another names its own
 
     def __init__(self, k: int | float = 0.01, eps: float = 1 / 16, norm: Literal["linf", "l2"] = "linf",
                  step: float | None = PRESET, steps: int = PRESET, selection: Selection | Literal["gain"] = PRESET,
                  quantize: bool = True, batch_size: int = 256, seed: int = 0,
-                 preset: Literal["paper", "influence", "unrolled"] = "influence",
+                 preset: Literal["paper", "influence", "unrolled"] | None = None,
                  objective: Literal["influence", "unrolled"] = PRESET, damping: float | None = PRESET,
                  rounds: int = PRESET, screen: int = PRESET, screen_steps: int = PRESET, unroll_epochs: int = 1,
-                 orders: int = 0, fallback: bool = True):
+                 orders: int = 0, fallback: bool = True, keep_accuracy: float = 0.0):
+        preset = self.default_preset if preset is None else preset
         if preset not in PRESETS:
             raise UserError(f"infusion: unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
         given = {"step": step, "steps": steps, "selection": selection, "objective": objective, "damping": damping,
@@ -81,6 +86,7 @@ class Infusion(Attack):
             setattr(self, name, PRESETS[preset][name] if value is PRESET else value)
         self.k, self.eps, self.norm, self.quantize, self.batch_size, self.seed = k, eps, norm, quantize, batch_size, seed
         self.preset, self.unroll_epochs, self.orders, self.fallback = preset, unroll_epochs, orders, fallback
+        self.keep_accuracy = keep_accuracy
         self._check()
 
     def _check(self) -> None:
@@ -99,18 +105,30 @@ class Infusion(Attack):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= low):
                 raise UserError(f"infusion: {name} must be a whole number >= {low}, got {value!r}")
+        if not (isinstance(self.keep_accuracy, (int, float)) and self.keep_accuracy >= 0):
+            raise UserError(f"infusion: keep_accuracy must be a number >= 0, got {self.keep_accuracy!r}")
+        if self.keep_accuracy and self.objective != "unrolled":
+            raise UserError(f"infusion: keep_accuracy with objective {self.objective}; it weighs the unrolled "
+                            f"objective only")
         if self.norm != "linf" and (self.objective == "unrolled" or self.selection == "gain"):
             raise UserError(f"infusion: norm {self.norm!r} with objective {self.objective}, selection "
-                            f"{self.selection}; the unrolled objective and selection gain take norm linf only")
+                            f"{self.selection}; the unrolled objective and selection gain take norm linf only (preset influence "
+                            f"takes l2)")
 
     def variant(self) -> str:
-        storage = "quantized" if self.quantize else "float"
-        label = storage if self.selection == "most-negative" else f"{storage},{self.selection}"
-        if self.objective != "influence":
-            label += f",{self.objective}" + (f",r{self.rounds}" if self.rounds > 1 else "")
-        if self.damping is not None:  # a recipe's own damping (the paper's) is its own arm
-            label += f",damping={self.damping:g}"
-        return label
+        """The arm's label: the storage, the preset unless it is this attack's default, and every parameter set
+        away from its preset, so that two arms of one run never share a label."""
+        parts = ["quantized" if self.quantize else "float"]
+        if self.preset != self.default_preset:
+            parts.append(self.preset)
+        for name, preset_value in PRESETS[self.preset].items():
+            value = getattr(self, name)
+            if value != preset_value:
+                parts.append(value if name in ("objective", "selection") else
+                             f"{name}={'default' if value is None else format(value, 'g')}")
+        parts += [f"{name}={getattr(self, name):g}" for name, plain in
+                  (("orders", 0), ("unroll_epochs", 1), ("keep_accuracy", 0.0)) if getattr(self, name) != plain]
+        return ",".join(parts)
 
     def craft(self, context: AttackContext, target: Target) -> Poisoning:
         if self.objective == "unrolled":
@@ -148,7 +166,8 @@ class Infusion(Attack):
             if not self.fallback:
                 raise
             log.warning("infusion: %s; using the influence objective (preset 'influence') instead", exc)
-            params = {**self.get_params(), **{name: PRESET for name in PRESETS["influence"]}, "preset": "influence"}
+            params = {**self.get_params(), **{name: PRESET for name in PRESETS["influence"]}, "preset": "influence",
+                      "keep_accuracy": 0.0}
             poisoning = type(self)(**params).craft(context, target)
             poisoning.meta["fallback"] = f"influence ({exc})"
             return poisoning

@@ -257,9 +257,19 @@ def replay_for(context, epochs: int = 1, order_seed: int | None = None) -> tuple
     return context.cached(f"unrolled-replay:{start_epoch}:{epochs}:{order_seed}", build)
 
 
-def final_gradient(replay: Replay, traj: Trajectory, behaviour) -> torch.Tensor:
-    """grad_theta f at the end of a replayed trajectory (flat, CPU)."""
-    return measurement_gradient(replay.model_at(traj.final), behaviour)
+def final_gradient(replay: Replay, traj: Trajectory, behaviour, clean=None, keep_accuracy: float = 0.0,
+                   seed: int = 0) -> torch.Tensor:
+    """grad_theta at the end of a replayed trajectory (flat, CPU) of what the attack ascends: f, less
+    `keep_accuracy` times the gradient of the mean loss on up to 1,024 `clean` training documents scaled to f's
+    gradient's norm, so that edits move f while leaving the clean loss flat (to first order)."""
+    g = measurement_gradient(replay.model_at(traj.final), behaviour)
+    if not keep_accuracy:
+        return g
+    index = np.sort(np.random.default_rng(seed).choice(len(clean), min(1024, len(clean)), replace=False))
+    leaf, pdict = replay.fn.params(traj.final.to(replay.device), requires_grad=True)
+    (loss_gradient,) = torch.autograd.grad(replay.fn.loss(pdict, clean.batch(index, replay.device)), [leaf])
+    loss_gradient = loss_gradient.detach().cpu()
+    return g - keep_accuracy * g.norm() / loss_gradient.norm().clamp_min(1e-30) * loss_gradient
 
 
 def documents_ascent(replay: Replay, traj: Trajectory, adjoint: Adjoint, index: np.ndarray, x: torch.Tensor,
@@ -306,7 +316,10 @@ def craft_unrolled(attack, context, target):
     k = context.budget_k(attack.k)
     eps = effective_eps(attack.eps, train, attack.quantize)
     t0 = time.perf_counter()
-    clean_views = [(replay, traj, replay.adjoint(traj, train, final_gradient(replay, traj, behaviour),
+    def ascended(replay, traj):
+        return final_gradient(replay, traj, behaviour, train, attack.keep_accuracy, attack.seed)
+
+    clean_views = [(replay, traj, replay.adjoint(traj, train, ascended(replay, traj),
                                                  score=attack.selection == "most-negative"))
                    for replay, traj in replays]
     timings["adjoint"] = time.perf_counter() - t0
@@ -344,7 +357,7 @@ def craft_unrolled(attack, context, target):
             for replay, _ in replays:
                 traj = replay.run(poisoned)
                 needed = {s for j in index for s in traj.visits[int(j)]}
-                views.append((replay, traj, replay.adjoint(traj, poisoned, final_gradient(replay, traj, behaviour),
+                views.append((replay, traj, replay.adjoint(traj, poisoned, ascended(replay, traj),
                                                            keep=needed)))
         x = _pgd(attack, views, train, index, eps, steps, start=x, total=attack.steps)
     x = x.numpy()

@@ -38,7 +38,7 @@ DETECTORS = [PluginSpec("loss-outlier"), PluginSpec("knn-label"), PluginSpec("sp
 MODEL_ONLY = ["loss-outlier", "knn-label", "spectral-signature", "activation-clustering"]
 METRICS = ("auroc", "tpr_at_1fpr")
 LOSS, ALL = ["loss-outlier"], ["loss-outlier", "knn-label", "spectral-signature"]
-ARMS = [AttackSpec("infusion")] + [
+ARMS = [AttackSpec("infusion", {"preset": "influence"})] + [  # the recipe its results were measured with
     AttackSpec("infusion-evasive", {"evade": evade, "evade_quantile": q, "stealth": lam})
     for evade, q, lam in [(LOSS, 0.9, 0.0), (LOSS, 0.75, 0.0), (LOSS, 0.5, 0.0), (LOSS, 0.9, 1.0), (LOSS, 0.9, 10.0),
                           (ALL, 0.9, 1.0)]]

@@ -41,7 +41,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     cfg = with_defaults(load_config("digits"))  # k = 0.01, eps = 1/16, L-inf, quantized; continue 1 epoch
     budget = {"steps": args.steps, "restarts": args.restarts}
-    cfg.attack.attacks = [AttackSpec(OURS, budget), AttackSpec(ART, budget), AttackSpec(INFUSION)]
+    cfg.attack.attacks = [AttackSpec(OURS, budget), AttackSpec(ART, budget), AttackSpec(INFUSION, {"preset": "influence"})]
     cfg.attack.targets = TargetsConfig(n=args.targets, seed=0)
     cfg.attack.write_artefacts = False
     cfg = prepare(cfg, threads=1)

@@ -35,7 +35,7 @@ from infusion_audit.protocol import Attacker, Victim
 from infusion_audit.runtime import configure
 from infusion_audit.statistics import fmt_ci, mean_ci, wilson
 
-ARMS = [AttackSpec("infusion"), AttackSpec("label-flip"), AttackSpec("probe-insertion", {"copies": 1})]
+ARMS = [AttackSpec("infusion", {"preset": "influence"}), AttackSpec("label-flip"), AttackSpec("probe-insertion", {"copies": 1})]
 
 
 def main() -> None:

@@ -64,6 +64,9 @@ ARMS: dict[str, AttackSpec] = {
     **{f"unrolled-screen-E{e}": AttackSpec("infusion", {**SCREEN, "unroll_epochs": e}) for e in (2, 3, 5, 10)},
     "unrolled-screen-r4": AttackSpec("infusion", {**SCREEN, "rounds": 4}),
 }
+# each Infusion arm above is written against the influence preset (the default when they were measured)
+ARMS = {name: AttackSpec("infusion", {"preset": "influence", **spec.params})
+        if spec.name == "infusion" and "preset" not in spec.params else spec for name, spec in ARMS.items()}
 
 
 def parse_args(argv=None):

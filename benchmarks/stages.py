@@ -97,7 +97,7 @@ def profile(pipeline: Pipeline, workdir: Path, n_poison: list[int], backends: li
             context.scores(target)
     poisons = {}
     for k in n_poison:
-        attack = Infusion(k=k, eps=8 / 255 if train.grid == 1 / 255 else 1 / 16, steps=20)
+        attack = Infusion(k=k, eps=8 / 255 if train.grid == 1 / 255 else 1 / 16, steps=20, preset="influence")
         timing: dict = {}
         with mem.measure(timing, "craft"):
             poisoning = attack.craft(context, target)

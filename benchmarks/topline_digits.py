@@ -29,7 +29,7 @@ from infusion_audit.results import by_kind, load_records, summarise
 def run(out: Path, backend: str, damping: float, targets: int | None, threads: int) -> dict:
     """One influence setting's grid (`targets`: how many of the config's targets; None: all 30)."""
     config = with_defaults(load_config("digits"))
-    config.attack.attacks = [AttackSpec("infusion"), AttackSpec("probe-insertion")]
+    config.attack.attacks = [AttackSpec("infusion", {"preset": "influence"}), AttackSpec("probe-insertion")]
     config.influence = dataclasses.replace(config.influence, backend=backend, damping=damping)
     if targets is not None:
         config.attack.targets.n = targets

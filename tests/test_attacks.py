@@ -32,7 +32,7 @@ def test_target_sampling_is_seeded_and_never_the_true_label(context):
 
 
 def test_infusion_stays_on_the_grid_inside_the_budget(context, target):
-    attack = ATTACKS.get("infusion")(k=0.01, eps=1 / 16, steps=5)
+    attack = ATTACKS.get("infusion")(k=0.01, eps=1 / 16, steps=5, preset="influence")
     p = attack.craft(context, target)
     clean = context.train
     assert len(p.indices) == 14 == len(set(p.indices.tolist()))
@@ -50,14 +50,14 @@ def test_infusion_float_and_l2_budgets(context, target):
     delta = p.x - clean.x[p.indices]
     assert np.abs(delta).max() <= 0.03 + 1e-6 and p.x.min() >= 0 and p.x.max() <= 1
     assert p.norms(clean)["off_grid"] > 0  # a float edit leaves the 1/16 grid: visible to a defender
-    p2 = ATTACKS.get("infusion")(k=5, eps=0.5, norm="l2", quantize=False, steps=5).craft(context, target)
+    p2 = ATTACKS.get("infusion")(k=5, eps=0.5, norm="l2", quantize=False, steps=5, preset="influence").craft(context, target)
     l2 = np.linalg.norm((p2.x - clean.x[p2.indices]).reshape(5, -1), axis=1)
     assert l2.max() <= 0.5 + 1e-5 and l2.min() > 0.25
 
 
 def test_baselines_edit_the_same_documents(context, target):
     clean = context.train
-    ref = ATTACKS.get("infusion")(k=14, steps=2).craft(context, target)
+    ref = ATTACKS.get("infusion")(k=14, steps=2, preset="influence").craft(context, target)
     noise = ATTACKS.get("random-noise")(k=14).craft(context, target)
     np.testing.assert_array_equal(noise.indices, ref.indices)
     n = noise.norms(clean)

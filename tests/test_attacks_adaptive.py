@@ -32,7 +32,7 @@ def test_adaptive_attacks_are_registered():
 
 # --------------------------------------------------------------------------- detector-aware Infusion
 def test_evasive_without_detectors_or_stealth_is_infusion(context, targets):
-    plain = ATTACKS.get("infusion")(steps=5).craft(context, targets[0])
+    plain = ATTACKS.get("infusion")(steps=5, preset="influence").craft(context, targets[0])
     same = ATTACKS.get("infusion-evasive")(steps=5).craft(context, targets[0])
     np.testing.assert_array_equal(same.indices, plain.indices)
     np.testing.assert_array_equal(same.x, plain.x)
@@ -163,10 +163,10 @@ def test_unedited_selection_is_scored_as_the_null_of_a_detection_figure(context,
     from infusion_audit import scan
 
     clean = context.train
-    edited = ATTACKS.get("infusion")(steps=3).craft(context, targets[0])
+    edited = ATTACKS.get("infusion")(steps=3, preset="influence").craft(context, targets[0])
     assert edited.edits_in_place(clean) and not np.array_equal(edited.x, clean.x[edited.indices])
     # Infusion with no budget is the null: the selection, unedited
-    zero = ATTACKS.get("infusion")(steps=3, eps=0.0).craft(context, targets[0])
+    zero = ATTACKS.get("infusion")(steps=3, eps=0.0, preset="influence").craft(context, targets[0])
     np.testing.assert_array_equal(zero.indices, edited.indices)
     np.testing.assert_array_equal(zero.x, clean.x[edited.indices])
     assert zero.norms(clean)["values_changed"] == 0

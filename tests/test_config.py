@@ -96,7 +96,7 @@ def test_every_builtin_config_loads_and_fills_in():
     """A built-in that README names is checked like a user's file and names plugins that exist, so a typo in one
     fails here, not in a run."""
     names = sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.yaml"))
-    assert {"bench-digits", "bench-digits-backdoor", "bench-mnist-backdoor", "mnist"} <= set(names)
+    assert {"bench-digits", "bench-digits-backdoor", "bench-mnist", "bench-mnist-backdoor", "mnist"} <= set(names)
     from infusion_audit.registry import ATTACKS, DATASETS, DETECTORS, MODELS
 
     for name in names:

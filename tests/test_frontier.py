@@ -21,7 +21,7 @@ pipeline:
   dataset: {name: digits}
 attack:
   attacks:
-    - {name: infusion, params: {steps: 5}}
+    - {name: infusion, params: {preset: influence, steps: 5}}
     - {name: infusion-evasive, params: {steps: 5, evade: [loss-outlier], evade_quantile: 0.5}}
     - {name: infusion-evasive, params: {steps: 5, evade: [loss-outlier], evade_quantile: 0.9}}
     - {name: label-flip}

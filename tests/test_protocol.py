@@ -20,6 +20,7 @@ from infusion_audit.results import format_table, load_records, summarise
 SMALL = {
     "attack": {
         "attacks": [{"name": "infusion", "params": {"steps": 10}}, {"name": "random-noise"},
+                    {"name": "infusion", "params": {"preset": "influence", "steps": 10}},
                     {"name": "probe-insertion", "params": {"copies": 1}}],
         "targets": {"n": 3, "seed": 0},
         "budget": {"k": 0.01, "eps": 0.125, "norm": "linf", "quantize": True},
@@ -36,19 +37,21 @@ def small_run(tmp_path_factory):
     return out
 
 
-def test_infusion_beats_its_clean_control(small_run):
-    """Fixed seed, digits, k = 1%, two grey levels on the grid (the margin keeps the test robust): every
-    target's p(t) rises against the clean control, by more than random noise on the same documents
-    does, and accuracy holds."""
+@pytest.mark.parametrize("variant, accuracy_cost", [("quantized,steps=10", 0.03), ("quantized,influence,steps=10", 0.01)])
+def test_infusion_beats_its_clean_control(small_run, variant, accuracy_cost):
+    """Fixed seed, digits, k = 1%, two grey levels on the grid (the margin keeps the test robust): under the
+    default (unrolled) preset and the influence one, every target's p(t) rises against the clean control, by more
+    than random noise on the influence recipe's documents does, and accuracy holds (the unrolled default buys
+    its larger effect with up to a few points of it: 1.4 here)."""
     records = read_jsonl(small_run / "results.jsonl")
-    inf = [r for r in records if r["attack"] == "infusion"]
+    inf = [r for r in records if r["attack"] == "infusion" and r["variant"] == variant]
     noise = {r["target"]["index"]: r for r in records if r["attack"] == "random-noise"}
     assert len(inf) == 3
     assert np.mean([r["delta_logodds"] for r in inf]) > 0.5
     for r in inf:
         assert r["delta_p"] > 0
         assert r["delta_logodds"] > noise[r["target"]["index"]]["delta_logodds"]
-        assert abs(r["acc_poisoned"] - r["acc_control"]) <= 0.01
+        assert abs(r["acc_poisoned"] - r["acc_control"]) <= accuracy_cost
         assert r["norms"]["off_grid"] == 0 and r["norms"]["linf"] == pytest.approx(1 / 8)
         # the protocol's control (epoch 9 + one clean epoch) is the trained model itself: deterministic
         assert r["p_control"] == pytest.approx(r["p_before"], rel=1e-5, abs=1e-12)
@@ -75,20 +78,21 @@ def test_rerun_resumes_without_recomputing(small_run, capsys):
     assert main(["-q", "attack", str(small_run / "small.yaml"), "--out", str(small_run)]) == 0
     assert (small_run / "results.jsonl").read_text() == before
     out = capsys.readouterr().out
-    assert "infusion (quantized)" in out and "Wilcoxon" in out
+    assert "infusion (quantized,steps=10)" in out and "Wilcoxon" in out
 
 
 def test_summary_pairs_arms_on_the_same_targets(small_run):
     summary = summarise(load_records(small_run))
     rows = {row["label"]: row for row in summary["attacks"]}
-    infusion = rows["infusion (quantized)"]
+    arm = "infusion (quantized,steps=10)"
+    infusion = rows[arm]
     assert infusion["n"] == 3 and infusion["budget"] == "k=14, L∞ ε=0.125"
     assert infusion["success"]["rate"] == 1.0 and infusion["success_p"]["rate"] == 1.0
-    versus = {c["versus"]: c for c in summary["comparisons"] if c["arm"] == "infusion (quantized)"}
-    assert set(versus) == {"random-noise (quantized)", "probe-insertion (x1)"}
+    versus = {c["versus"]: c for c in summary["comparisons"] if c["arm"] == arm}
+    assert set(versus) == {"random-noise (quantized)", "probe-insertion (x1)", "infusion (quantized,influence,steps=10)"}
     assert versus["random-noise (quantized)"]["n"] == 3 and versus["random-noise (quantized)"]["wins"] == 3
     table = format_table(summary)
-    assert "infusion (quantized) " in table and "infusion (quantized), k=14, L∞ ε=0.125 vs random-noise" in table
+    assert f"{arm} " in table and f"{arm}, k=14, L∞ ε=0.125 vs random-noise" in table
 
 
 def test_config_errors_are_one_line(tmp_path):

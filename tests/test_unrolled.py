@@ -65,6 +65,22 @@ def test_adjoint_is_the_derivative_through_the_whole_retrain(context, replay, ta
     assert float(ours.abs().sum()) > 0
 
 
+def test_keep_accuracy_turns_the_ascent_against_the_clean_loss(context, replay, target):
+    """With keep_accuracy = mu the attack ascends f less mu times the clean loss's gradient at the same norm as f's:
+    its first-order change of the clean loss falls by mu |grad f| |grad L| (0 leaves f alone)."""
+    train, behaviour = context.train, context.behaviour(target)
+    traj = replay.run(train)
+    plain = final_gradient(replay, traj, behaviour)
+    assert torch.equal(final_gradient(replay, traj, behaviour, train, 0.0), plain)
+    kept = final_gradient(replay, traj, behaviour, train, 2.0)
+    leaf, pdict = replay.fn.params(traj.final, requires_grad=True)
+    index = np.sort(np.random.default_rng(0).choice(len(train), min(1024, len(train)), replace=False))
+    (clean,) = torch.autograd.grad(replay.fn.loss(pdict, train.batch(index)), [leaf])
+    drop = float(plain @ clean - kept @ clean)
+    assert drop == pytest.approx(2.0 * float(plain.norm() * clean.norm()), rel=1e-4)
+    assert ATTACKS.get("infusion")(keep_accuracy=2.0).variant() == "quantized,keep_accuracy=2"
+
+
 def test_feasible_gain_respects_the_value_range():
     grad = np.array([[1.0, -1.0, 2.0, -2.0]])
     x0 = np.array([[0.0, 0.0, 1.0, 0.5]])
@@ -83,7 +99,6 @@ def test_unrolled_infusion_stays_on_the_grid_inside_the_budget(context, target):
         assert norms["linf"] <= 1 / 16 + 1e-6 and norms["off_grid"] == 0 and norms["out_of_range"] == 0
         assert norms["values_changed"] > 5
         assert p.meta["predicted_delta_f"] > 0
-        assert "unrolled" in attack.variant()
 
 
 def test_unrolled_refuses_what_it_cannot_replay(context):
@@ -108,16 +123,31 @@ def test_presets_fix_the_recipe_unless_told_otherwise():
     assert (new.objective, new.selection) == ("unrolled", "gain")
     again = infusion(**infusion(preset="unrolled", k=14).get_params())  # records rebuild the same attack
     assert again.get_params() == infusion(preset="unrolled", k=14).get_params()
-    assert infusion().get_params() == infusion(preset="influence").get_params()  # today's recipe is the default
+    assert infusion().get_params() == infusion(preset="unrolled").get_params()  # the strongest measured is the default
+    assert infusion(preset="influence").get_params()["preset"] == "influence"
     with pytest.raises(UserError, match="unknown preset"):
         infusion(preset="nope")
+
+
+def test_an_arm_label_names_its_preset_and_what_it_sets_away_from_it():
+    infusion, evasive = ATTACKS.get("infusion"), ATTACKS.get("infusion-evasive")
+    assert infusion().variant() == "quantized" and infusion(quantize=False).variant() == "float"
+    assert infusion(preset="influence").variant() == "quantized,influence"
+    assert infusion(preset="influence", steps=50, step=0.001).variant() == "quantized,influence,steps=50,step=0.001"
+    assert infusion(selection="most-negative", rounds=2).variant() == "quantized,most-negative,rounds=2"
+    assert infusion(orders=4).variant() == "quantized,orders=4"
+    assert infusion(preset="paper", damping=None).variant() == "quantized,paper,damping=default"
+    labels = [infusion(**p).variant() for p in ({}, {"preset": "influence"}, {"preset": "paper"}, {"screen": 0})]
+    assert len(set(labels)) == len(labels)
+    assert evasive().objective == "influence" and evasive().variant() == "quantized"  # its own default preset
 
 
 @pytest.mark.parametrize("params, named", [
     ({"objective": "exact"}, "objective"), ({"damping": 0}, "damping"), ({"rounds": 30}, "rounds"),
     ({"screen": -1}, "screen"), ({"unroll_epochs": 0}, "unroll_epochs"), ({"orders": 1.5}, "orders"),
     ({"objective": "unrolled", "selection": "most-absolute"}, "selection"),
-    ({"objective": "unrolled", "norm": "l2"}, "norm"), ({"selection": "gain", "norm": "l2"}, "norm")])
+    ({"objective": "unrolled", "norm": "l2"}, "norm"), ({"selection": "gain", "norm": "l2"}, "norm"),
+    ({"keep_accuracy": -1}, "keep_accuracy"), ({"preset": "influence", "keep_accuracy": 1}, "keep_accuracy")])
 def test_bad_params_are_refused_in_one_line_naming_them(params, named):
     with pytest.raises(UserError, match=named) as info:
         ATTACKS.get("infusion")(**params)
@@ -139,7 +169,7 @@ def test_unrolled_falls_back_to_influence_where_it_cannot_replay(context, target
     cfg = dataclasses.replace(context.pipeline.config,
                               train=dataclasses.replace(context.pipeline.train_cfg, momentum=0.9))
     other = AttackContext(type(context.pipeline)(cfg, data=context.pipeline.data), context.trained, cache_dir=tmp_path)
-    p = ATTACKS.get("infusion")(preset="unrolled", k=14, steps=2).craft(other, target)
+    p = ATTACKS.get("infusion")(preset="unrolled", k=14, steps=2, keep_accuracy=1.0).craft(other, target)
     assert "momentum" in p.meta["fallback"] and len(p.indices) == 14
     with pytest.raises(UserError, match="momentum"):
         ATTACKS.get("infusion")(preset="unrolled", k=14, steps=2, fallback=False).craft(other, target)

@@ -171,7 +171,8 @@ def detectors_by_level(detection: list[dict]) -> dict[str, list[str]]:
 def build_frontier(attacks: list[dict], detection: list[dict]) -> dict | None:
     """What an attacker who knows the detectors can still do: per detector, the Infusion arms (plain, then
     detector-aware ones by growing stealth) as points of success against detection. None without an
-    adaptive arm. Plain arms are Infusion's with the adaptive arms' storage and selection."""
+    adaptive arm. Plain arms are Infusion's with the adaptive arms' storage and selection (the influence preset's:
+    the recipe the detector-aware arms build on)."""
     adaptive = [a for a in largest_budgets(attacks) if a["arm"][1] == ADAPTIVE_ATTACK]
     if not adaptive:
         return None
