@@ -1,5 +1,6 @@
-"""Infusion: clean-label edits of the k most influential training documents, crafted by projected
-gradient ascent on the influence of each document on the target's measurement."""
+"""Infusion: clean-label edits of k training documents, crafted by projected gradient ascent on each document's
+effect on the target's measurement after the victim retrains (through the replayed retrain by default, or its
+influence), and its presets."""
 
 from __future__ import annotations
 
@@ -49,22 +50,23 @@ SELECTIONS = {"influence": ("most-negative", "most-absolute", "random", "most-po
 
 @ATTACKS.register("infusion")
 class Infusion(Attack):
-    """Influence-guided clean-label edits of k training documents (Infusion, PGD on the influence). On a backdoor
-    target it raises the backdoor's f (the triggered images' log p(target)): the trigger is never stamped on a
-    training document, only on test inputs.
+    """Clean-label edits of k training documents that raise the target's f after the victim retrains (Infusion):
+    PGD on each document's effect on f, by default through the replayed retrain (the unrolled preset), else
+    through its EK-FAC influence. On a backdoor target it raises the backdoor's f (the triggered images'
+    log p(target)): the trigger is never stamped on a training document, only on test inputs.
 
-    `preset` names a recipe (PRESETS: paper, influence, unrolled; default `default_preset`) that sets `objective`, `damping`, `steps`,
-    `step`, `selection`, `rounds`, `screen` and `screen_steps` unless they are given. `objective`: influence
-    (ascend each document's EK-FAC influence, at `damping` if given, else the influence section's) or unrolled
-    (replay the retrain from the checkpoint `unroll_epochs` before the attacked one and ascend each document's
-    exact first-order effect on the retrained f; `rounds` > 1 re-linearises around the poisoned retrain;
-    `orders` > 0: an attacker who does not know the data order sums over that many orders of its own).
-    `keep_accuracy` (mu, unrolled only) ascends f less mu times the clean training loss's gradient at f's norm:
-    less collateral damage to accuracy, at a cost in effect (README). `selection: gain` edits the documents
-    whose edit buys most to first order within the budget; `screen` > 0
-    gives that many candidates `screen_steps` PGD steps and keeps the k that gained most. `fallback`: where the
-    retrain cannot be replayed (Adam, momentum, BatchNorm, a pipeline's own loop), the unrolled objective falls
-    back to the influence preset (logged, and said in the poisoning's meta) instead of refusing.
+    `preset` names a recipe (PRESETS: paper, influence, unrolled; by default `default_preset`) that sets
+    `objective`, `damping`, `steps`, `step`, `selection`, `rounds`, `screen` and `screen_steps` unless they are
+    given. `objective`: influence (ascend each document's EK-FAC influence, at `damping` if given, else the
+    influence section's) or unrolled (replay the retrain from the checkpoint `unroll_epochs` before the attacked
+    one and ascend each document's exact first-order effect on the retrained f; `rounds` > 1 re-linearises around
+    the poisoned retrain; `orders` > 0: an attacker who does not know the data order sums over that many orders
+    of its own). `keep_accuracy` (mu, unrolled only) ascends f less mu times the clean training loss's gradient
+    at f's norm: less collateral damage to accuracy, at a cost in effect (README). `selection: gain` edits the
+    documents whose edit buys most to first order within the budget; `screen` > 0 gives that many candidates
+    `screen_steps` PGD steps and keeps the k that gained most. `fallback`: where the retrain cannot be replayed
+    (Adam, momentum, BatchNorm, a pipeline's own loop), the unrolled objective falls back to the influence preset
+    (logged, and said in the poisoning's meta) instead of refusing.
     """
 
     behaviour_kinds = frozenset({"targeted", "backdoor"})
@@ -112,8 +114,8 @@ class Infusion(Attack):
                             f"objective only")
         if self.norm != "linf" and (self.objective == "unrolled" or self.selection == "gain"):
             raise UserError(f"infusion: norm {self.norm!r} with objective {self.objective}, selection "
-                            f"{self.selection}; the unrolled objective and selection gain take norm linf only (preset influence "
-                            f"takes l2)")
+                            f"{self.selection}; the unrolled objective and selection gain take norm linf only "
+                            f"(preset influence takes l2)")
 
     def variant(self) -> str:
         """The arm's label: the storage, the preset unless it is this attack's default, and every parameter set
