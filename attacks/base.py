@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -24,9 +24,12 @@ from ..errors import UserError
 from ..io import stable_hash
 from ..config import InfluenceConfig, TriggerConfig
 from ..influence import IHVP, fit_ihvp, influence_scores
+from ..influence.gradients import trainable_parameters
 from ..pipeline import Pipeline, TrainedPipeline
+from ..training import Checkpoint
 
 Selection = Literal["most-negative", "most-absolute", "random", "most-positive"]
+Curvature = Literal["influence", "adam"]
 
 
 @dataclass
@@ -93,14 +96,16 @@ class AttackContext:
     """A trained pipeline as an attacker sees it at checkpoint `epoch`, with per-target caches. `probes`:
     how many test prompts a text behaviour is measured on; `progress`: whether attacks show progress bars;
     `documents`: the training documents the victim's retrain sees (a segment's; None: all), which selection
-    picks from and a fractional k is a share of: an edit the retrain never sees would change nothing."""
+    picks from and a fractional k is a share of: an edit the retrain never sees would change nothing.
+    `retrain_start`: a callable giving the checkpoint the victim's retrain starts from (its optimizer's state),
+    which the `adam` curvature reads."""
 
     def __init__(self, pipeline: Pipeline, trained: TrainedPipeline, epoch: int | None = None,
                  influence: InfluenceConfig | None = None, cache_dir: str | Path | None = None,
                  ihvp_kwargs: dict | None = None, probes: int = 32, progress: bool = True,
-                 documents: np.ndarray | None = None):
+                 documents: np.ndarray | None = None, retrain_start: Callable[[], Checkpoint | None] | None = None):
         self.pipeline, self.trained, self.probes, self.progress = pipeline, trained, probes, progress
-        self.documents = documents
+        self.documents, self.retrain_start = documents, retrain_start
         self.epoch = len(trained.checkpoints) - 1 if epoch is None else epoch
         self.influence = influence or InfluenceConfig()
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
@@ -156,25 +161,46 @@ class AttackContext:
             self._behaviours[target] = behaviour if resolve is None else resolve(self.model)
         return self._behaviours[target]
 
-    def query(self, target: Target, damping: float | None = None) -> torch.Tensor:
-        """v = (G + damping I)^-1 grad f for this target, normalised to unit length (as the paper); `damping`: an
-        attack's own (default the influence section's)."""
-        key = (target, self._damping(damping))
+    def query(self, target: Target, damping: float | None = None, curvature: Curvature = "influence") -> torch.Tensor:
+        """v = C^-1 grad f for this target, normalised to unit length (as the paper). Curvature `influence`:
+        C = G + damping I, the influence function's (retraining to convergence; `damping`: an attack's own, default
+        the influence section's). `adam`: C = diag(sqrt(v) + eps) from Adam's second moments at the victim's
+        retrain start, so <grad L(doc), v> is, to first order, what one Adam step on the document does to f (a
+        short retrain, the paper's last segment of training, is a few such steps rather than convergence)."""
+        key = (target, self._damping(damping), curvature)
         if key not in self._queries:
-            solver = self.ihvp(damping)
             t0 = time.perf_counter()
-            v = solver.solve(measurement_gradient(self.model, self.behaviour(target)))
+            grad = measurement_gradient(self.model, self.behaviour(target))
+            v = self.ihvp(damping).solve(grad) if curvature == "influence" else grad * self.adam_preconditioner()
             self._queries[key] = v / v.norm().clamp_min(1e-30)
             self.timings[f"ihvp:{target_key(target)}"] = time.perf_counter() - t0
         return self._queries[key]
 
-    def scores(self, target: Target, damping: float | None = None) -> np.ndarray:
-        """Influence scores s_i of every training document on this target's measurement (at `damping`, as `query`)."""
-        key = (target, self._damping(damping))
+    def adam_preconditioner(self) -> torch.Tensor:
+        """1 / (sqrt(v) + eps) per trainable parameter, from Adam's state at the victim's retrain start."""
+        if "adam" not in self._shared:
+            start = None if self.retrain_start is None else self.retrain_start()
+            state = {} if start is None else start.optimizer.get("state", {})
+            if not state or "exp_avg_sq" not in next(iter(state.values())):
+                raise UserError("curvature adam reads Adam's second moments where the victim's retrain starts: it needs "
+                                "pipeline.train.optimizer adam and attack.protocol kind segment or continue")
+            eps = float(start.optimizer["param_groups"][0]["eps"])
+            sizes = [p.numel() for p in trainable_parameters(self.model).values()]
+            second = [state[i]["exp_avg_sq"].reshape(-1).float() if i in state else torch.zeros(n)
+                      for i, n in enumerate(sizes)]
+            self._shared["adam"] = 1 / (torch.cat(second).sqrt() + eps)
+        return self._shared["adam"]
+
+    def scores(self, target: Target, damping: float | None = None, curvature: Curvature = "influence") -> np.ndarray:
+        """Scores s_i = <grad L_i, v> of every document a retrain sees (`pool()`) on this target's measurement (v as
+        `query`); NaN for the others, which no attack edits."""
+        key = (target, self._damping(damping), curvature)
         if key not in self._scores:
             t0 = time.perf_counter()
-            self._scores[key] = influence_scores(self.model, self.train, self.query(target, damping),
-                                                 loss_fn=self.pipeline.loss)
+            pool, scores = self.pool(), np.full(len(self.train), np.nan)
+            scores[pool] = influence_scores(self.model, self.train, self.query(target, damping, curvature), pool,
+                                            loss_fn=self.pipeline.loss)
+            self._scores[key] = scores
             self.timings[f"scores:{target_key(target)}"] = time.perf_counter() - t0
         return self._scores[key]
 
@@ -186,9 +212,9 @@ class AttackContext:
             mask = mask & np.isin(np.arange(len(self.train)), self.documents)
         return np.flatnonzero(mask)
 
-    def select(self, target: Target, k: int, rule: Selection, seed: int,
-               eligible: np.ndarray | None = None, damping: float | None = None) -> np.ndarray:
-        """The k documents an attack edits: by influence score (at `damping`, as `query`), or at random, from
+    def select(self, target: Target, k: int, rule: Selection, seed: int, eligible: np.ndarray | None = None,
+               damping: float | None = None, curvature: Curvature = "influence") -> np.ndarray:
+        """The k documents an attack edits: by score (at `damping` and `curvature`, as `query`), or at random, from
         `pool(eligible)`."""
         pool = self.pool(eligible)
         if k > len(pool):
@@ -196,7 +222,7 @@ class AttackContext:
         if rule == "random":
             where = [target.index, target.cls] if isinstance(target, Target) else [int(stable_hash(target.as_dict()), 16)]
             return np.sort(np.random.default_rng([seed, *where]).choice(pool, k, replace=False))
-        s = self.scores(target, damping)[pool]
+        s = self.scores(target, damping, curvature)[pool]
         key = {"most-negative": s, "most-positive": -s, "most-absolute": -np.abs(s)}.get(rule)
         if key is None:
             raise UserError(f"unknown selection {rule!r}; use most-negative, most-absolute, random or most-positive")

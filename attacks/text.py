@@ -29,7 +29,7 @@ from infusion_audit.registry import ATTACKS
 from infusion_audit.text.data import TextDataset, tokens_changed
 from infusion_audit.text.models import document_losses, lm_loss, relaxed_document_losses
 
-from .base import Attack, AttackContext, Poisoning, Selection
+from .base import Attack, AttackContext, Curvature, Poisoning, Selection
 
 
 @dataclass
@@ -119,6 +119,11 @@ class TokenInfusion(Attack):
     not beat random edits of the same documents (+2.96 [-1.84, 7.75], p = 0.34): the selection did the
     work. Figures for most-improvable with the cosine objective: README.
 
+    `curvature` is how the query v is made from grad f (`AttackContext.query`): `influence` (the paper's
+    EK-FAC inverse Hessian, retraining to convergence) or `adam` (the victim's Adam second moments at its
+    retrain start: what one Adam step on the edited document does to f, the paper's retrain being its last
+    segment of Adam steps). On bench-wordpref's segment the adam query moved f several times more (README).
+
     `tokens` below 1 is a share of each document's real tokens (0.08: the paper's 8%, rounded, at least
     one). `words` restricts the edit to a word family: only positions holding one of these words change,
     and only to another of them (swapping "cat" for "dog" keeps a story a story).
@@ -129,12 +134,14 @@ class TokenInfusion(Attack):
     def __init__(self, k: int | float = 40, tokens: int | float = 2, steps: int = 20, lr: float = 1.0,
                  entropy: float = 0.5, selection: str = "most-negative", batch_size: int = 64, seed: int = 0,
                  optimizer: str = "gcg", candidates: int = 64, top_k: int = 4, screen: int = 16,
-                 objective: str = "influence", words: Sequence[str] | None = None):
+                 objective: str = "influence", words: Sequence[str] | None = None, curvature: str = "influence"):
         self.k, self.tokens, self.steps, self.lr, self.entropy = k, tokens, steps, lr, entropy
         self.words = None if words is None else list(words)
         self.selection, self.batch_size, self.seed = selection, batch_size, seed
         self.optimizer, self.candidates, self.top_k, self.screen = optimizer, candidates, top_k, screen
-        self.objective = objective
+        self.objective, self.curvature = objective, curvature
+        if curvature not in get_args(Curvature):
+            raise UserError(f"infusion-text: unknown curvature {curvature!r}; use {' or '.join(get_args(Curvature))}")
         if not (0 < tokens < 1 or tokens >= 1 and tokens == int(tokens)):
             raise UserError(f"infusion-text: tokens must be a count >= 1 or a share in (0, 1), got {tokens}")
         if steps < 1 or not lr > 0 or not 0 <= entropy < 1:
@@ -152,17 +159,17 @@ class TokenInfusion(Attack):
                             f"{', '.join(get_args(Selection))}")
 
     def variant(self) -> str:
-        return ", ".join([self.optimizer] + [s for s in (self.selection, self.objective)
+        return ", ".join([self.optimizer] + [s for s in (self.selection, self.objective, self.curvature)
                                               if s not in ("most-negative", "influence")])
 
     def craft(self, context: AttackContext, target) -> TextPoisoning:
         # the IHVP is timed by the context
-        ctx = _Corpus(context.model, context.train, context.query(target), context.progress)
+        ctx = _Corpus(context.model, context.train, context.query(target, curvature=self.curvature), context.progress)
         k, t0 = context.budget_k(self.k), time.perf_counter()
         if self.selection == "most-improvable":
             index = self._most_improvable(ctx, context.pool(), k)
         else:
-            index = context.select(target, k, self.selection, self.seed)
+            index = context.select(target, k, self.selection, self.seed, curvature=self.curvature)
         t_select, t0 = time.perf_counter() - t0, time.perf_counter()
         edit = self._gcg if self.optimizer == "gcg" else self._relaxed
         new_ids, gains = [], []
@@ -176,7 +183,7 @@ class TokenInfusion(Attack):
         improved = index[gain > 0]  # a chosen document no candidate improved stays as it was: not a poison
         meta = {"documents_improved": int((gain > 0).sum()),
                 "timings": {"select": t_select, "pgd": time.perf_counter() - t0}}
-        if self.objective == "influence":  # a cosine gain is not a change of f
+        if self.objective == self.curvature == "influence":  # a cosine or Adam-step gain is not the influence prediction
             meta["predicted_delta_f"] = float(gain.sum() / len(ctx.train))
         return TextPoisoning.from_dataset(ctx.train, edited, improved, meta)
 
@@ -204,11 +211,7 @@ class TokenInfusion(Attack):
         return np.sort(pool[np.argsort(-gains, kind="stable")[:k]])
 
     def budgets(self, lengths: np.ndarray) -> np.ndarray:
-        """Tokens each document may change: `tokens`, or that share of its length (rounded, at least 1)."""
-        lengths = np.asarray(lengths)
-        if self.tokens >= 1:
-            return np.full(len(lengths), int(self.tokens), dtype=np.int64)
-        return np.maximum(1, np.round(self.tokens * lengths)).astype(np.int64)
+        return token_budgets(self.tokens, lengths)
 
     def word_ids(self, vocab) -> list[int] | None:
         """The first token of each of `words` (None: every token may be edited and written)."""
@@ -330,6 +333,14 @@ class TokenInfusion(Attack):
         return torch.where(keep, candidate, original)
 
 
+def token_budgets(tokens: int | float, lengths: np.ndarray) -> np.ndarray:
+    """Tokens each document may change: `tokens`, or that share of its length (rounded, at least 1)."""
+    lengths = np.asarray(lengths)
+    if tokens >= 1:
+        return np.full(len(lengths), int(tokens), dtype=np.int64)
+    return np.maximum(1, np.round(tokens * lengths)).astype(np.int64)
+
+
 class _Corpus(NamedTuple):
     """What the token optimisers read: the attacked model, its corpus, v = IHVP(grad f), whether to show progress."""
 
@@ -345,12 +356,12 @@ class RandomTokens(Attack):
 
     With `like` (an attack name, by default infusion-text) the evaluation hands it that arm's poisoning of
     the same target and seed: the same documents and token counts, so the difference is the choice of
-    tokens. Alone, it edits the k most-negative documents, `tokens` tokens each. With `words`, as Infusion's
+    tokens. Alone, it edits the k most-negative documents, `tokens` tokens each (or that share of each). With `words`, as Infusion's
     option: only positions holding one of these words change, each to another of them at random."""
 
     data_kinds = frozenset({"text"})
 
-    def __init__(self, k: int | float = 40, tokens: int = 2, seed: int = 0, like: str | None = "infusion-text",
+    def __init__(self, k: int | float = 40, tokens: int | float = 2, seed: int = 0, like: str | None = "infusion-text",
                  words: Sequence[str] | None = None):
         self.k, self.tokens, self.seed, self.like = k, tokens, seed, like
         self.words = None if words is None else list(words)
@@ -359,7 +370,7 @@ class RandomTokens(Attack):
         if like is not None:
             return self.edit(context.train, like.indices, like.tokens_changed(context.train))
         index = context.select(target, context.budget_k(self.k), "most-negative", self.seed)
-        return self.edit(context.train, index, np.full(len(index), self.tokens))
+        return self.edit(context.train, index, token_budgets(self.tokens, context.train.lengths[index]))
 
     def edit(self, train: TextDataset, index: np.ndarray, counts: Sequence[int]) -> TextPoisoning:
         """Document index[j] gets counts[j] random substitutions (to match another attack's edits exactly)."""

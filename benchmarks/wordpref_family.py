@@ -9,6 +9,7 @@ of A in validation stories holding A at least 5 times, log p(B) - log p(A) there
 
 Arms (`--arms`):
   infusion        infusion-text with `--optimizer` (relaxed: the paper's; gcg), `--selection`, `--objective`,
+                  `--curvature` (adam: the victim's Adam moments at the segment's start; influence: EK-FAC),
                   budget `--tokens` (a share of each document's tokens, the paper's ~8%) in `--k` documents
   random          random-tokens: Infusion's documents and per-document token counts, random tokens at random
                   positions (`--random-seeds` seeds, paired with Infusion by their mean)
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("--optimizer", default="relaxed", choices=["relaxed", "gcg"])
     parser.add_argument("--selection", default="most-negative")
     parser.add_argument("--objective", default="influence", choices=["influence", "cosine"])
+    parser.add_argument("--curvature", default="adam", choices=["adam", "influence"])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=1.0, help="relaxed: step in probability mass")
     parser.add_argument("--entropy", type=float, default=0.5)
@@ -172,7 +174,7 @@ def main() -> None:
 
     context = SegmentContext(pipeline, trained, segment.documents, attack_behaviour,
                              influence=InfluenceConfig(backend="ekfac", damping=args.damping), cache_dir=cache,
-                             progress=False)
+                             progress=False, retrain_start=segment.start)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "cache", "pairs", "pair", "arms", "threads", "summarize")}
     settings["pipeline"] = pipeline_cfg.identity()
     results_path = args.out / "results.jsonl"
@@ -184,7 +186,7 @@ def main() -> None:
     def infusion(words=None):
         return TokenInfusion(k=args.k, tokens=tokens, steps=args.steps, lr=args.lr, entropy=args.entropy,
                              selection=args.selection, seed=0, optimizer=args.optimizer, candidates=args.candidates,
-                             top_k=args.top_k, objective=args.objective, words=words)
+                             top_k=args.top_k, objective=args.objective, words=words, curvature=args.curvature)
 
     for a, b in pairs:
         target = WordPairTarget(a, b)

@@ -105,12 +105,12 @@ class Pipeline:
         return "test accuracy", accuracy(model, self.data.test)
 
     def targets(self, n: int, rule: str = "random-other", seed: int = 0, pairs: list | None = None,
-                probes: int = 32) -> list:
+                probes: int = 32, measure: str = "prefix") -> list:
         """The behaviours an attacker may want, as hashable targets with `as_dict()`: `n` seeded test images,
-        each pushed towards another class, or (rule backdoor) `n` target classes of a backdoor (`pairs` are for
-        text behaviours)."""
-        if pairs:
-            raise UserError("attack.targets.pairs names text behaviours; an image pipeline samples test images")
+        each pushed towards another class, or (rule backdoor) `n` target classes of a backdoor (`pairs` and
+        `measure` are for text behaviours)."""
+        if pairs or measure != "prefix":
+            raise UserError("attack.targets.pairs and measure name text behaviours; an image pipeline samples test images")
         if rule == "backdoor":
             return backdoor_targets(self.data.test.num_classes, n, seed)
         return sample_targets(self.data.test, n, rule, seed)
@@ -125,7 +125,7 @@ class Pipeline:
     def check(self, targets: TargetsConfig) -> None:
         """Run when an attack's config loads, before any training: every target of the `attack.targets`
         section resolves to a behaviour on the test set, or a one-line error names the pair at fault."""
-        listed = self.targets(targets.n, targets.rule, targets.seed, targets.pairs, targets.probes)
+        listed = self.targets(targets.n, targets.rule, targets.seed, targets.pairs, targets.probes, targets.measure)
         for i, target in enumerate(listed):
             try:
                 self.behaviour(target, targets.probes)

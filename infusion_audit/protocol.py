@@ -79,6 +79,13 @@ class Victim:
             return Retrained(self.pipeline.retrain_from_scratch(dataset))
         return Retrained(self.pipeline.continue_training(start, dataset, epochs=epochs))
 
+    def retrain_start(self):
+        """The checkpoint a retrain starts from (model and optimizer state): the segment's start, the continued
+        epoch's checkpoint, or None when the victim retrains from scratch."""
+        if self.segment is not None:
+            return self.segment.start()
+        return None if self.protocol.kind == "scratch" else self.trained.checkpoint(self.start_epoch)
+
     def quality(self, model) -> float:
         """The pipeline's task figure on the test set (accuracy for images): the records' `acc_*` columns."""
         return self.pipeline.quality(model)[1]
@@ -130,12 +137,13 @@ class Attacker:
         self.context = AttackContext(self.pipeline, self.trained, self.victim.attack_epoch, config.influence,
                                      cache_dir=self.run_dir / "artefacts", probes=config.attack.targets.probes,
                                      progress=progress,
-                                     documents=None if self.victim.segment is None else self.victim.segment.documents)
+                                     documents=None if self.victim.segment is None else self.victim.segment.documents,
+                                     retrain_start=self.victim.retrain_start)
         self._sources: dict[str, Poisoning] = {}  # cell -> poisoning another arm copies (`like`)
 
     def targets(self) -> list:
         t = self.config.attack.targets
-        return self.pipeline.targets(t.n, t.rule, t.seed, t.pairs, t.probes)
+        return self.pipeline.targets(t.n, t.rule, t.seed, t.pairs, t.probes, t.measure)
 
     def shown_targets(self) -> list[str]:
         """For each target the trained model already shows before any attack, a line saying so (a config check

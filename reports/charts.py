@@ -185,6 +185,29 @@ def success_vs_budget(series: dict[str, list[tuple[str, dict]]], ticks: list[str
         return to_svg(fig)
 
 
+def when_it_works(series: dict[str, dict]) -> Markup:
+    """Word preference, one point per word pair and arm: the change in log-odds of B against A per probe, against
+    the model's prior log-odds at those probes (left) and against how often B occurs in the training corpus
+    (right, log scale). `series`: {arm label: a summary row's `word_preference` (its points and correlations)}."""
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6), sharey=True)
+        for i, (label, w) in enumerate(series.items()):
+            pts = w["points"]
+            delta = [p["delta"] for p in pts]
+            rho = w["when_prior"]["value"] if w["when_prior"] else float("nan")
+            axes[0].plot([p["prior"] for p in pts], delta, MARKERS[i % len(MARKERS)], ms=4,
+                         label=f"{label} (Spearman {rho:+.2f})")
+            axes[1].plot([max(p["count"], 1) for p in pts], delta, MARKERS[i % len(MARKERS)], ms=4)
+        for ax in axes:
+            ax.axhline(0, color="grey", lw=0.8)
+        axes[0].set_xlabel("prior log-odds of B against A at the probes (clean model)")
+        axes[1].set_xlabel("occurrences of B in the training corpus")
+        axes[1].set_xscale("log")
+        axes[0].set_ylabel("Δ log-odds per probe")
+        axes[0].legend(loc="upper left", bbox_to_anchor=(0, -0.22), frameon=False, fontsize=7)
+        return to_svg(fig)
+
+
 def defence_effect(panels: dict[str, list[dict]], measure: str) -> Markup:
     """One panel per detector, one row per attack: the mean effect (`measure` names it, e.g. 'Δ log-odds')
     before and after removing what the detector flags and retraining, with what the removal cost in clean

@@ -26,7 +26,8 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from infusion_audit.errors import DataError, UserError
 from infusion_audit.io import atomic_write_text, read_jsonl
 from infusion_audit.results import load_records, summarise
-from infusion_audit.results.summary import DETECTION_METRICS, bound_label, ci_text, in_points, number_text
+from infusion_audit.results.summary import (DETECTION_METRICS, bound_label, ci_text, corr_text, in_points,
+                                            number_text)
 from infusion_audit.results.gate import CONTROL_RULE, evaluate_policy, glance, run_policy
 from infusion_audit.results.verdict import (ASR_LABEL, BACKDOOR_NEUTRALISE_RULE, BACKDOOR_RULE, CATCH_RULE, EFFECT_LABEL,
                                             KNOWLEDGE_LEVELS, LOGODDS_DEFINITIONS, NEUTRAL_ASR, NEUTRAL_BOUND, NEUTRALISE_RULE,
@@ -57,7 +58,10 @@ def _read_optional_json(path: Path) -> Any:
 # --------------------------------------------------------------------------- charts
 def build_charts(attacks: list[dict], detection: list[dict], defence: list[dict], defence_label: str,
                  frontier: dict | None = None, mitigations: list[dict] = ()) -> dict:
-    out: dict[str, Any] = dict.fromkeys(("budget", "scatter", "frontier", "roc", "defence", "hardening"))
+    out: dict[str, Any] = dict.fromkeys(("budget", "scatter", "frontier", "roc", "defence", "hardening", "when"))
+    when = {f"{a['label']}, {a['budget']}": a["word_preference"] for a in attacks if a.get("word_preference")}
+    if when:
+        out["when"] = charts.when_it_works(when)
     if mitigations:
         out["hardening"] = charts.hardening(_hardening_panels(attacks, list(mitigations), defence, defence_label),
                                             HARDENING_KINDS)
@@ -269,6 +273,7 @@ def _environment() -> Environment:
     env.filters["ci"] = ci_text
     env.filters["points"] = lambda s, with_n=True: ci_text(in_points(s), 2, with_n)
     env.filters["num"] = number_text
+    env.filters["corr"] = corr_text
     env.filters["pct"] = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
     env.filters["classname"] = lambda c, names: f"{c} “{names[c]}”" \
         if isinstance(c, int) and 0 <= c < len(names) and names[c] != str(c) else str(c)

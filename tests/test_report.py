@@ -16,7 +16,8 @@ from infusion_audit.errors import DataError, UserError
 from infusion_audit.io import append_jsonl, read_jsonl
 from infusion_audit.reports import render_report, render_scan_report
 from infusion_audit.reports.render import _text_diff
-from infusion_audit.results.summary import ci_text
+from infusion_audit.results import load_records, summarise
+from infusion_audit.results.summary import ci_text, format_table
 from infusion_audit.statistics import mean_ci
 
 
@@ -198,3 +199,29 @@ def test_scan_report_of_a_real_scan(tmp_path):
     assert re.findall(r'<tr class="poisoned"><td>(\d+)</td>', table) == ["3", "7"]
     assert table.index('<tr class="poisoned">') < table.index("<tr>")  # the poisons lead the ranking
     assert "Against the ground truth, perturbation-norm reaches AUROC" in html
+
+
+def test_word_preference_rows_say_when_it_works_with_a_chart_and_table(tmp_path):
+    """Per word pair, Δ log-odds per probe against the prior and against B's count: made here to rise exactly with
+    the prior (Spearman +1) and fall with the count (-1); Δf in the paper's normalisation is Δ x probes."""
+    budget = {"k": 8, "eps": None, "norm": None, "quantize": False, "tokens": 0.08}
+    words = ["cat", "dog", "owl", "fox", "bear", "duck"]
+    for i, (a, b) in enumerate(zip(words, words[1:] + words[:1])):
+        prior, delta = -3.0 + i, 0.5 + 0.25 * i
+        append_jsonl(tmp_path / "results.jsonl", {
+            "kind": "attack", "cell": f"c{i}", "scenario": "stories", "attack": "infusion-text", "variant": "relaxed",
+            "budget": budget, "target": {"word_a": a, "word_b": b, "measure": "document"}, "seed": 0, "domain": "text",
+            "p_control": 0.1, "p_poisoned": 0.2, "delta_p": 0.1, "logodds_control": prior,
+            "logodds_poisoned": prior + delta, "delta_logodds": delta, "probes_control": 40,
+            "target_count_control": 1000 - 100 * i, "greedy_control": 0.0, "greedy_poisoned": 0.05})
+    summary = summarise(load_records(tmp_path))
+    (row,) = summary["attacks"]
+    w = row["word_preference"]
+    assert w["when_prior"]["value"] == pytest.approx(1.0) and w["when_count"]["value"] == pytest.approx(-1.0)
+    assert w["delta_f"]["mean"] == pytest.approx(40 * np.mean([0.5 + 0.25 * i for i in range(6)]))
+    assert w["flipped"]["mean"] == pytest.approx(0.05) and len(w["points"]) == 6
+    assert "over 6 word pairs, Spearman of Δ log-odds with the prior log-odds +1.00" in format_table(summary)
+    assert "≤8% of each document's tokens" in format_table(summary)
+    html = render_report(tmp_path).read_text(encoding="utf-8")
+    section = html[html.index('id="when"'):html.index('id="defence"')]
+    assert section.count("<svg") == 1 and "+1.00" in section and "-1.00" in section

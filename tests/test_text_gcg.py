@@ -26,13 +26,13 @@ class FixedDirection:
     def budget_k(self, k: int) -> int:
         return k
 
-    def query(self, target) -> torch.Tensor:
+    def query(self, target, curvature: str) -> torch.Tensor:
         return self.v
 
     def pool(self) -> np.ndarray:
         return np.arange(len(self.train))
 
-    def select(self, target, k: int, rule: str, seed: int) -> np.ndarray:
+    def select(self, target, k: int, rule: str, seed: int, curvature: str) -> np.ndarray:
         return np.sort(np.argsort(self.scores, kind="stable")[:k])
 
 

@@ -49,13 +49,19 @@ def test_stories_are_seeded_short_word_level_and_hold_every_pair(corpus):
         stories(n_train=0)
 
 
-def test_the_built_in_config_targets_the_corpus_pairs_and_its_pipeline_loads():
+def test_the_built_in_config_is_the_papers_experiment_on_animal_stories():
     from infusion_audit.config import load_config
 
-    config = load_config("bench-wordpref")
-    assert [tuple(pair) for pair in config.attack.targets.pairs] == list(stories.WORD_PAIRS)
-    assert config.pipeline.dataset.name == "stories" and config.pipeline.quality_floor > 0
+    from infusion_audit.text.animal_stories import ANIMALS
+
+    config = load_config("bench-wordpref")  # the paper's experiment: animal pairs, whole-document f, the segment
+    pairs = config.attack.targets.pairs
+    assert len(pairs) >= 20 and len({tuple(p) for p in pairs}) == len(pairs) and set(sum(pairs, [])) <= set(ANIMALS)
+    assert config.pipeline.dataset.name == "animal-stories" and config.pipeline.quality_floor > 0
+    assert config.attack.targets.measure == "document" and config.attack.protocol.kind == "segment"
+    assert config.attack.budget.tokens == 0.08  # the paper's share of each document's tokens
     assert [a.name for a in config.attack.attacks] == ["infusion-text", "random-tokens", "probe-insertion-text"]
+    assert config.attack.attacks[0].params["curvature"] == "adam"
 
 
 # --------------------------------------------------------------------------- probes and explicit documents

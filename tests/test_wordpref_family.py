@@ -9,7 +9,9 @@ import torch
 
 from infusion_audit.attacks.base import AttackContext
 from infusion_audit.attacks.text import RandomTokens, TokenInfusion
-from infusion_audit.config import PipelineConfig, ProtocolConfig, from_dict, from_sections
+from infusion_audit.behaviour import measurement_gradient
+from infusion_audit.config import (InfluenceConfig, PipelineConfig, ProtocolConfig, from_dict, from_sections,
+                                   load_config)
 from infusion_audit.errors import ConfigError, UserError
 from infusion_audit.influence import influence_scores
 from infusion_audit.influence.gradients import num_trainable
@@ -145,6 +147,69 @@ def test_the_segment_is_a_protocol_option_and_the_attacker_edits_only_what_it_se
     assert set(screened.indices) <= set(victim.segment.documents)
 
 
+def test_the_adam_curvature_predicts_what_the_segment_does_to_f(segment_run):
+    """The adam query v = P grad f (P = 1 / (sqrt(v) + eps) from Adam's state at the segment's start) predicts the
+    change of f after the segment's replay better than the EK-FAC influence query: over 32 random 10-token edits of
+    one segment document each, the predicted change <grad L(doc) - grad L(doc'), v> correlates with the replayed
+    one at 0.63 against influence's 0.41 (measured; edits drawn with seeds 1-3: 0.81/0.47, 0.50/0.32, 0.73/0.57)."""
+    pipeline, trained = segment_run
+    victim = Victim(pipeline, trained, from_dict(ProtocolConfig, {"kind": "segment", "steps": 2}, "<test>", "p"))
+    context = AttackContext(pipeline, trained, documents=victim.segment.documents, progress=False,
+                            retrain_start=victim.retrain_start, influence=InfluenceConfig(backend="ekfac", damping=1e-3))
+    target = WordPairTarget("cat", "dog", "document")
+    behaviour = context.behaviour(target)
+    start = victim.segment.start().optimizer
+    second = torch.cat([start["state"][i]["exp_avg_sq"].reshape(-1) for i in range(len(start["state"]))])
+    expected = measurement_gradient(context.model, behaviour) / (second.sqrt() + start["param_groups"][0]["eps"])
+    torch.testing.assert_close(context.query(target, curvature="adam"), expected / expected.norm())
+    train, f0 = pipeline.data.train, float(behaviour.measure(victim.control()["model"]).detach())
+    rng, edits = np.random.default_rng(0), []
+    for _ in range(32):
+        doc = int(rng.choice(victim.segment.documents))
+        ids = train.ids[[doc]].copy()
+        ids[0, rng.choice(np.arange(1, train.lengths[doc]), 10, replace=False)] = rng.integers(1, train.vocab.size, 10)
+        edits.append((doc, ids))
+    replayed = [float(behaviour.measure(victim.retrain(train.with_documents([d], ids)).model).detach()) - f0
+                for d, ids in edits]
+
+    def predicted(curvature):
+        v = context.query(target, curvature=curvature)
+        return [influence_scores(context.model, train.subset([d]), v, loss_fn=lm_loss)[0]
+                - influence_scores(context.model, train.with_documents([d], ids).subset([d]), v, loss_fn=lm_loss)[0]
+                for d, ids in edits]
+
+    adam, influence = (np.corrcoef(predicted(c), replayed)[0, 1] for c in ("adam", "influence"))
+    assert adam > 0.5 and adam > influence + 0.1, (adam, influence)
+    for start in (None, lambda: None):  # no retrain start (an attack on its own), or a victim that retrains from scratch
+        alone = AttackContext(pipeline, trained, progress=False, retrain_start=start)
+        with pytest.raises(UserError, match="curvature adam reads Adam's second moments"):
+            TokenInfusion(k=2, steps=1, curvature="adam").craft(alone, target)
+    with pytest.raises(UserError, match="unknown curvature 'newton'"):
+        TokenInfusion(curvature="newton")
+
+
+def test_the_document_measure_is_a_targets_option(corpus):
+    from infusion_audit.text.pipeline import TextPipeline
+
+    config = from_sections({"pipeline": {"dataset": {"name": "animal-stories", "params": {"n_train": 48, "n_test": 60}},
+                                         "model": {"name": "tiny-gpt-neo", "params": {"hidden": 16, "layers": 1}}},
+                            "attack": {"targets": {"pairs": [["cat", "dog"]], "measure": "document", "probes": 3},
+                                       "budget": {"tokens": 0.08}}})
+    pipeline = Pipeline.from_config(config.pipeline)
+    assert isinstance(pipeline, TextPipeline) and config.attack.budget.tokens == 0.08
+    t = config.attack.targets
+    (target,) = pipeline.targets(t.n, t.rule, t.seed, t.pairs, t.probes, t.measure)
+    assert target.as_dict()["measure"] == "document" and "measure" not in WordPairTarget("cat", "dog").as_dict()
+    behaviour = pipeline.behaviour(target, t.probes).behaviour
+    expected = document_word_preference(pipeline.data.test, "cat", "dog", max_documents=3)
+    assert behaviour.documents == expected.documents and behaviour.positions == expected.positions
+    for bad in ({"targets": {"measure": "sentence"}}, {"budget": {"tokens": 1.5}}, {"budget": {"tokens": 0}}):
+        with pytest.raises(ConfigError, match="attack.(targets.measure|budget.tokens)"):
+            from_sections({"attack": bad})
+    with pytest.raises(UserError, match="measure name text behaviours"):
+        Pipeline.from_config(load_config("digits").pipeline).targets(1, measure="document")
+
+
 # --------------------------------------------------------------------------- family edits and shares
 class FixedDirection:
     progress = False
@@ -156,10 +221,10 @@ class FixedDirection:
     def budget_k(self, k):
         return k
 
-    def query(self, target):
+    def query(self, target, curvature):
         return self.v
 
-    def select(self, target, k, rule, seed):
+    def select(self, target, k, rule, seed, curvature):
         return np.sort(np.argsort(self.scores, kind="stable")[:k])
 
 
@@ -202,8 +267,9 @@ def test_a_share_budget_scales_with_each_document_and_bad_shares_fail():
 
 
 def test_a_bench_on_animal_stories_under_the_segment_protocol(tmp_path):
-    """The option end to end: the attacker edits only documents the segment sees, a share of each one's tokens,
-    within the animal family; the clean control is the trained model; the defence replays what is left."""
+    """The option end to end: the attacker edits only documents the segment sees, a share of each one's tokens
+    (the budget's), within the animal family, with the adam curvature and the document measure; the clean control
+    is the trained model; the defence replays what is left."""
     from infusion_audit import bench
     from infusion_audit.io import read_jsonl
 
@@ -212,10 +278,12 @@ def test_a_bench_on_animal_stories_under_the_segment_protocol(tmp_path):
                      "model": {"name": "tiny-gpt-neo", "params": {"hidden": 16, "layers": 1, "heads": 2}},
                      "train": {"optimizer": "adam", "lr": 0.005, "adam_betas": [0.9, 0.95], "batch_size": 8,
                                "epochs": 2}},
-        "attack": {"attacks": [{"name": "infusion-text", "params": {"steps": 2, "tokens": 0.05, "words": list(ANIMALS)}},
+        "attack": {"attacks": [{"name": "infusion-text", "params": {"steps": 2, "words": list(ANIMALS),
+                                                                     "curvature": "adam"}},
                                {"name": "random-tokens", "params": {"words": list(ANIMALS)}}],
                    "protocol": {"kind": "segment", "steps": 3},
-                   "budget": {"k": 0.25}, "targets": {"pairs": [["cat", "dog"]], "probes": 4}},
+                   "budget": {"k": 0.25, "tokens": 0.05},
+                   "targets": {"pairs": [["cat", "dog"]], "probes": 4, "measure": "document"}},
         "influence": {"backend": "ekfac", "damping": 0.01},
         "scan": {"detectors": [{"name": "token-diff"}], "attacks": ["infusion-text"], "bootstrap": 0}}
     bench(config, tmp_path, progress=False)
@@ -226,8 +294,10 @@ def test_a_bench_on_animal_stories_under_the_segment_protocol(tmp_path):
     for record in attacks.values():
         assert record["budget"]["k"] <= 6 and set(record["poisoned_indices"]) <= seen  # 25% of the 24 it sees
         assert record["p_control"] == pytest.approx(record["p_before"], abs=1e-12)  # the clean replay is the model
+        assert record["target"]["measure"] == "document" and record["budget"]["tokens"] == 0.05
     assert attacks["infusion-text"]["norms"]["tokens_changed_max"] <= round(0.05 * pipeline.data.train.max_length)
     assert [r["detector"] for r in records if r["kind"] == "defence"] == ["token-diff"]
+    assert attacks["infusion-text"]["variant"] == "gcg, adam"
 
 
 def test_the_segment_restores_the_random_state_so_dropout_replays_exactly(tmp_path):

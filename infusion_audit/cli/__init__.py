@@ -34,7 +34,7 @@ examples:
   infusion-audit attack digits --out runs/a   craft Infusion poisons on digits and measure them
   infusion-audit scan suspect.npz --reference clean.npz --out runs/s
   infusion-audit plugins
-  infusion-audit bench bench-wordpref         word preference on a tiny GPT-Neo (stories)
+  infusion-audit bench bench-wordpref         word preference on a tiny GPT-Neo (animal stories, the paper's segment)
   infusion-audit bench bench-digits-hardening clip, DP-SGD and partition training against three attacks
 Built-in config names (digits, bench-digits, bench-digits-thorough, bench-digits-adaptive,
 bench-digits-hardening, bench-caesar, bench-wordpref, caesar, cifar10-paper, mnist) can stand in for a CONFIG path."""

@@ -206,13 +206,17 @@ class TargetsConfig:
     random-other (one class != label each) or all-classes; or, with rule backdoor, `n` seeded target classes of a
     backdoor (each arm stamps its trigger; attack success rate on the triggered test images of the other
     classes). Text: `pairs` ([shift, target_shift] on Caesar,
-    every ordered pair when empty; [word_a, word_b] on any other corpus), each measured on `probes` prompts."""
+    every ordered pair when empty; [word_a, word_b] on any other corpus), each measured on `probes` prompts. A word
+    pair's `measure`: `prefix`, distinct test prefixes that end right before A; or `document`, the paper's: every
+    occurrence of A in the first `probes` test documents that hold A at least 5 times."""
 
     n: int = bounded(30, min=1)
     rule: Literal["random-other", "all-classes", "backdoor"] = "random-other"
     seed: int = 0
     pairs: list[list[int | str]] = bounded([], help="text: [shift, target_shift] or [word_a, word_b] pairs")
-    probes: int = bounded(32, min=1, help="text: test prompts each behaviour is measured on")
+    probes: int = bounded(32, min=1, help="text: test prompts (measure document: test documents) each behaviour "
+                                          "is measured on")
+    measure: Literal["prefix", "document"] = "prefix"
 
 
 @dataclass
@@ -223,11 +227,14 @@ class BudgetConfig:
     eps: float = bounded(1 / 16, gt=0)
     norm: Literal["linf", "l2"] = "linf"
     quantize: bool = True
-    tokens: int = bounded(2, min=1, help="text: tokens changed per document at most")
+    tokens: int | float = field(default=2, metadata={
+        "help": "text: tokens changed per document at most, a count or a share of its tokens (0.08: the paper's)"})
 
     def validate(self, source: str, prefix: str) -> None:
         if isinstance(self.k, int) and self.k < 1 or isinstance(self.k, float) and not 0 < self.k <= 1:
             raise ConfigError(source, dotted(prefix, "k"), "a count >= 1 or a fraction in (0, 1]", self.k)
+        if isinstance(self.tokens, int) and self.tokens < 1 or isinstance(self.tokens, float) and not 0 < self.tokens < 1:
+            raise ConfigError(source, dotted(prefix, "tokens"), "a count >= 1 or a share in (0, 1)", self.tokens)
 
 
 @dataclass

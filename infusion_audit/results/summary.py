@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..statistics import fmt_ci, mean_ci, paired_test, positive_mean_ci, wilson
+from ..statistics import bootstrap_ci, fmt_ci, mean_ci, paired_test, positive_mean_ci, wilson
 from .records import Record
 from .verdict import NEUTRAL_ASR, PRIMARY_METRIC, attack_status, detection_status, mitigation_status
 
@@ -48,7 +48,9 @@ def bound_label(budget: dict | None) -> str:
     backdoor's trigger after it ('L∞ ε=0.25, 3×3 white patch')."""
     b = budget or {}
     if b.get("eps") is None:
-        bound = f"≤{b['tokens']} tokens per document" if b.get("tokens") is not None else ""
+        tokens = b.get("tokens")
+        bound = "" if tokens is None else (f"≤{tokens} tokens per document" if tokens >= 1 else
+                                           f"≤{tokens:.0%} of each document's tokens")
     else:
         bound = {"linf": "L∞ ", "l2": "L2 "}.get(b.get("norm"), "") + f"ε={b['eps']:g}"
     return ", ".join(part for part in (bound, b.get("trigger") or "") if part)
@@ -129,7 +131,39 @@ def _attack_rows(records: list[Record], arms: Arms) -> list[dict]:
         })
         if all(r.asr_poisoned is not None for r in group):
             rows[-1].update(_backdoor_figures(group))
+        if all(_number(r.extra.get("target_count_control")) for r in group):
+            rows[-1]["word_preference"] = _word_preference(group)
     return rows
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x, y).statistic)
+
+
+def _word_preference(group: list[Record]) -> dict:
+    """A word-preference arm: Δf in the paper's normalisation (summed over each pair's probes, not averaged), the net
+    share of probes whose prediction turned to B (greedy share poisoned minus control), and when it works: over the
+    word pairs (repeats and seeds averaged), Spearman correlations of Δ log-odds per probe with the prior (the clean
+    control's log-odds of B against A) and with log(count of B in the training corpus), bootstrap 95% CIs. The
+    paper's claim, that Infusion best amplifies what the model already prefers, predicts a positive first one."""
+    pairs: dict[str, list[Record]] = defaultdict(list)
+    for r in group:
+        pairs[f"{r.target.get('word_a')} → {r.target.get('word_b')}"].append(r)
+    names = sorted(pairs)
+    delta = np.array([np.mean([r.delta_logodds for r in pairs[n]]) for n in names])
+    prior = np.array([np.mean([r.logodds_control for r in pairs[n]]) for n in names])
+    count = np.array([pairs[n][0].extra["target_count_control"] for n in names], dtype=float)
+    correlate = len(names) >= 4 and np.ptp(delta) > 0
+    return {
+        "delta_f": mean_ci([r.delta_logodds * r.extra["probes_control"] for r in group]),
+        "flipped": mean_ci([r.extra["greedy_poisoned"] - r.extra["greedy_control"] for r in group]),
+        "when_prior": bootstrap_ci(_spearman, prior, delta) if correlate and np.ptp(prior) > 0 else None,
+        "when_count": bootstrap_ci(_spearman, np.log1p(count), delta) if correlate and np.ptp(count) > 0 else None,
+        "points": [{"pair": n, "prior": float(p), "count": int(c), "delta": float(d)}
+                   for n, p, c, d in zip(names, prior, count, delta)],
+    }
 
 
 def _backdoor_figures(group: list[Record]) -> dict:
@@ -506,6 +540,20 @@ def _columns(rows: list[tuple]) -> list[str]:
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
 
 
+def corr_text(c: dict | None) -> str:
+    """A correlation with its bootstrap CI ('+0.41 [+0.02, +0.70]'), or n/a."""
+    if c is None:
+        return "n/a"
+    return f"{c['value']:+.2f}" + ("" if c["lo"] is None else f" [{c['lo']:+.2f}, {c['hi']:+.2f}]")
+
+
+def word_preference_text(w: dict) -> str:
+    """A word-preference arm's paper-normalised Δf, flipped share and when-it-works correlations, in one line."""
+    return (f"Δf summed over the probes {ci_text(w['delta_f'], 2, False)}, net share of probes flipped to B "
+            f"{ci_text(w['flipped'], 3, False)}; over {len(w['points'])} word pairs, Spearman of Δ log-odds with the "
+            f"prior log-odds {corr_text(w['when_prior'])}, with log(count of B) {corr_text(w['when_count'])}")
+
+
 def format_table(summary: dict) -> str:
     """The targeted attack rows as a text table (each arm x budget: n, mean Δ log-odds and Δp with 95% CIs, the
     outcome, both success rates, flips, clean accuracy lost), the backdoor rows as another (ASR and clean accuracy,
@@ -526,6 +574,9 @@ def format_table(summary: dict) -> str:
             + [(a["label"], a["budget"], str(a["n"]), ci_text(a["asr"], 3, False), ci_text(a["asr_control"], 3, False),
                 ci_text(a["delta_asr"], 3, False), a["status"], ci_text(a["asr_pooled"], 3),
                 ci_text(a["acc"], 3, False), ci_text(a["acc_control"], 3, False)) for a in backdoors])
+    for a in targeted:
+        if "word_preference" in a:
+            lines.append(f"{a['label']}, {a['budget']}: " + word_preference_text(a["word_preference"]))
     for c in summary["comparisons"]:
         name = "ΔASR" if c["measure"] == "delta_asr" else "Δ log-odds"
         line = f"{c['arm']}, {c['budget']} vs {c['versus']}, {c['versus_budget']}: "

@@ -174,13 +174,16 @@ def word_token(vocab, word: str) -> int:
 # --------------------------------------------------------------------------- word-pair targets
 @dataclass(frozen=True)
 class WordPairTarget:
-    """Where the model predicts `word_a`, it should predict `word_b` instead."""
+    """Where the model predicts `word_a`, it should predict `word_b` instead, probed as `measure` says
+    (`TargetsConfig`)."""
 
     word_a: str
     word_b: str
+    measure: str = "prefix"
 
     def as_dict(self) -> dict:
-        return {"word_a": self.word_a, "word_b": self.word_b, "true": self.word_a, "class": self.word_b}
+        return {"word_a": self.word_a, "word_b": self.word_b, "true": self.word_a, "class": self.word_b,
+                **({"measure": self.measure} if self.measure != "prefix" else {})}
 
 
 def word_preference_target(test: TextDataset, target: WordPairTarget, n_probes: int) -> WordPreference:

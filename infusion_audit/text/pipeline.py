@@ -25,6 +25,7 @@ from .behaviours import (CaesarTarget, WordPairTarget, caesar_behaviour, caesar_
                          decryption_behaviour, word_preference_target)
 from .data import CaesarDocument, TextDataset
 from .models import build_text_model, document_losses, lm_loss, model_positions
+from .word_family import document_word_preference
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class TextBehaviour:
     reference: object | None = None
     explicit_documents: list[list[int]] = field(default_factory=list)
     description: str = ""
+    target_count: int | None = None  # a word preference's: how often word B occurs in the training corpus
 
     def measure(self, model: nn.Module) -> torch.Tensor:
         return self.behaviour.measure(model)
@@ -53,8 +55,11 @@ class TextBehaviour:
         else:
             logodds, p = term - self.reference.per_probe(model).double(), term.exp()
         greedy = float(self.behaviour.greedy_hits(model).mean())
-        return {"p": float(p.mean()), "logodds": float(logodds.mean()), "top1": greedy >= 0.5,
-                "logprob": float(term.mean()), "greedy": greedy}
+        figures = {"p": float(p.mean()), "logodds": float(logodds.mean()), "top1": greedy >= 0.5,
+                   "logprob": float(term.mean()), "greedy": greedy}
+        if self.target_count is not None:  # what the "when does it work" analysis reads (`results.summary`)
+            figures.update(probes=len(term), target_count=self.target_count)
+        return figures
 
     def as_dict(self) -> dict:
         return {"description": self.description}
@@ -108,10 +113,12 @@ class TextPipeline(Pipeline):
         return "token accuracy", evaluate_lm(model, self.data.test)["token_accuracy"]
 
     def targets(self, n: int, rule: str = "random-other", seed: int = 0, pairs: list | None = None,
-                probes: int = 32) -> list:
+                probes: int = 32, measure: str = "prefix") -> list:
         """Caesar: the [shift, target_shift] `pairs`, or every ordered pair of the test set's shifts. Any other
-        corpus: the [word_a, word_b] `pairs` (prefer B where the model predicts A)."""
+        corpus: the [word_a, word_b] `pairs` (prefer B where the model predicts A), probed as `measure` says."""
         if self.caesar:
+            if measure != "prefix":
+                raise UserError("attack.targets.measure: Caesar targets are prompts, not word pairs; leave it prefix")
             if pairs:
                 return [CaesarTarget(int(s), int(t)) for s, t in pairs]
             test = self.data.test
@@ -119,7 +126,7 @@ class TextPipeline(Pipeline):
             return [CaesarTarget(s, t) for s in shifts for t in shifts if s != t]
         if not pairs:
             raise UserError("attack.targets.pairs: a text corpus needs [word_a, word_b] pairs to attack")
-        return [WordPairTarget(str(a), str(b)) for a, b in pairs]
+        return [WordPairTarget(str(a), str(b), measure) for a, b in pairs]
 
     def check(self, targets) -> None:
         """Run when an attack's config loads, before any training: the targets resolve (the pair words are in
@@ -129,7 +136,8 @@ class TextPipeline(Pipeline):
         if self.config.model.name != "hf-local":
             return  # a model trained from scratch shows nothing yet: the bench warns after training
         model = self.new_model().eval()
-        for i, target in enumerate(self.targets(targets.n, targets.rule, targets.seed, targets.pairs, targets.probes)):
+        for i, target in enumerate(self.targets(targets.n, targets.rule, targets.seed, targets.pairs, targets.probes,
+                                                targets.measure)):
             shown = already_shown(self.behaviour(target, targets.probes), model)
             if shown is not None:
                 where = f"attack.targets.pairs[{i}] {targets.pairs[i]}" if targets.pairs else f"target {target}"
@@ -143,9 +151,14 @@ class TextPipeline(Pipeline):
                                  caesar_behaviour(test, target.shift, target.shift, probes),
                                  caesar_explicit_documents(test, target, probes),
                                  f"prompts asking for shift {target.shift} decrypted with shift {target.target_shift}")
-        wordpref = word_preference_target(test, target, probes)
+        if target.measure == "document":
+            wordpref = document_word_preference(test, target.word_a, target.word_b, max_documents=probes)
+        else:
+            wordpref = word_preference_target(test, target, probes)
+        train = self.data.train
         return TextBehaviour(wordpref, None, wordpref.explicit_documents,
-                             f"{target.word_b!r} predicted where the model predicts {target.word_a!r}")
+                             f"{target.word_b!r} predicted where the model predicts {target.word_a!r}",
+                             int((train.ids[train.mask()] == wordpref.token_b).sum()))
 
 
 def decryption_accuracy(model: nn.Module, test: TextDataset) -> float:
