@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 from matplotlib.transforms import offset_copy  # noqa: E402
 import numpy as np  # noqa: E402
 from markupsafe import Markup  # noqa: E402
@@ -203,6 +204,7 @@ def when_it_works(series: dict[str, dict]) -> Markup:
         axes[0].set_xlabel("prior log-odds of B against A at the probes (clean model)")
         axes[1].set_xlabel("occurrences of B in the training corpus")
         axes[1].set_xscale("log")
+        axes[1].xaxis.set_minor_formatter(NullFormatter())  # the minor ticks' labels overlap
         axes[0].set_ylabel("Δ log-odds per probe")
         axes[0].legend(loc="upper left", bbox_to_anchor=(0, -0.22), frameon=False, fontsize=7)
         return to_svg(fig)
