@@ -173,12 +173,13 @@ class AttackContext:
             grad = measurement_gradient(self.model, self.behaviour(target))
             v = self.ihvp(damping).solve(grad) if curvature == "influence" else grad * self.adam_preconditioner()
             self._queries[key] = v / v.norm().clamp_min(1e-30)
-            self.timings[f"ihvp:{target_key(target)}"] = time.perf_counter() - t0
+            stage = "ihvp" if curvature == "influence" else "query"
+            self.timings[f"{stage}:{target_key(target)}"] = time.perf_counter() - t0
         return self._queries[key]
 
     def adam_preconditioner(self) -> torch.Tensor:
         """1 / (sqrt(v) + eps) per trainable parameter, from Adam's state at the victim's retrain start."""
-        if "adam" not in self._shared:
+        def compute() -> torch.Tensor:
             start = None if self.retrain_start is None else self.retrain_start()
             state = {} if start is None else start.optimizer.get("state", {})
             if not state or "exp_avg_sq" not in next(iter(state.values())):
@@ -188,8 +189,9 @@ class AttackContext:
             sizes = [p.numel() for p in trainable_parameters(self.model).values()]
             second = [state[i]["exp_avg_sq"].reshape(-1).float() if i in state else torch.zeros(n)
                       for i, n in enumerate(sizes)]
-            self._shared["adam"] = 1 / (torch.cat(second).sqrt() + eps)
-        return self._shared["adam"]
+            return 1 / (torch.cat(second).sqrt() + eps)
+
+        return self.cached("adam", compute)
 
     def scores(self, target: Target, damping: float | None = None, curvature: Curvature = "influence") -> np.ndarray:
         """Scores s_i = <grad L_i, v> of every document a retrain sees (`pool()`) on this target's measurement (v as
@@ -237,7 +239,7 @@ class AttackContext:
         return self._shared[key]
 
     def stage_seconds(self, target: Target) -> dict:
-        """The shared stages' time spent for this target (IHVP solve, scores)."""
+        """The shared stages' time spent for this target (IHVP solve or Adam query, scores)."""
         suffix = f":{target_key(target)}"
         return {name[:-len(suffix)]: s for name, s in self.timings.items() if name.endswith(suffix)}
 

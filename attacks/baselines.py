@@ -15,20 +15,28 @@ from .base import Attack, AttackContext, Poisoning, Selection, project, store
 
 @ATTACKS.register("random-noise")
 class RandomNoise(Attack):
-    """The documents Infusion would edit, perturbed by random noise of the same budget (a null control)."""
+    """The documents Infusion would edit, perturbed by random noise of the same budget (a null control).
+
+    Alone, it edits the documents `selection` picks (by default the influence recipe's, the most negative). With
+    `like` (an attack name) the evaluation hands it the poisoning of the first arm of that name, on the same
+    target, seed and budget: exactly its documents, so the difference is the edit alone (the default Infusion
+    picks its documents by gain through the replayed retrain, which no selection rule here reproduces)."""
 
     def __init__(self, k: int | float = 0.01, eps: float = 1 / 16, norm: Literal["linf", "l2"] = "linf",
-                 selection: Selection = "most-negative", quantize: bool = True, seed: int = 0):
+                 selection: Selection = "most-negative", quantize: bool = True, seed: int = 0,
+                 like: str | None = None):
         self.k, self.eps, self.norm, self.selection, self.quantize, self.seed = k, eps, norm, selection, quantize, seed
+        self.like = like
 
     def variant(self) -> str:
-        return "quantized" if self.quantize else "float"
+        return ("quantized" if self.quantize else "float") + (f",like {self.like}" if self.like else "")
 
-    def craft(self, context: AttackContext, target: Target) -> Poisoning:
+    def craft(self, context: AttackContext, target: Target, like: Poisoning | None = None) -> Poisoning:
         import torch
 
         t0 = time.perf_counter()
-        index = context.select(target, context.budget_k(self.k), self.selection, self.seed)
+        index = like.indices if like is not None else context.select(target, context.budget_k(self.k),
+                                                                      self.selection, self.seed)
         train = context.train
         x0 = train.x[index]
         rng = np.random.default_rng([self.seed, target.index, target.cls, 1])

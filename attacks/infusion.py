@@ -61,7 +61,8 @@ class Infusion(Attack):
     influence section's) or unrolled (replay the retrain from the checkpoint `unroll_epochs` before the attacked
     one and ascend each document's exact first-order effect on the retrained f; `rounds` > 1 re-linearises around
     the poisoned retrain; `orders` > 0: an attacker who does not know the data order sums over that many orders
-    of its own). `keep_accuracy` (mu, unrolled only) ascends f less mu times the clean training loss's gradient
+    of its own; `surrogates` > 0: one who knows neither the initialisation nor the order also trains that many
+    models of the same recipe under seeds of its own and sums over each one's retrain). `keep_accuracy` (mu, unrolled only) ascends f less mu times the clean training loss's gradient
     at f's norm: less collateral damage to accuracy, at a cost in effect (README). `selection: gain` edits the
     documents whose edit buys most to first order within the budget; `screen` > 0 gives that many candidates
     `screen_steps` PGD steps and keeps the k that gained most. `fallback`: where the retrain cannot be replayed
@@ -78,7 +79,7 @@ class Infusion(Attack):
                  preset: Literal["paper", "influence", "unrolled"] | None = None,
                  objective: Literal["influence", "unrolled"] = PRESET, damping: float | None = PRESET,
                  rounds: int = PRESET, screen: int = PRESET, screen_steps: int = PRESET, unroll_epochs: int = 1,
-                 orders: int = 0, fallback: bool = True, keep_accuracy: float = 0.0):
+                 orders: int = 0, surrogates: int = 0, fallback: bool = True, keep_accuracy: float = 0.0):
         preset = self.default_preset if preset is None else preset
         if preset not in PRESETS:
             raise UserError(f"infusion: unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
@@ -88,7 +89,7 @@ class Infusion(Attack):
             setattr(self, name, PRESETS[preset][name] if value is PRESET else value)
         self.k, self.eps, self.norm, self.quantize, self.batch_size, self.seed = k, eps, norm, quantize, batch_size, seed
         self.preset, self.unroll_epochs, self.orders, self.fallback = preset, unroll_epochs, orders, fallback
-        self.keep_accuracy = keep_accuracy
+        self.keep_accuracy, self.surrogates = keep_accuracy, surrogates
         self._check()
 
     def _check(self) -> None:
@@ -103,15 +104,16 @@ class Infusion(Attack):
                             f"got {self.damping!r}")
         if not (isinstance(self.rounds, int) and 1 <= self.rounds <= self.steps):
             raise UserError(f"infusion: rounds must lie in 1..steps ({self.steps}), got {self.rounds!r}")
-        for name, low in (("screen", 0), ("screen_steps", 0), ("orders", 0), ("unroll_epochs", 1)):
+        for name, low in (("screen", 0), ("screen_steps", 0), ("orders", 0), ("surrogates", 0), ("unroll_epochs", 1)):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= low):
                 raise UserError(f"infusion: {name} must be a whole number >= {low}, got {value!r}")
         if not (isinstance(self.keep_accuracy, (int, float)) and self.keep_accuracy >= 0):
             raise UserError(f"infusion: keep_accuracy must be a number >= 0, got {self.keep_accuracy!r}")
-        if self.keep_accuracy and self.objective != "unrolled":
-            raise UserError(f"infusion: keep_accuracy with objective {self.objective}; it weighs the unrolled "
-                            f"objective only")
+        for name in ("keep_accuracy", "surrogates"):
+            if getattr(self, name) and self.objective != "unrolled":
+                raise UserError(f"infusion: {name} with objective {self.objective}; it acts on the unrolled "
+                                f"objective only")
         if self.norm != "linf" and (self.objective == "unrolled" or self.selection == "gain"):
             raise UserError(f"infusion: norm {self.norm!r} with objective {self.objective}, selection "
                             f"{self.selection}; the unrolled objective and selection gain take norm linf only "
@@ -129,7 +131,8 @@ class Infusion(Attack):
                 parts.append(value if name in ("objective", "selection") else
                              f"{name}={'default' if value is None else format(value, 'g')}")
         parts += [f"{name}={getattr(self, name):g}" for name, plain in
-                  (("orders", 0), ("unroll_epochs", 1), ("keep_accuracy", 0.0)) if getattr(self, name) != plain]
+                  (("orders", 0), ("surrogates", 0), ("unroll_epochs", 1), ("keep_accuracy", 0.0))
+                  if getattr(self, name) != plain]
         return ",".join(parts)
 
     def craft(self, context: AttackContext, target: Target) -> Poisoning:
@@ -169,7 +172,7 @@ class Infusion(Attack):
                 raise
             log.warning("infusion: %s; using the influence objective (preset 'influence') instead", exc)
             params = {**self.get_params(), **{name: PRESET for name in PRESETS["influence"]}, "preset": "influence",
-                      "keep_accuracy": 0.0}
+                      "keep_accuracy": 0.0, "surrogates": 0}
             poisoning = type(self)(**params).craft(context, target)
             poisoning.meta["fallback"] = f"influence ({exc})"
             return poisoning

@@ -257,6 +257,25 @@ def replay_for(context, epochs: int = 1, order_seed: int | None = None) -> tuple
     return context.cached(f"unrolled-replay:{start_epoch}:{epochs}:{order_seed}", build)
 
 
+def surrogate_replay(context, seed: int, epochs: int = 1) -> tuple[Replay, Trajectory]:
+    """A model of the pipeline's recipe that the attacker trains itself under `seed` (its own initialisation and
+    data order) to the attacked epoch less `epochs`, the replay of its last `epochs` epochs in its own order, and
+    the clean trajectory; computed once per context. Summing over several stands in for a victim whose
+    initialisation and order the attacker cannot know (it retrains from scratch under a seed of its own)."""
+    start_epoch = context.epoch - epochs
+
+    def build():
+        config = dataclasses.replace(context.pipeline.config,
+                                     train=dataclasses.replace(context.pipeline.train_cfg, seed=seed))
+        pipeline = Pipeline.from_config(config, data=context.pipeline.data)
+        model = pipeline.fit(pipeline.new_model(), context.train, until_epoch=start_epoch)
+        device = next(context.model.parameters()).device
+        replay = Replay(pipeline, Checkpoint.capture(start_epoch, model, None), epochs, device)
+        return replay, replay.run(context.train)
+
+    return context.cached(f"unrolled-surrogate:{seed}:{start_epoch}:{epochs}", build)
+
+
 def final_gradient(replay: Replay, traj: Trajectory, behaviour, clean=None, keep_accuracy: float = 0.0,
                    seed: int = 0) -> torch.Tensor:
     """grad_theta at the end of a replayed trajectory (flat, CPU) of what the attack ascends: f, less
@@ -311,6 +330,8 @@ def craft_unrolled(attack, context, target):
     t0 = time.perf_counter()
     seeds = [None] if not attack.orders else [10_000 + 100 * attack.seed + m for m in range(attack.orders)]
     replays = [replay_for(context, attack.unroll_epochs, order_seed=o) for o in seeds]
+    replays += [surrogate_replay(context, 20_000 + 100 * attack.seed + m, attack.unroll_epochs)
+                for m in range(attack.surrogates)]
     timings["replay"] = time.perf_counter() - t0
     train, behaviour = context.train, context.behaviour(target)
     k = context.budget_k(attack.k)

@@ -104,8 +104,11 @@ def test_every_builtin_config_loads_and_fills_in():
         DATASETS.get(config.pipeline.dataset.name)  # each plugin it names exists (an unknown one raises)
         if config.pipeline.model is not None:
             MODELS.get(config.pipeline.model.name)
+        arms = {spec.name for spec in config.attack.attacks}
         for spec in config.attack.attacks:
-            ATTACKS.get(spec.name)
+            attack = ATTACKS.get(spec.name)(**spec.params)  # its params are its own (a misspelt one raises)
+            like = attack.get_params().get("like")
+            assert like is None or like in arms, f"{name}: {spec.name} copies the documents of {like!r}, no arm"
         for spec in config.scan.detectors:
             DETECTORS.get(spec.name)
 

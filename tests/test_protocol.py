@@ -21,7 +21,8 @@ SMALL = {
     "attack": {
         "attacks": [{"name": "infusion", "params": {"steps": 10}}, {"name": "random-noise"},
                     {"name": "infusion", "params": {"preset": "influence", "steps": 10}},
-                    {"name": "probe-insertion", "params": {"copies": 1}}],
+                    {"name": "probe-insertion", "params": {"copies": 1}},
+                    {"name": "random-noise", "params": {"like": "infusion"}}],
         "targets": {"n": 3, "seed": 0},
         "budget": {"k": 0.01, "eps": 0.125, "norm": "linf", "quantize": True},
     }
@@ -47,7 +48,7 @@ def test_infusion_beats_its_clean_control(small_run, variant, accuracy_cost):
     it, and `keep_accuracy` trades it back)."""
     records = read_jsonl(small_run / "results.jsonl")
     inf = [r for r in records if r["attack"] == "infusion" and r["variant"] == variant]
-    noise = {r["target"]["index"]: r for r in records if r["attack"] == "random-noise"}
+    noise = {r["target"]["index"]: r for r in records if r["attack"] == "random-noise" and r["variant"] == "quantized"}
     assert len(inf) == 3
     assert np.mean([r["delta_logodds"] for r in inf]) > 0.5
     for r in inf:
@@ -91,10 +92,32 @@ def test_summary_pairs_arms_on_the_same_targets(small_run):
     assert infusion["n"] == 3 and infusion["budget"] == "k=14, L∞ ε=0.125"
     assert infusion["success"]["rate"] == 1.0 and infusion["success_p"]["rate"] == 1.0
     versus = {c["versus"]: c for c in summary["comparisons"] if c["arm"] == arm}
-    assert set(versus) == {"random-noise (quantized)", "probe-insertion (x1)", "infusion (quantized,influence,steps=10)"}
+    assert set(versus) == {"random-noise (quantized)", "random-noise (quantized,like infusion)",
+                           "probe-insertion (x1)", "infusion (quantized,influence,steps=10)"}
     assert versus["random-noise (quantized)"]["n"] == 3 and versus["random-noise (quantized)"]["wins"] == 3
     table = format_table(summary)
     assert f"{arm} " in table and f"{arm}, k=14, L∞ ε=0.125 vs random-noise" in table
+
+
+def test_noise_like_an_arm_edits_its_documents_and_stands_beside_it(small_run):
+    """`random-noise` with `like: infusion` perturbs exactly the documents the first Infusion arm (the default)
+    edited for the same target, and the summary pairs each Infusion arm with the control on its own documents:
+    the default with it, the influence recipe with the plain control on its most-negative documents."""
+    records = read_jsonl(small_run / "results.jsonl")
+    by = lambda attack, variant: {r["target"]["index"]: r for r in records  # noqa: E731
+                                  if r["attack"] == attack and r["variant"] == variant}
+    default, like = by("infusion", "quantized,steps=10"), by("random-noise", "quantized,like infusion")
+    plain, influence = by("random-noise", "quantized"), by("infusion", "quantized,influence,steps=10")
+    assert len(like) == 3 and like.keys() == default.keys()
+    for t, r in like.items():
+        assert r["poisoned_indices"] == default[t]["poisoned_indices"] != plain[t]["poisoned_indices"]
+        assert r["norms"]["linf"] == pytest.approx(1 / 8) and r["params"]["like"] == "infusion"
+        assert default[t]["delta_logodds"] > r["delta_logodds"]
+    assert all(plain[t]["poisoned_indices"] == influence[t]["poisoned_indices"] for t in plain)
+    rows = {row["label"]: row for row in summarise(load_records(small_run))["attacks"]}
+    assert rows["infusion (quantized,steps=10)"]["control"]["label"] == "random-noise (quantized,like infusion)"
+    assert rows["infusion (quantized,influence,steps=10)"]["control"]["label"] == "random-noise (quantized)"
+    assert rows["infusion (quantized,steps=10)"]["control"]["wins"] == 3
 
 
 def test_config_errors_are_one_line(tmp_path):

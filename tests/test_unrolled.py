@@ -101,6 +101,27 @@ def test_unrolled_infusion_stays_on_the_grid_inside_the_budget(context, target):
         assert p.meta["predicted_delta_f"] > 0
 
 
+def test_a_surrogate_is_the_recipe_under_another_seed_replayed_in_its_own_order(context, target):
+    """`surrogates`: the attacker trains the recipe under seeds of its own to the retrain's start, replays each
+    one's last epoch in that seed's order, and sums the objective over them and its own model's retrain."""
+    from infusion_audit.attacks.unrolled import surrogate_replay
+
+    replay, traj = surrogate_replay(context, seed=20_000)
+    cfg = dataclasses.replace(context.pipeline.config, train=dataclasses.replace(context.pipeline.train_cfg,
+                                                                                 seed=20_000))
+    other = type(context.pipeline)(cfg, data=context.pipeline.data)
+    expected = other.fit(other.new_model(), context.train)  # the same recipe, trained through to the end
+    torch.testing.assert_close(traj.final, flatten([p.detach() for p in trainable_parameters(expected).values()]),
+                               atol=1e-5, rtol=0)
+    assert replay.start.epoch == context.epoch - 1
+    own_order = Replay(context.pipeline, context.trained.checkpoint(context.epoch - 1)).run(context.train).steps
+    assert [s.index.tolist() for s in traj.steps] != [s.index.tolist() for s in own_order]
+    assert surrogate_replay(context, seed=20_000)[1] is traj  # trained once per context
+    p = ATTACKS.get("infusion")(k=14, eps=1 / 16, steps=4, surrogates=1).craft(context, target)
+    assert len(p.indices) == 14 and p.norms(context.train)["linf"] <= 1 / 16 + 1e-6
+    assert p.meta["predicted_delta_f"] > 0
+
+
 def test_unrolled_refuses_what_it_cannot_replay(context):
     cfg = dataclasses.replace(context.pipeline.config,
                               train=dataclasses.replace(context.pipeline.train_cfg, momentum=0.9))
@@ -136,6 +157,7 @@ def test_an_arm_label_names_its_preset_and_what_it_sets_away_from_it():
     assert infusion(preset="influence", steps=50, step=0.001).variant() == "quantized,influence,steps=50,step=0.001"
     assert infusion(selection="most-negative", rounds=2).variant() == "quantized,most-negative,rounds=2"
     assert infusion(orders=4).variant() == "quantized,orders=4"
+    assert infusion(surrogates=2).variant() == "quantized,surrogates=2"
     assert infusion(preset="paper", damping=None).variant() == "quantized,paper,damping=default"
     labels = [infusion(**p).variant() for p in ({}, {"preset": "influence"}, {"preset": "paper"}, {"screen": 0})]
     assert len(set(labels)) == len(labels)
@@ -147,7 +169,8 @@ def test_an_arm_label_names_its_preset_and_what_it_sets_away_from_it():
     ({"screen": -1}, "screen"), ({"unroll_epochs": 0}, "unroll_epochs"), ({"orders": 1.5}, "orders"),
     ({"objective": "unrolled", "selection": "most-absolute"}, "selection"),
     ({"objective": "unrolled", "norm": "l2"}, "norm"), ({"selection": "gain", "norm": "l2"}, "norm"),
-    ({"keep_accuracy": -1}, "keep_accuracy"), ({"preset": "influence", "keep_accuracy": 1}, "keep_accuracy")])
+    ({"keep_accuracy": -1}, "keep_accuracy"), ({"preset": "influence", "keep_accuracy": 1}, "keep_accuracy"),
+    ({"surrogates": -1}, "surrogates"), ({"preset": "paper", "surrogates": 2}, "surrogates")])
 def test_bad_params_are_refused_in_one_line_naming_them(params, named):
     with pytest.raises(UserError, match=named) as info:
         ATTACKS.get("infusion")(**params)

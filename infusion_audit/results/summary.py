@@ -234,8 +234,9 @@ def _comparisons(attacks: list[dict]) -> list[dict]:
 
 def _controls(attacks: list[dict]) -> None:
     """Mark each attack row with its own random-edit control: `is_control` (the row is one), and `control`, the
-    attack's Δ log-odds against its control's (paired on the cells both ran: same dataset and budget, the same
-    selection where both have one), or None where the run has no such control."""
+    attack's Δ log-odds against its control's (paired on the cells both ran: same dataset and budget, and the
+    same documents where the control copied an arm's (`like`), else the same selection where both have one),
+    or None where the run has no such control."""
     for row in attacks:
         row["is_control"], row["control"] = row["arm"][1] in RANDOM_CONTROLS, None
     for control in (r for r in attacks if r["is_control"]):
@@ -243,14 +244,25 @@ def _controls(attacks: list[dict]) -> None:
         stands_for = params.get("like") or RANDOM_CONTROLS[control["arm"][1]]
         for row in attacks:
             own = row["records"][0].params or {}
-            same_selection = "selection" not in own or "selection" not in params or own["selection"] == params["selection"]
+            if params.get("like"):  # it copied one arm's documents: the arm of that name whose documents they are
+                same_documents = _same_documents(row["records"], control["records"])
+            else:
+                same_documents = "selection" not in own or "selection" not in params or own["selection"] == params["selection"]
             if (row["is_control"] or row["control"] is not None or row["arm"][1] != stands_for
                     or row["arm"][0] != control["arm"][0] or row["budget_key"] != control["budget_key"]
-                    or not same_selection):
+                    or not same_documents):
                 continue
             paired = _paired(row["records"], control["records"], "delta_logodds")
             if paired is not None:
                 row["control"] = {"label": control["label"], "budget": control["budget"], **paired_test(*paired)}
+
+
+def _same_documents(a: list[Record], b: list[Record]) -> bool:
+    """Whether two arms edited the same documents on every (target, seed) cell both ran (at least one)."""
+    cells_a, cells_b = _by_cell(a), _by_cell(b)
+    shared = [c for c in cells_b if c in cells_a]
+    return bool(shared) and all(r.poisoned_indices == cells_b[c][0].poisoned_indices
+                                for c in shared for r in cells_a[c])
 
 
 def _share(arm: list[float], topline: list[float]) -> float | None:
