@@ -62,8 +62,9 @@ class Infusion(Attack):
     one and ascend each document's exact first-order effect on the retrained f; `rounds` > 1 re-linearises around
     the poisoned retrain; `orders` > 0: an attacker who does not know the data order sums over that many orders
     of its own; `surrogates` > 0: one who knows neither the initialisation nor the order also trains that many
-    models of the same recipe under seeds of its own and sums over each one's retrain). `keep_accuracy` (mu, unrolled only) ascends f less mu times the clean training loss's gradient
-    at f's norm: less collateral damage to accuracy, at a cost in effect (README). `selection: gain` edits the
+    models of the same recipe under seeds of its own and sums over each one's retrain). `keep_accuracy` (mu,
+    unrolled only) ascends f less mu times the clean training loss's gradient at f's norm: less collateral
+    damage to accuracy, at a cost in effect (README). `selection: gain` edits the
     documents whose edit buys most to first order within the budget; `screen` > 0 gives that many candidates
     `screen_steps` PGD steps and keeps the k that gained most. `fallback`: where the retrain cannot be replayed
     (Adam, momentum, BatchNorm, a pipeline's own loop), the unrolled objective falls back to the influence preset
