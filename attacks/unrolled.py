@@ -241,9 +241,13 @@ def feasible_gain(grad: np.ndarray, x0: np.ndarray, eps: float, value_range: tup
 
 
 # --------------------------------------------------------------------------- the attack's use of the replay
-def replay_for(context, epochs: int = 1, order_seed: int | None = None) -> tuple[Replay, Trajectory]:
+def replay_for(context, epochs: int = 1, order_seed: int | None = None,
+               surrogate_seed: int | None = None) -> tuple[Replay, Trajectory]:
     """The context's replay of the last `epochs` epochs of training (from the checkpoint `epochs` before the
-    attacked one) and its clean trajectory, computed once per context."""
+    attacked one) and its clean trajectory, computed once per context. With `surrogate_seed`: the same for a
+    model of the recipe that the attacker trains itself under that seed (its own initialisation and data order)
+    and replays in its own order; summing over several stands in for a victim whose initialisation and order
+    the attacker cannot know (it retrains from scratch under a seed of its own)."""
     start_epoch = context.epoch - epochs
     if start_epoch < 0:
         raise UserError(f"infusion: unroll_epochs={epochs} would replay from before epoch 0 (the attacked "
@@ -251,29 +255,18 @@ def replay_for(context, epochs: int = 1, order_seed: int | None = None) -> tuple
 
     def build():
         device = next(context.model.parameters()).device
-        replay = Replay(context.pipeline, context.trained.checkpoint(start_epoch), epochs, device, order_seed)
+        if surrogate_seed is None:
+            pipeline, start = context.pipeline, context.trained.checkpoint(start_epoch)
+        else:
+            config = dataclasses.replace(context.pipeline.config,
+                                         train=dataclasses.replace(context.pipeline.train_cfg, seed=surrogate_seed))
+            pipeline = Pipeline.from_config(config, data=context.pipeline.data)
+            start = Checkpoint.capture(start_epoch, pipeline.fit(pipeline.new_model(), context.train,
+                                                                 until_epoch=start_epoch), None)
+        replay = Replay(pipeline, start, epochs, device, order_seed)
         return replay, replay.run(context.train)
 
-    return context.cached(f"unrolled-replay:{start_epoch}:{epochs}:{order_seed}", build)
-
-
-def surrogate_replay(context, seed: int, epochs: int = 1) -> tuple[Replay, Trajectory]:
-    """A model of the pipeline's recipe that the attacker trains itself under `seed` (its own initialisation and
-    data order) to the attacked epoch less `epochs`, the replay of its last `epochs` epochs in its own order, and
-    the clean trajectory; computed once per context. Summing over several stands in for a victim whose
-    initialisation and order the attacker cannot know (it retrains from scratch under a seed of its own)."""
-    start_epoch = context.epoch - epochs
-
-    def build():
-        config = dataclasses.replace(context.pipeline.config,
-                                     train=dataclasses.replace(context.pipeline.train_cfg, seed=seed))
-        pipeline = Pipeline.from_config(config, data=context.pipeline.data)
-        model = pipeline.fit(pipeline.new_model(), context.train, until_epoch=start_epoch)
-        device = next(context.model.parameters()).device
-        replay = Replay(pipeline, Checkpoint.capture(start_epoch, model, None), epochs, device)
-        return replay, replay.run(context.train)
-
-    return context.cached(f"unrolled-surrogate:{seed}:{start_epoch}:{epochs}", build)
+    return context.cached(f"unrolled-replay:{start_epoch}:{epochs}:{order_seed}:{surrogate_seed}", build)
 
 
 def final_gradient(replay: Replay, traj: Trajectory, behaviour, clean=None, keep_accuracy: float = 0.0,
@@ -330,7 +323,7 @@ def craft_unrolled(attack, context, target):
     t0 = time.perf_counter()
     seeds = [None] if not attack.orders else [10_000 + 100 * attack.seed + m for m in range(attack.orders)]
     replays = [replay_for(context, attack.unroll_epochs, order_seed=o) for o in seeds]
-    replays += [surrogate_replay(context, 20_000 + 100 * attack.seed + m, attack.unroll_epochs)
+    replays += [replay_for(context, attack.unroll_epochs, surrogate_seed=20_000 + 100 * attack.seed + m)
                 for m in range(attack.surrogates)]
     timings["replay"] = time.perf_counter() - t0
     train, behaviour = context.train, context.behaviour(target)

@@ -104,9 +104,9 @@ def test_unrolled_infusion_stays_on_the_grid_inside_the_budget(context, target):
 def test_a_surrogate_is_the_recipe_under_another_seed_replayed_in_its_own_order(context, target):
     """`surrogates`: the attacker trains the recipe under seeds of its own to the retrain's start, replays each
     one's last epoch in that seed's order, and sums the objective over them and its own model's retrain."""
-    from infusion_audit.attacks.unrolled import surrogate_replay
+    from infusion_audit.attacks.unrolled import replay_for
 
-    replay, traj = surrogate_replay(context, seed=20_000)
+    replay, traj = replay_for(context, surrogate_seed=20_000)
     cfg = dataclasses.replace(context.pipeline.config, train=dataclasses.replace(context.pipeline.train_cfg,
                                                                                  seed=20_000))
     other = type(context.pipeline)(cfg, data=context.pipeline.data)
@@ -116,7 +116,7 @@ def test_a_surrogate_is_the_recipe_under_another_seed_replayed_in_its_own_order(
     assert replay.start.epoch == context.epoch - 1
     own_order = Replay(context.pipeline, context.trained.checkpoint(context.epoch - 1)).run(context.train).steps
     assert [s.index.tolist() for s in traj.steps] != [s.index.tolist() for s in own_order]
-    assert surrogate_replay(context, seed=20_000)[1] is traj  # trained once per context
+    assert replay_for(context, surrogate_seed=20_000)[1] is traj  # trained once per context
     p = ATTACKS.get("infusion")(k=14, eps=1 / 16, steps=4, surrogates=1).craft(context, target)
     assert len(p.indices) == 14 and p.norms(context.train)["linf"] <= 1 / 16 + 1e-6
     assert p.meta["predicted_delta_f"] > 0
